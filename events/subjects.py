@@ -1,0 +1,52 @@
+"""Subject names on the bus, and the partition function the server applies to CMD.
+
+Commands are published on ``cmd.<source>.<kind>.<id>`` and stored by the stream's subject
+transform as ``cmd.<P>.<source>.<kind>.<id>`` where P = fnv1a32(kind + id) % partitions,
+exactly as nats-server's ``partition()`` mapping computes it.
+"""
+
+from typing import Final
+
+CMD_STREAM: Final = "CMD"
+JOB_STREAM: Final = "JOB"
+EVT_STREAM: Final = "EVT"
+DEFAULT_PARTITIONS: Final = 8
+
+_FNV_OFFSET: Final = 0x811C9DC5
+_FNV_PRIME: Final = 0x01000193
+
+
+def fnv1a32(data: bytes) -> int:
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return h
+
+
+def partition_of(kind: str, id_: str, partitions: int) -> int:
+    return fnv1a32((kind + id_).encode()) % partitions
+
+
+def command_subject(source: str, kind: str, id_: str) -> str:
+    return f"cmd.{source}.{kind}.{id_}"
+
+
+def stored_command_subject(partition: int, source: str, kind: str, id_: str) -> str:
+    return f"cmd.{partition}.{source}.{kind}.{id_}"
+
+
+def partition_filter(partition: int) -> str:
+    return f"cmd.{partition}.>"
+
+
+def entity_filter(kind: str, id_: str, partitions: int) -> str:
+    """All stored commands of one entity, whatever their source."""
+    return f"cmd.{partition_of(kind, id_, partitions)}.*.{kind}.{id_}"
+
+
+def event_subject(kind: str, id_: str) -> str:
+    return f"evt.{kind}.{id_}"
+
+
+def job_filter(host: str) -> str:
+    return f"job.{host}.>"

@@ -1,0 +1,142 @@
+"""The JetStream topology, created idempotently at start by every process that needs it."""
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    SubjectTransform,
+)
+from nats.js.errors import NotFoundError
+
+from events.subjects import (
+    CMD_STREAM,
+    DEFAULT_PARTITIONS,
+    EVT_STREAM,
+    JOB_STREAM,
+    partition_filter,
+)
+
+DUPLICATE_WINDOW_S = 600.0
+MAX_MSG_BYTES = 1024 * 1024
+_PARTITIONS_RE = re.compile(r"partition\((\d+),")
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    partitions: int
+
+
+def cmd_stream_config(partitions: int) -> StreamConfig:
+    return StreamConfig(
+        name=CMD_STREAM,
+        subjects=["cmd.*.*.*"],
+        # Partition by entity (kind + id): one entity's commands always land in one partition.
+        subject_transform=SubjectTransform(
+            src="cmd.*.*.*",
+            dest=f"cmd.{{{{partition({partitions},2,3)}}}}"
+            ".{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}",
+        ),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        deny_delete=True,
+        deny_purge=True,
+        allow_direct=True,
+        max_msg_size=MAX_MSG_BYTES,
+        discard=DiscardPolicy.NEW,
+    )
+
+
+def job_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=JOB_STREAM,
+        subjects=["job.>"],
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        # Level-triggered: only the newest desired spec of an entity on a host matters.
+        max_msgs_per_subject=1,
+        max_msg_size=MAX_MSG_BYTES,
+    )
+
+
+def evt_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=EVT_STREAM,
+        subjects=["evt.>"],
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_age=30 * 24 * 3600.0,
+        allow_direct=True,
+        max_msg_size=MAX_MSG_BYTES,
+    )
+
+
+async def ensure_topology(js: JetStreamContext, partitions: int | None = None) -> Topology:
+    """Create the streams if missing; an existing CMD stream keeps its partition count."""
+    try:
+        info = await js.stream_info(CMD_STREAM)
+        transform = info.config.subject_transform
+        found = _PARTITIONS_RE.search(transform.dest if transform else "")
+        if found is None:
+            raise RuntimeError(f"stream {CMD_STREAM} exists without a partition transform")
+        existing = int(found.group(1))
+        if partitions is not None and partitions != existing:
+            raise RuntimeError(
+                f"stream {CMD_STREAM} has {existing} partitions, not {partitions}"
+            )
+        partitions = existing
+    except NotFoundError:
+        partitions = partitions or DEFAULT_PARTITIONS
+        await js.add_stream(cmd_stream_config(partitions))
+    for config in (job_stream_config(), evt_stream_config()):
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+    return Topology(partitions=partitions)
+
+
+def fold_consumer_name(partition: int, epoch: int) -> str:
+    return f"fold-{partition}-e{epoch}"
+
+
+async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
+                             after_seq: int, max_pending: int) -> str:
+    """The durable consumer of one partition for one ownership epoch.
+
+    It starts right after the partition's checkpoint. Consumers of older epochs are
+    deleted, so a stale owner can no longer take messages: its fetches fail.
+    """
+    name = fold_consumer_name(partition, epoch)
+    prefix = f"fold-{partition}-e"
+    for info in await js.consumers_info(CMD_STREAM):
+        if info.name.startswith(prefix) and info.name != name:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_consumer(CMD_STREAM, info.name)
+    start = (
+        dict(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
+        if after_seq
+        else dict(deliver_policy=DeliverPolicy.ALL)
+    )
+    await js.add_consumer(
+        CMD_STREAM,
+        ConsumerConfig(
+            durable_name=name,
+            filter_subject=partition_filter(partition),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_deliver=-1,
+            max_ack_pending=max_pending,
+            **start,
+        ),
+    )
+    return name

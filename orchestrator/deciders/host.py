@@ -1,0 +1,84 @@
+"""Hosts (hypervisors): registration, admin conditions, and liveness from heartbeats."""
+
+import msgspec
+
+from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
+from schemas import commands as c
+from schemas.commands import SCHEDULER_ID
+from schemas.specs import HostCondition
+
+
+class Host(msgspec.Struct, kw_only=True):
+    vcpus: int
+    memory_mib: int
+    condition: HostCondition = "up"
+    boot_id: str = ""
+    registered_at: int = 0
+    updated_at: int = 0
+
+
+class Registered(Event):
+    vcpus: int
+    memory_mib: int
+    at: int
+
+
+class ConditionSet(Event):
+    condition: HostCondition
+    boot_id: str
+    at: int
+
+
+def _capacity(ctx: Ctx, host_id: str, host: Host) -> list[c.Command]:
+    """Tell the scheduler what this host can take now."""
+    return follow_ups(ctx, (c.HostCapacity, dict(
+        id=SCHEDULER_ID, host=host_id, vcpus=host.vcpus, memory_mib=host.memory_mib,
+        condition=host.condition,
+    )))
+
+
+def decide(state: Host | None, cmd: c.Command, ctx: Ctx) -> Decision:
+    if isinstance(cmd, c.RegisterHost):
+        if state is not None and (state.vcpus, state.memory_mib) == (cmd.vcpus, cmd.memory_mib):
+            return accept()
+        after = Host(vcpus=cmd.vcpus, memory_mib=cmd.memory_mib,
+                     condition=state.condition if state else "up")
+        return accept(Registered(vcpus=cmd.vcpus, memory_mib=cmd.memory_mib, at=ctx.at),
+                      commands=_capacity(ctx, cmd.id, after))
+    if state is None:
+        return reject(f"no host {cmd.id}")
+    match cmd:
+        case c.SetHostCondition():
+            condition: HostCondition = cmd.condition
+            boot_id = state.boot_id
+        case c.HostDown():
+            if state.condition != "up":
+                return accept()  # a drained or maintained host going silent changes nothing
+            condition, boot_id = "down", state.boot_id
+        case c.HostUp():
+            if state.condition != "down" and cmd.boot_id == state.boot_id:
+                return accept()
+            condition = "up" if state.condition == "down" else state.condition
+            boot_id = cmd.boot_id
+        case _:
+            return reject(f"{type(cmd).__name__} does not apply to a host")
+    if (condition, boot_id) == (state.condition, state.boot_id):
+        return accept()
+    after = Host(vcpus=state.vcpus, memory_mib=state.memory_mib, condition=condition)
+    return accept(ConditionSet(condition=condition, boot_id=boot_id, at=ctx.at),
+                  commands=_capacity(ctx, cmd.id, after))
+
+
+def evolve(state: Host | None, event: Event) -> Host:
+    match event:
+        case Registered():
+            if state is None:
+                return Host(vcpus=event.vcpus, memory_mib=event.memory_mib,
+                            registered_at=event.at, updated_at=event.at)
+            state.vcpus, state.memory_mib = event.vcpus, event.memory_mib
+        case ConditionSet():
+            assert state is not None
+            state.condition, state.boot_id = event.condition, event.boot_id
+    assert state is not None
+    state.updated_at = event.at  # type: ignore[attr-defined]
+    return state

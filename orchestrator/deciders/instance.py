@@ -1,0 +1,162 @@
+"""Instances (virtual machines): lifecycle, placement, and agents' reports."""
+
+from typing import Literal
+
+import msgspec
+
+from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
+from schemas import commands as c
+from schemas.commands import SCHEDULER_ID
+from schemas.jobs import Job
+from schemas.specs import InstanceSpec, InstanceTemplate, Power
+
+Status = Literal["pending", "placed", "unplaceable", "deleted"]
+
+
+class Instance(msgspec.Struct, kw_only=True):
+    template: InstanceTemplate
+    power: Power
+    pool: str | None = None
+    status: Status = "pending"
+    host: str | None = None
+    generation: int = 0  # bumped on every change of what the host must do
+    observed_generation: int = 0
+    observed: str | None = None  # power state the agent last reported
+    error: str | None = None
+    attempts: int = 0
+    created_at: int = 0
+    updated_at: int = 0
+
+
+class Created(Event):
+    template: InstanceTemplate
+    power: Power
+    pool: str | None
+    at: int
+
+
+class PlacedOn(Event):
+    host: str
+    at: int
+
+
+class Unplaceable(Event):
+    reason: str
+    at: int
+
+
+class PowerSet(Event):
+    power: Power
+    at: int
+
+
+class Deleted(Event):
+    at: int
+
+
+class Observed(Event):
+    generation: int
+    observed: str
+    at: int
+
+
+class ApplyFailed(Event):
+    generation: int
+    error: str
+    attempt: int
+    at: int
+
+
+def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
+    match cmd:
+        case c.CreateInstance():
+            if state is not None:
+                return reject(f"instance {cmd.id} already exists ({state.status})")
+            t = cmd.template
+            return accept(
+                Created(template=t, power=cmd.power, pool=cmd.pool, at=ctx.at),
+                commands=follow_ups(
+                    ctx,
+                    (c.Place, dict(id=SCHEDULER_ID, instance=cmd.id, vcpus=t.vcpus,
+                                   memory_mib=t.memory_mib)),
+                    *[(c.JoinNetwork, dict(id=nic.network, instance=cmd.id)) for nic in t.nics],
+                ),
+            )
+    if state is None:
+        return reject(f"no instance {cmd.id}")
+    if state.status == "deleted":
+        return accept() if isinstance(cmd, c.DeleteInstance) else reject(
+            f"instance {cmd.id} is deleted"
+        )
+    match cmd:
+        case c.Placed():
+            if state.status not in ("pending", "unplaceable"):
+                return reject(f"instance {cmd.id} is already {state.status}")
+            return accept(PlacedOn(host=cmd.host, at=ctx.at))
+        case c.PlacementFailed():
+            if state.status != "pending":
+                return reject(f"instance {cmd.id} is already {state.status}")
+            return accept(Unplaceable(reason=cmd.reason, at=ctx.at))
+        case c.StartInstance() | c.StopInstance():
+            power: Power = "running" if isinstance(cmd, c.StartInstance) else "stopped"
+            return accept() if state.power == power else accept(PowerSet(power=power, at=ctx.at))
+        case c.DeleteInstance():
+            nics = state.template.nics
+            return accept(
+                Deleted(at=ctx.at),
+                commands=follow_ups(
+                    ctx,
+                    (c.Release, dict(id=SCHEDULER_ID, instance=cmd.id)),
+                    *[(c.LeaveNetwork, dict(id=nic.network, instance=cmd.id)) for nic in nics],
+                ),
+            )
+        case c.Applied() | c.Failed():
+            if ctx.source != state.host:
+                return reject(f"report from host {ctx.source}, but {cmd.id} is on {state.host}")
+            if cmd.generation > state.generation:
+                return reject(f"report for generation {cmd.generation} > {state.generation}")
+            if cmd.generation < state.observed_generation:
+                return accept()  # a stale report: a newer generation was already applied
+            if isinstance(cmd, c.Applied):
+                return accept(Observed(generation=cmd.generation, observed=cmd.observed, at=ctx.at))
+            return accept(
+                ApplyFailed(generation=cmd.generation, error=cmd.error, attempt=cmd.attempt,
+                            at=ctx.at)
+            )
+    return reject(f"{type(cmd).__name__} does not apply to an instance")
+
+
+def evolve(state: Instance | None, event: Event) -> Instance:
+    if isinstance(event, Created):
+        return Instance(template=event.template, power=event.power, pool=event.pool,
+                        created_at=event.at, updated_at=event.at)
+    assert state is not None
+    state.updated_at = event.at  # type: ignore[attr-defined]
+    match event:
+        case PlacedOn():
+            state.status, state.host, state.error = "placed", event.host, None
+            state.generation += 1
+        case Unplaceable():
+            state.status, state.error = "unplaceable", event.reason
+        case PowerSet():
+            state.power = event.power
+            state.generation += 1
+        case Deleted():
+            state.status = "deleted"
+            state.generation += 1
+        case Observed():
+            state.observed_generation, state.observed = event.generation, event.observed
+            state.error, state.attempts = None, 0
+        case ApplyFailed():
+            state.error, state.attempts = event.error, event.attempt
+    return state
+
+
+def jobs(kind: str, id: str, before_generation: int, state: Instance) -> list[Job]:
+    """A job whenever the host has something new to do: the full spec, or its removal."""
+    if state.host is None or state.generation == before_generation:
+        return []
+    spec = None
+    if state.status != "deleted":
+        spec = InstanceSpec(template=state.template, power=state.power, host=state.host)
+    return [Job(kind=kind, id=id, host=state.host, generation=state.generation, spec=spec)]

@@ -1,0 +1,65 @@
+"""Read-side queries over the projection, for the CLI and for tests."""
+
+from dataclasses import dataclass
+
+import asyncpg
+import msgspec
+
+from schemas.outcomes import Outcome
+
+_outcome = msgspec.json.Decoder(Outcome)
+
+
+@dataclass(frozen=True, slots=True)
+class EntityRow:
+    kind: str
+    id: str
+    state: dict
+    last_seq: int
+
+
+async def get_entity(conn: asyncpg.Connection, kind: str, id_: str) -> EntityRow | None:
+    row = await conn.fetchrow(
+        "SELECT state, last_seq FROM entities WHERE kind = $1 AND id = $2", kind, id_
+    )
+    if row is None:
+        return None
+    return EntityRow(kind, id_, msgspec.json.decode(row["state"]), row["last_seq"])
+
+
+async def list_entities(conn: asyncpg.Connection, kind: str) -> list[EntityRow]:
+    rows = await conn.fetch(
+        "SELECT id, state, last_seq FROM entities WHERE kind = $1 ORDER BY id", kind
+    )
+    return [EntityRow(kind, r["id"], msgspec.json.decode(r["state"]), r["last_seq"])
+            for r in rows]
+
+
+async def timeline(conn: asyncpg.Connection, kind: str, id_: str,
+                   after_seq: int = 0) -> list[Outcome]:
+    rows = await conn.fetch(
+        "SELECT outcome FROM history WHERE kind = $1 AND id = $2 AND seq > $3 ORDER BY seq",
+        kind, id_, after_seq,
+    )
+    return [_outcome.decode(r["outcome"]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    seq: int
+    subject: str
+    reason: str
+    size: int
+
+
+async def dead_letters(conn: asyncpg.Connection, limit: int = 100) -> list[DeadLetterRow]:
+    rows = await conn.fetch(
+        "SELECT seq, subject, reason, length(payload) AS size FROM dead_letters"
+        " ORDER BY seq DESC LIMIT $1",
+        limit,
+    )
+    return [DeadLetterRow(r["seq"], r["subject"], r["reason"], r["size"]) for r in rows]
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    return _outcome.decode(data)

@@ -1,0 +1,86 @@
+"""Decoding commands from the wire: typed, versioned, with readable errors."""
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from schemas.commands import COMMAND_TYPES, AnyCommand, Command
+
+MAX_COMMAND_BYTES = 64 * 1024
+
+# Flavours of the v1 CreateInstance, which named a size instead of giving it.
+FLAVORS: dict[str, tuple[int, int]] = {
+    "tiny": (1, 256),
+    "small": (1, 1024),
+    "medium": (2, 4096),
+    "large": (4, 8192),
+}
+
+
+class CommandError(ValueError):
+    """A command that cannot be accepted; the message is the reason, one line."""
+
+
+class _Head(msgspec.Struct):
+    type: str = ""
+    v: int = 0  # absent: the current version (every older producer stamped its version)
+
+
+def _create_instance_v1(doc: dict[str, Any]) -> dict[str, Any]:
+    flavor = doc.pop("flavor", None)
+    if flavor not in FLAVORS:
+        raise CommandError(f"CreateInstance v1: unknown flavor {flavor!r} at `$.flavor`")
+    vcpus, memory = FLAVORS[flavor]
+    doc["template"] = {
+        "vcpus": vcpus,
+        "memory_mib": memory,
+        "image": doc.pop("image", ""),
+        "nics": [{"network": n} for n in doc.pop("networks", [])],
+    }
+    doc["v"] = 2
+    return doc
+
+
+# (type, version read) -> function lifting the raw document one version up.
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {
+    ("CreateInstance", 1): _create_instance_v1,
+}
+
+_head_decoder = msgspec.json.Decoder(_Head)
+_decoder = msgspec.json.Decoder(AnyCommand)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode one command, upcasting older versions; raise CommandError with a reason."""
+    if len(data) > MAX_COMMAND_BYTES:
+        raise CommandError(f"payload of {len(data)} bytes exceeds {MAX_COMMAND_BYTES} bytes")
+    try:
+        head = _head_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise CommandError(f"not a JSON command: {exc}") from None
+    cls = COMMAND_TYPES.get(head.type)
+    if cls is None:
+        raise CommandError(f"unknown command type {head.type!r} at `$.type`")
+    version = head.v or cls.version
+    if not 1 <= version <= cls.version:
+        raise CommandError(f"{head.type} version {head.v} is not supported at `$.v`")
+    try:
+        if version == cls.version:
+            return _decoder.decode(data)
+        doc = msgspec.json.decode(data)
+        for old in range(version, cls.version):
+            doc = UPCASTERS[(head.type, old)](doc)
+        return msgspec.convert(doc, AnyCommand)
+    except msgspec.ValidationError as exc:
+        raise CommandError(f"{head.type}: {exc}") from None
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def command_from_dict(doc: dict[str, Any]) -> Command:
+    """Build a command from parsed input (CLI flags, JSON lines) with the same checks."""
+    return decode_command(encode(doc))

@@ -1,0 +1,61 @@
+"""Desired specifications of entities: what a job carries to an agent, in full."""
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from schemas.ids import EntityId
+
+Power = Literal["running", "stopped"]
+Protocol = Literal["tcp", "udp"]
+Strategy = Literal["round_robin", "least_conn", "source_hash"]
+HostCondition = Literal["up", "down", "draining", "maintenance"]
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Vcpus = Annotated[int, msgspec.Meta(ge=1, le=256)]
+MemoryMiB = Annotated[int, msgspec.Meta(ge=64, le=4 * 1024 * 1024)]
+Cidr = Annotated[str, msgspec.Meta(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")]
+IPv4 = Annotated[str, msgspec.Meta(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
+Image = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}$")]
+
+
+class Nic(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    network: EntityId
+    ip: IPv4 | None = None
+
+
+class SecurityRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    protocol: Protocol
+    port: Port
+    source: Cidr = "0.0.0.0/0"
+
+
+class InstanceTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    vcpus: Vcpus
+    memory_mib: MemoryMiB
+    image: Image
+    nics: tuple[Nic, ...] = ()
+    rules: tuple[SecurityRule, ...] = ()
+
+
+class HealthCheck(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    interval_ms: Annotated[int, msgspec.Meta(ge=100)] = 2000
+    timeout_ms: Annotated[int, msgspec.Meta(ge=50)] = 1000
+    rise: Annotated[int, msgspec.Meta(ge=1)] = 2
+    fall: Annotated[int, msgspec.Meta(ge=1)] = 3
+
+
+class Service(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    port: Port
+    target_port: Port
+    protocol: Protocol = "tcp"
+    strategy: Strategy = "round_robin"
+    health: HealthCheck = HealthCheck()
+
+
+class InstanceSpec(msgspec.Struct, frozen=True):
+    """Everything an agent needs to converge one instance, never a delta."""
+
+    template: InstanceTemplate
+    power: Power
+    host: EntityId

@@ -1,0 +1,146 @@
+"""Test harness: a real PostgreSQL for the session, a fresh nats-server and database per test.
+
+Every server, database, and process started here is stopped or dropped at teardown,
+whether the test passed or not.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from events.bus import connect
+from events.topology import ensure_topology
+from orchestrator.embedded import NatsServer, PostgresServer
+from orchestrator.store import Store, connect_pg, create_pool
+
+PARTITIONS = 8
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    server = PostgresServer(tmp_path_factory.mktemp("pg") / "data")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Env:
+    """One isolated world: its own nats-server (and store) and its own database."""
+
+    nats: NatsServer
+    pg_dsn: str
+    root: Path
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.url
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, "ORCH_NATS_URL": self.nats_url, "ORCH_PG_DSN": self.pg_dsn}
+
+
+@pytest.fixture
+async def env(postgres: PostgresServer, tmp_path: Path) -> AsyncIterator[Env]:
+    db = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres.dsn)
+    await admin.execute(f"CREATE DATABASE {db}")
+    nats = NatsServer(tmp_path / "nats")
+    nats.start()
+    try:
+        yield Env(nats=nats, pg_dsn=postgres.dsn.rsplit("/", 1)[0] + f"/{db}", root=tmp_path)
+    finally:
+        nats.stop()
+        await admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        await admin.close()
+
+
+@pytest.fixture
+async def js(env: Env):
+    nc = await connect(env.nats_url, "test")
+    ctx = nc.jetstream()
+    await ensure_topology(ctx, PARTITIONS)
+    try:
+        yield ctx
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+async def store(env: Env) -> AsyncIterator[Store]:
+    pool = await create_pool(env.pg_dsn)
+    s = Store(pool)
+    await s.migrate(PARTITIONS)
+    try:
+        yield s
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def pg(env: Env, store: Store) -> AsyncIterator[asyncpg.Connection]:
+    conn = await connect_pg(env.pg_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+class Processes:
+    """Child processes (orchestrator replicas, agents) that are always reaped."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def orch(self, *args: str, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", *args], env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+async def eventually(predicate, timeout: float = 30.0, interval: float = 0.1):
+    """Await an async predicate until it returns something truthy; fail with its last value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: last value {value!r}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,218 @@
+"""The spine against a real nats-server and PostgreSQL: fold, fencing, outbox, bad input."""
+
+import asyncio
+import contextlib
+
+import msgspec
+import nats.errors
+import pytest
+
+from events.bus import Publisher, read_stream
+from events.subjects import CMD_STREAM, EVT_STREAM, JOB_STREAM, partition_of
+from orchestrator.fold import fold_message
+from orchestrator.partition import PartitionWorker, WorkerConfig
+from orchestrator.replica import Replica, ReplicaConfig
+from orchestrator.store import Batch, Fenced, Store
+from schemas.codec import command_from_dict
+from schemas.jobs import Job
+from tests.conftest import PARTITIONS, Env, eventually
+
+HOSTS = [("admin", dict(type="RegisterHost", cmd_id=f"reg-h{i}", id=f"h{i}", vcpus=64,
+                        memory_mib=262144)) for i in range(2)]
+
+
+def cmd(source: str, **fields: object) -> tuple[str, object]:
+    fields.setdefault("cmd_id", f"{fields['type']}-{fields['id']}")
+    return source, command_from_dict(fields)
+
+
+@contextlib.asynccontextmanager
+async def replica(env: Env, name: str = "r1", **kw: object):
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        Replica(ReplicaConfig(env.nats_url, env.pg_dsn, replica_id=name, tick_s=0.2,
+                              **kw)).run(stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def caught_up(pg, js) -> bool:
+    """Every stored command is folded and every outbox row is published."""
+    last = (await js.stream_info(CMD_STREAM)).state.last_seq
+    folded = await pg.fetchval("SELECT count(*) FROM history") + await pg.fetchval(
+        "SELECT count(*) FROM dead_letters WHERE seq NOT IN (SELECT seq FROM history)")
+    pending = await pg.fetchval("SELECT count(*) FROM outbox")
+    return folded == last and pending == 0
+
+
+async def test_fold_places_instance_and_emits_job_and_timeline(env: Env, js, pg) -> None:
+    pub = Publisher(js)
+    await pub.publish_many([cmd(s, **c) for s, c in HOSTS])
+    async with replica(env):
+        # The scheduler learns of both hosts before any placement is asked of it.
+        await eventually(lambda: pg.fetchval(
+            "SELECT count(*) = 2 FROM history WHERE kind = 'scheduler'"))
+        await pub.publish_many([
+            cmd("user", type="CreateNetwork", id="net1", vni=7, cidr="10.7.0.0/24"),
+            cmd("user", type="CreateInstance", id="vm1", template=dict(
+                vcpus=2, memory_mib=2048, image="debian", nics=[dict(network="net1")])),
+        ])
+        await eventually(lambda: caught_up(pg, js))
+        vm = msgspec.json.decode(await pg.fetchval(
+            "SELECT state FROM entities WHERE kind='instance' AND id='vm1'"))
+        assert vm["status"] == "placed" and vm["host"] in ("h0", "h1")
+        assert vm["generation"] == 1
+        net = msgspec.json.decode(await pg.fetchval(
+            "SELECT state FROM entities WHERE kind='network' AND id='net1'"))
+        assert net["members"] == ["vm1"]
+        # The job carries the full desired spec to the chosen host.
+        jobs = [m async for batch in read_stream(js, JOB_STREAM, "job.>") for m in batch]
+        assert [m.subject for m in jobs] == [f"job.{vm['host']}.instance.vm1"]
+        job = msgspec.json.decode(jobs[0].data, type=Job)
+        assert job.generation == 1 and job.spec is not None
+        assert job.spec.template.memory_mib == 2048 and job.spec.power == "running"
+        # Its timeline: created by the user, then placed by the scheduler's answer.
+        types = [msgspec.json.decode(m.data)["type"]
+                 async for batch in read_stream(js, EVT_STREAM, "evt.instance.vm1")
+                 for m in batch]
+        assert types == ["CreateInstance", "Placed"]
+
+
+async def test_duplicate_publish_is_stored_once(js) -> None:
+    pub = Publisher(js)
+    source, command = cmd("user", type="CreateNetwork", id="n1", vni=1, cidr="10.1.0.0/24")
+    first = await pub.publish(source, command)
+    again = await pub.publish(source, command)
+    assert again.duplicate and again.seq == first.seq
+    assert (await js.stream_info(CMD_STREAM)).state.messages == 1
+
+
+async def test_stale_owner_is_fenced_and_cannot_fetch(env: Env, js, store: Store, pg) -> None:
+    """Two replicas fighting over one partition: only the current epoch commits."""
+    old = (await store.claim("a", 30.0, PARTITIONS))[0]
+    # a's lease runs out (a paused, say) and b takes the partition over.
+    await pg.execute("UPDATE partitions SET lease_until = now() - interval '1s'"
+                     " WHERE partition = $1", old.partition)
+    new = next(le for le in await store.claim("b", 30.0, PARTITIONS)
+               if le.partition == old.partition)
+    assert new.epoch == old.epoch + 1
+    empty = Batch([], [(1, "network", "x", b"{}")], [], [], checkpoint=1)
+    with pytest.raises(Fenced):
+        await store.commit("a", old, 0, empty)
+    await store.commit("b", new, 0, empty)
+    assert await pg.fetchval("SELECT checkpoint FROM partitions WHERE partition = $1",
+                             old.partition) == 1
+    # On the bus too: the new owner's consumer replaces the old one, whose fetches now fail.
+    cfg = WorkerConfig(partitions=PARTITIONS, idle_s=0.2)
+    a = PartitionWorker(js, store, "a", old, cfg)
+    a_task = asyncio.create_task(a.run())
+    await asyncio.sleep(0.5)
+    b = PartitionWorker(js, store, "b", new, cfg)
+    b_task = asyncio.create_task(b.run())
+    try:
+        with pytest.raises((nats.errors.Error, Fenced)):
+            await asyncio.wait_for(a_task, 10)
+    finally:
+        b_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await b_task
+
+
+async def test_concurrent_commits_only_one_epoch_wins(store: Store, pg) -> None:
+    """Race two commits of different epochs on the same partition row: one is fenced."""
+    old = (await store.claim("a", 30.0, 1))[0]
+    await pg.execute("UPDATE partitions SET lease_until = now() - interval '1s'"
+                     " WHERE partition = $1", old.partition)
+    new = (await store.claim("b", 30.0, 1))[0]
+    results = await asyncio.gather(
+        store.commit("a", old, 0, Batch([], [(5, "network", "x", b"{}")], [], [], 5)),
+        store.commit("b", new, 0, Batch([], [(6, "network", "y", b"{}")], [], [], 6)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], Fenced) and results[1] is None
+    assert await pg.fetchval("SELECT array_agg(seq) FROM history") == [6]
+
+
+async def test_outbox_left_by_a_crash_is_relayed_once(env: Env, js, pg) -> None:
+    """A crash between commit and publish: the next owner publishes, dedupe keeps it single."""
+    pub = Publisher(js)
+    await pub.publish_many([cmd(s, **c) for s, c in HOSTS])
+    await pub.publish(*cmd("user", type="CreateInstance", id="vm1",
+                           template=dict(vcpus=1, memory_mib=512, image="debian")))
+    async with replica(env):
+        await eventually(lambda: caught_up(pg, js))
+    # Pretend the last owner committed these rows and died before publishing them:
+    # one was in fact published already (dedupe must drop it), one never was.
+    evt_before = (await js.stream_info(EVT_STREAM)).state.messages
+    await pg.execute(
+        "INSERT INTO outbox SELECT 0, seq, 0, 'evt.' || kind || '.' || id, 'evt-' || seq,"
+        " convert_to(outcome::text, 'utf8') FROM history WHERE seq = 1")
+    await pg.execute(
+        "INSERT INTO outbox VALUES (0, 999999, 0, 'evt.host.h9', 'evt-999999', '{}'::bytea)")
+    async with replica(env, name="r2"):
+        await eventually(lambda: pg.fetchval("SELECT count(*) = 0 FROM outbox"))
+    assert (await js.stream_info(EVT_STREAM)).state.messages == evt_before + 1
+
+
+BAD_INPUT = [
+    # (subject, payload, expected words in the reason)
+    ("cmd.user.instance.vm9", b"\x00\xffgarbage", "not a JSON command"),
+    ("cmd.user.instance.vm9", b'{"type":"Reboot","cmd_id":"k1","id":"vm9"}', "unknown command"),
+    ("cmd.user.instance.vm9", b'{"type":"CreateInstance","cmd_id":"k2","id":"vm9"}',
+     "`template`"),
+    ("cmd.user.instance.vm9", b'{"type":"StartInstance","cmd_id":"k3","id":"vm8"}',
+     "misaddressed"),
+    ("cmd.user.instance.vm9", b'{"type":"StartInstance","cmd_id":"k4","id":"vm 9"}', "$.id"),
+    ("cmd.user.instance.vm9", b'{"type":"Applied","cmd_id":"k5","id":"vm9","generation":1,'
+     b'"observed":"running"}', "may not come from source 'user'"),
+    ("cmd.user.instance.vm9", b'{"type":"RegisterHost","cmd_id":"k6","id":"vm9","vcpus":1,'
+     b'"memory_mib":64}', "misaddressed"),
+    ("cmd.user.instance.vm9", b'{"type":"StartInstance","cmd_id":"k7","id":"vm9","pad":"'
+     + b"x" * 100_000 + b'"}', "exceeds"),
+]
+
+
+async def test_bad_input_is_rejected_and_the_partition_goes_on(env: Env, js, pg) -> None:
+    for n, (subject, payload, _) in enumerate(BAD_INPUT):
+        await js.publish(subject, payload, headers={"Nats-Msg-Id": f"bad-{n}"})
+    # Not even storable: ids with a dot, a wrong source token, a 2 MB payload.
+    with pytest.raises(nats.errors.Error):
+        await js.publish("cmd.user.instance.vm.9", b"{}")
+    with pytest.raises(nats.errors.Error):
+        await js.publish("cmd.user.instance.vm9", b"x" * 2_000_000)
+    pub = Publisher(js)
+    await pub.publish_many([cmd(s, **c) for s, c in HOSTS])
+    await pub.publish(*cmd("user", type="CreateInstance", id="vm9",
+                           template=dict(vcpus=1, memory_mib=512, image="debian")))
+    async with replica(env):
+        await eventually(lambda: caught_up(pg, js))
+    rows = await pg.fetch("SELECT seq, outcome FROM history WHERE kind='instance' AND id='vm9'"
+                          " ORDER BY seq")
+    outcomes = [msgspec.json.decode(r["outcome"]) for r in rows]
+    assert len(outcomes) == len(BAD_INPUT) + 2  # then CreateInstance and Placed
+    for outcome, (_, _, words) in zip(outcomes, BAD_INPUT, strict=False):
+        assert not outcome["accepted"]
+        assert words in outcome["reason"], (words, outcome["reason"])
+    # The valid command behind them was folded.
+    assert [(o["type"], o["accepted"]) for o in outcomes[-2:]] == [
+        ("CreateInstance", True), ("Placed", True)]
+    letters = await pg.fetch("SELECT seq, reason FROM dead_letters ORDER BY seq")
+    # Everything undecodable or misaddressed is a dead letter too (not the wrong source).
+    assert len(letters) == len(BAD_INPUT) - 1
+    # And terminated or acknowledged on the bus: nothing is left pending.
+    for info in await js.consumers_info(CMD_STREAM):
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+def test_command_in_a_wrong_partition_is_dead_lettered() -> None:
+    """Only the server's transform writes stored subjects; the fold still checks them."""
+    right = partition_of("instance", "vm9", PARTITIONS)
+    subject = f"cmd.{(right + 1) % PARTITIONS}.user.instance.vm9"
+    folded = fold_message({}, subject, b'{"type":"StartInstance","cmd_id":"k","id":"vm9"}',
+                          1, 0, PARTITIONS)
+    wrong = (right + 1) % PARTITIONS
+    assert folded.dead_letter == f"instance/vm9 belongs to partition {right}, not {wrong}"
+    assert folded.outcome is None
