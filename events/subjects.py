@@ -50,3 +50,16 @@ def event_subject(kind: str, id_: str) -> str:
 
 def job_filter(host: str) -> str:
     return f"job.{host}.>"
+
+
+def report_subject(host: str, kind: str, id_: str) -> str:
+    """Agents report as commands from their own source: cmd.<host>.<kind>.<id>."""
+    return command_subject(host, kind, id_)
+
+
+def inventory_subject(host: str) -> str:
+    """Request-reply: what the host's hypervisor really runs, as the agent observes it."""
+    return f"agent.{host}.inventory"
+
+
+HEARTBEAT_BUCKET: Final = "HEARTBEATS"

@@ -10,17 +10,19 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
     SubjectTransform,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from events.subjects import (
     CMD_STREAM,
     DEFAULT_PARTITIONS,
     EVT_STREAM,
+    HEARTBEAT_BUCKET,
     JOB_STREAM,
     partition_filter,
 )
@@ -102,6 +104,12 @@ async def ensure_topology(js: JetStreamContext, partitions: int | None = None) -
             await js.stream_info(config.name)
         except NotFoundError:
             await js.add_stream(config)
+    try:
+        await js.key_value(HEARTBEAT_BUCKET)
+    except BucketNotFoundError:
+        # Keys of hosts gone for a day disappear; liveness itself reads the beat times.
+        await js.create_key_value(KeyValueConfig(
+            bucket=HEARTBEAT_BUCKET, history=1, ttl=24 * 3600.0, storage=StorageType.FILE))
     return Topology(partitions=partitions)
 
 

@@ -95,7 +95,7 @@ def fold_message(states: States, subject: str, data: bytes, seq: int, at: int,
         folded.changed = True
         emit_jobs = getattr(decider, "jobs", None)
         if emit_jobs is not None:
-            folded.jobs = emit_jobs(kind, id_, generation, state)
+            folded.jobs = emit_jobs(kind, id_, generation, state, decision.events)
     folded.commands = decision.commands
     folded.outcome = Outcome(
         seq=seq, at=at, cmd_id=cmd.cmd_id, type=type_, source=source, kind=kind, id=id_,

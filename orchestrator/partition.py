@@ -40,7 +40,7 @@ def _outbox_rows(partition: int, f: Folded, outcome_json: bytes) -> list[tuple]:
     rows = [(partition, f.seq, 0, event_subject(*f.key), f"evt-{f.seq}", outcome_json)]
     for job in f.jobs:
         rows.append((partition, f.seq, len(rows), job_subject(job),
-                     f"job-{job.kind}-{job.id}-{job.generation}", encode(job)))
+                     f"job-{job.kind}-{job.id}-{job.generation}-{job.attempt}", encode(job)))
     for cmd in f.commands:
         rows.append((partition, f.seq, len(rows), command_subject(SYSTEM, cmd.kind, cmd.id),
                      cmd.cmd_id, encode(cmd)))

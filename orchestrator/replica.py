@@ -10,13 +10,17 @@ import contextlib
 import math
 import os
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import structlog
 
-from events.bus import connect
+from events.bus import Publisher, connect
 from events.topology import ensure_topology
+from orchestrator.leader import Leadership
+from orchestrator.liveness import Liveness
 from orchestrator.partition import PartitionWorker, WorkerConfig
+from orchestrator.reconciler import Reconciler, ReconcilerConfig
 from orchestrator.store import Lease, Store, create_pool
 
 log = structlog.get_logger()
@@ -31,6 +35,8 @@ class ReplicaConfig:
     lease_s: float = 5.0
     tick_s: float = 1.0
     batch: int = 500
+    down_after_s: float = 5.0  # silence after which a host is declared down
+    reconcile: ReconcilerConfig = field(default_factory=ReconcilerConfig)
 
 
 class Replica:
@@ -44,20 +50,27 @@ class Replica:
         nc = await connect(cfg.nats_url, name=f"orch-{self.id}")
         pool = await create_pool(cfg.pg_dsn, size=4)
         store = Store(pool)
+        leadership = Leadership(cfg.pg_dsn, self.id)
         try:
             js = nc.jetstream()
             topology = await ensure_topology(js, cfg.partitions)
             await store.migrate(topology.partitions)
             worker_cfg = WorkerConfig(partitions=topology.partitions, batch=cfg.batch)
             log.info("replica_started", replica=self.id, partitions=topology.partitions)
+            publisher = Publisher(js)
+            liveness = Liveness(js, publisher, cfg.down_after_s)
+            reconciler = Reconciler(publisher, cfg.reconcile)
             while not stop.is_set():
                 await self._tick(store, js, worker_cfg, topology.partitions)
+                if await leadership.held():
+                    await self._lead(leadership, liveness, reconciler)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), cfg.tick_s)
         finally:
             for partition in list(self.workers):
                 await self._stop_worker(partition)
             await store.leave(self.id)
+            await leadership.close()
             await pool.close()
             await nc.close()
             log.info("replica_stopped", replica=self.id)
@@ -86,6 +99,19 @@ class Replica:
             for lease in await store.claim(self.id, cfg.lease_s, share - len(self.workers)):
                 worker = PartitionWorker(js, store, self.id, lease, worker_cfg)
                 self.workers[lease.partition] = (lease, asyncio.create_task(worker.run()))
+
+    async def _lead(self, leadership: Leadership, liveness: Liveness,
+                    reconciler: Reconciler) -> None:
+        """The leader's duties; a failure here is logged and retried on the next tick."""
+        assert leadership.conn is not None
+        now_ms = int(time.time() * 1000)  # the shell may read the clock; the fold may not
+        try:
+            for cmd in await liveness.tick(leadership.conn, now_ms):
+                log.warning("host_liveness", host=cmd.id, command=type(cmd).__name__)
+            for cmd in await reconciler.tick(leadership.conn, now_ms):
+                log.info("reconcile", entity=f"instance/{cmd.id}", generation=cmd.generation)
+        except Exception as exc:
+            log.error("leader_duties_failed", replica=self.id, error=repr(exc))
 
     async def _stop_worker(self, partition: int) -> None:
         _, task = self.workers.pop(partition)

@@ -13,6 +13,7 @@ from schemas.ids import EntityId, IdemKey
 from schemas.specs import (
     Cidr,
     HostCondition,
+    HostVcpus,
     InstanceTemplate,
     IPv4,
     MemoryMiB,
@@ -42,7 +43,7 @@ class Command(msgspec.Struct, tag_field="type", kw_only=True, frozen=True):
 class RegisterHost(Command, tag=True, kw_only=True):
     kind = "host"
     sources = ("admin",)
-    vcpus: Vcpus
+    vcpus: HostVcpus
     memory_mib: MemoryMiB
 
 
@@ -119,6 +120,15 @@ class Failed(Command, tag=True, kw_only=True):
     generation: Annotated[int, msgspec.Meta(ge=0)]
     error: str
     attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class Reconcile(Command, tag=True, kw_only=True):
+    """The reconciler's tick for an instance whose job is overdue: re-issue, or degrade."""
+
+    kind = "instance"
+    sources = ("system",)
+    generation: Annotated[int, msgspec.Meta(ge=0)]
+    max_attempts: Annotated[int, msgspec.Meta(ge=0)]
 
 
 # ---- private networks -------------------------------------------------------
@@ -203,7 +213,7 @@ class HostCapacity(Command, tag=True, kw_only=True):
     kind = "scheduler"
     sources = ("system",)
     host: EntityId
-    vcpus: Vcpus
+    vcpus: HostVcpus
     memory_mib: MemoryMiB
     condition: HostCondition
 
@@ -235,6 +245,7 @@ AnyCommand = (
     | PlacementFailed
     | Applied
     | Failed
+    | Reconcile
     | CreateNetwork
     | DeleteNetwork
     | JoinNetwork

@@ -12,5 +12,6 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     host: EntityId
     # Agents ignore a job whose generation is older than one they already applied.
     generation: int
+    attempt: int = 0  # re-issues of this generation by the reconciler
     # None: the entity is no longer wanted on this host; remove it.
     spec: InstanceSpec | None

@@ -13,6 +13,7 @@ HostCondition = Literal["up", "down", "draining", "maintenance"]
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Vcpus = Annotated[int, msgspec.Meta(ge=1, le=256)]
+HostVcpus = Annotated[int, msgspec.Meta(ge=1, le=16384)]
 MemoryMiB = Annotated[int, msgspec.Meta(ge=64, le=4 * 1024 * 1024)]
 Cidr = Annotated[str, msgspec.Meta(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")]
 IPv4 = Annotated[str, msgspec.Meta(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]

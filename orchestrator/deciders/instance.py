@@ -10,7 +10,7 @@ from schemas.commands import SCHEDULER_ID
 from schemas.jobs import Job
 from schemas.specs import InstanceSpec, InstanceTemplate, Power
 
-Status = Literal["pending", "placed", "unplaceable", "deleted"]
+Status = Literal["pending", "placed", "unplaceable", "degraded", "deleted"]
 
 
 class Instance(msgspec.Struct, kw_only=True):
@@ -23,7 +23,8 @@ class Instance(msgspec.Struct, kw_only=True):
     observed_generation: int = 0
     observed: str | None = None  # power state the agent last reported
     error: str | None = None
-    attempts: int = 0
+    attempts: int = 0  # re-issues of the current generation's job
+    issued_at: int = 0  # when the current job was last issued: the reconciler's clock
     created_at: int = 0
     updated_at: int = 0
 
@@ -67,6 +68,19 @@ class ApplyFailed(Event):
     at: int
 
 
+class Reissued(Event):
+    attempt: int
+    at: int
+
+
+class Degraded(Event):
+    """Retries ran out: an alert. A new generation (any change asked of it) clears it."""
+
+    attempts: int
+    reason: str
+    at: int
+
+
 def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
     match cmd:
         case c.CreateInstance():
@@ -84,7 +98,7 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
             )
     if state is None:
         return reject(f"no instance {cmd.id}")
-    if state.status == "deleted":
+    if state.status == "deleted" and not isinstance(cmd, c.Applied | c.Failed | c.Reconcile):
         return accept() if isinstance(cmd, c.DeleteInstance) else reject(
             f"instance {cmd.id} is deleted"
         )
@@ -123,6 +137,18 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
                 ApplyFailed(generation=cmd.generation, error=cmd.error, attempt=cmd.attempt,
                             at=ctx.at)
             )
+        case c.Reconcile():
+            if (cmd.generation != state.generation or state.host is None
+                    or state.observed_generation >= state.generation):
+                return accept()  # converged meanwhile, or a newer generation is on its way
+            if state.status == "degraded":
+                return accept()
+            if state.attempts >= cmd.max_attempts:
+                if state.status == "deleted":
+                    return accept()  # a removal that keeps failing degrades nothing wanted
+                reason = state.error or f"generation {state.generation} not applied"
+                return accept(Degraded(attempts=state.attempts, reason=reason, at=ctx.at))
+            return accept(Reissued(attempt=state.attempts + 1, at=ctx.at))
     return reject(f"{type(cmd).__name__} does not apply to an instance")
 
 
@@ -134,29 +160,49 @@ def evolve(state: Instance | None, event: Event) -> Instance:
     state.updated_at = event.at  # type: ignore[attr-defined]
     match event:
         case PlacedOn():
-            state.status, state.host, state.error = "placed", event.host, None
-            state.generation += 1
+            state.status, state.host = "placed", event.host
+            _new_generation(state, event.at)
         case Unplaceable():
             state.status, state.error = "unplaceable", event.reason
         case PowerSet():
             state.power = event.power
-            state.generation += 1
+            if state.status == "degraded":
+                state.status = "placed"
+            _new_generation(state, event.at)
         case Deleted():
             state.status = "deleted"
-            state.generation += 1
+            _new_generation(state, event.at)
         case Observed():
             state.observed_generation, state.observed = event.generation, event.observed
-            state.error, state.attempts = None, 0
+            if event.generation == state.generation:
+                state.error = None
         case ApplyFailed():
-            state.error, state.attempts = event.error, event.attempt
+            state.error = event.error
+        case Reissued():
+            state.attempts, state.issued_at = event.attempt, event.at
+        case Degraded():
+            state.status, state.error = "degraded", event.reason
     return state
 
 
-def jobs(kind: str, id: str, before_generation: int, state: Instance) -> list[Job]:
-    """A job whenever the host has something new to do: the full spec, or its removal."""
-    if state.host is None or state.generation == before_generation:
+def _new_generation(state: Instance, at: int) -> None:
+    state.generation += 1
+    state.attempts, state.issued_at, state.error = 0, at, None
+
+
+def jobs(kind: str, id: str, before_generation: int, state: Instance,
+         events: list[Event]) -> list[Job]:
+    """A job whenever the host has something new to do, or must be told again.
+
+    It carries the full spec, or None for removal.
+    """
+    if state.host is None:
+        return []
+    if state.generation == before_generation and not any(
+            isinstance(e, Reissued) for e in events):
         return []
     spec = None
     if state.status != "deleted":
         spec = InstanceSpec(template=state.template, power=state.power, host=state.host)
-    return [Job(kind=kind, id=id, host=state.host, generation=state.generation, spec=spec)]
+    return [Job(kind=kind, id=id, host=state.host, generation=state.generation,
+                attempt=state.attempts, spec=spec)]

@@ -1,0 +1,63 @@
+"""The reconciler: instances whose job is overdue get a Reconcile command.
+
+Whether to re-issue the job or to degrade the instance is the fold's decision (pure and
+replayable); this loop only notices lateness, with exponential backoff per attempt.
+"""
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from events.bus import Publisher
+from schemas import commands as c
+from schemas.ids import SYSTEM
+
+
+@dataclass(frozen=True, slots=True)
+class Lagging:
+    id: str
+    generation: int
+    attempts: int
+    issued_at: int
+
+
+def overdue(lag: Lagging, now_ms: int, deadline_ms: int, max_backoff_ms: int) -> bool:
+    """Past its deadline, doubled for every re-issue so far, capped."""
+    wait = min(deadline_ms * 2 ** lag.attempts, max_backoff_ms)
+    return now_ms >= lag.issued_at + wait
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcilerConfig:
+    deadline_s: float = 10.0
+    max_attempts: int = 5
+    max_backoff_s: float = 300.0
+
+
+class Reconciler:
+    def __init__(self, publisher: Publisher, config: ReconcilerConfig) -> None:
+        self.publisher, self.config = publisher, config
+
+    async def tick(self, conn: asyncpg.Connection, now_ms: int) -> list[c.Reconcile]:
+        rows = await conn.fetch(
+            """
+            SELECT id, (state->>'generation')::int AS generation,
+                   (state->>'attempts')::int AS attempts,
+                   (state->>'issued_at')::bigint AS issued_at
+            FROM entities
+            WHERE kind = 'instance' AND state->>'host' IS NOT NULL
+              AND state->>'status' IN ('placed', 'deleted')
+              AND (state->>'observed_generation')::int < (state->>'generation')::int
+            """
+        )
+        cfg = self.config
+        due = [lag for lag in (Lagging(**dict(r)) for r in rows)
+               if overdue(lag, now_ms, int(cfg.deadline_s * 1000), int(cfg.max_backoff_s * 1000))]
+        commands = [
+            c.Reconcile(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
+                        generation=lag.generation, max_attempts=cfg.max_attempts)
+            for lag in due
+        ]
+        if commands:
+            await self.publisher.publish_many([(SYSTEM, cmd) for cmd in commands])
+        return commands
