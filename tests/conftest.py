@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import pytest
+from nats.js import JetStreamContext
 
 from events.bus import connect
 from events.topology import ensure_topology
@@ -23,6 +25,7 @@ from orchestrator.embedded import NatsServer, PostgresServer
 from orchestrator.store import Store, connect_pg, create_pool
 
 PARTITIONS = 8
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +70,7 @@ async def env(postgres: PostgresServer, tmp_path: Path) -> AsyncIterator[Env]:
 
 
 @pytest.fixture
-async def js(env: Env):
+async def js(env: Env) -> AsyncIterator[JetStreamContext]:
     nc = await connect(env.nats_url, "test")
     ctx = nc.jetstream()
     await ensure_topology(ctx, PARTITIONS)
@@ -134,7 +137,8 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
-async def eventually(predicate, timeout: float = 30.0, interval: float = 0.1):
+async def eventually(predicate: Callable[[], Awaitable[T]], timeout: float = 30.0,
+                     interval: float = 0.1) -> T:
     """Await an async predicate until it returns something truthy; fail with its last value."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

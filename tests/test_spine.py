@@ -2,10 +2,14 @@
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
+import asyncpg
 import msgspec
 import nats.errors
 import pytest
+from nats.js import JetStreamContext
 
 from events.bus import Publisher, read_stream
 from events.subjects import CMD_STREAM, EVT_STREAM, JOB_STREAM, partition_of
@@ -27,7 +31,7 @@ def cmd(source: str, **fields: object) -> tuple[str, object]:
 
 
 @contextlib.asynccontextmanager
-async def replica(env: Env, name: str = "r1", **kw: object):
+async def replica(env: Env, name: str = "r1", **kw: Any) -> AsyncIterator[asyncio.Task[None]]:
     stop = asyncio.Event()
     task = asyncio.create_task(
         Replica(ReplicaConfig(env.nats_url, env.pg_dsn, replica_id=name, tick_s=0.2,
@@ -39,7 +43,7 @@ async def replica(env: Env, name: str = "r1", **kw: object):
         await asyncio.wait_for(task, 20)
 
 
-async def caught_up(pg, js) -> bool:
+async def caught_up(pg: asyncpg.Connection, js: JetStreamContext) -> bool:
     """Every stored command is folded and every outbox row is published."""
     last = (await js.stream_info(CMD_STREAM)).state.last_seq
     folded = await pg.fetchval("SELECT count(*) FROM history") + await pg.fetchval(
