@@ -6,6 +6,7 @@ checkpoint, where they are skipped.
 """
 
 import datetime
+import time
 from dataclasses import dataclass
 
 import msgspec
@@ -20,6 +21,7 @@ from events.subjects import CMD_STREAM, command_subject, event_subject
 from events.topology import open_fold_consumer
 from orchestrator.deciders import STATE_TYPES
 from orchestrator.fold import Folded, Key, fold_message, job_subject
+from orchestrator.metrics import ALERTS, BATCH_SECONDS, COMMANDS, DEAD_LETTERS
 from orchestrator.store import Batch, Lease, Store
 from schemas.codec import encode
 from schemas.ids import SYSTEM
@@ -106,9 +108,11 @@ class PartitionWorker:
                 self.states[key] = msgspec.json.decode(raw, type=STATE_TYPES[key[0]])
 
     async def _fold_and_commit(self, msgs: list[Msg], relayed: int) -> list[tuple]:
+        started = time.perf_counter()
         p, partitions = self.lease.partition, self.config.partitions
         await self._load(msgs)
         batch = Batch([], [], [], [], self.checkpoint, relayed_upto=relayed)
+        folded: list[Folded] = []
         changed: dict[Key, int] = {}
         bad: list[Msg] = []
         for msg in msgs:
@@ -126,6 +130,7 @@ class PartitionWorker:
                                  reason=f.dead_letter)
             if f.outcome is None or f.key is None:
                 continue
+            folded.append(f)
             outcome_json = encode(f.outcome)
             batch.history.append((f.seq, f.key[0], f.key[1], outcome_json))
             batch.outbox.extend(_outbox_rows(p, f, outcome_json))
@@ -147,8 +152,20 @@ class PartitionWorker:
         bad_ids = {id(m) for m in bad}
         for msg in msgs:
             await (msg.term() if id(msg) in bad_ids else msg.ack())
-        self.log.debug("batch_committed", size=len(msgs), checkpoint=self.checkpoint)
+        self._account(folded, len(batch.dead_letters), time.perf_counter() - started)
         return batch.outbox
+
+    def _account(self, folded: list[Folded], dead: int, seconds: float) -> None:
+        """Metrics and alerts, for what is now committed."""
+        BATCH_SECONDS.observe(seconds)
+        DEAD_LETTERS.inc(dead)
+        for f in folded:
+            assert f.outcome is not None
+            COMMANDS.labels(f.outcome.kind, "accepted" if f.outcome.accepted else "rejected").inc()
+            if "Degraded" in f.outcome.events:
+                ALERTS.labels(f.outcome.kind).inc()
+                self.log.error("alert", entity=f"{f.outcome.kind}/{f.outcome.id}", seq=f.seq,
+                               reason="retries ran out: entity degraded")
 
 
 def _timestamp(ns: int) -> datetime.datetime:
