@@ -1,0 +1,70 @@
+"""Re-issue and degrade decisions in the fold, driven by Reconcile commands."""
+
+from typing import Any
+
+from events.subjects import partition_of, stored_command_subject
+from orchestrator.fold import Folded, fold_message
+from schemas.codec import encode
+
+N = 8
+
+
+class Log:
+    def __init__(self) -> None:
+        self.states: dict[Any, Any] = {}
+        self.seq = 0
+
+    def fold(self, source: str, kind: str, id_: str, **fields: Any) -> Folded:
+        self.seq += 1
+        fields.setdefault("cmd_id", f"k{self.seq}")
+        subject = stored_command_subject(partition_of(kind, id_, N), source, kind, id_)
+        return fold_message(self.states, subject, encode({"id": id_, **fields}), self.seq,
+                            1_000 * self.seq, N)
+
+
+def placed_instance() -> Log:
+    log = Log()
+    log.fold("user", "instance", "vm1", type="CreateInstance",
+             template={"vcpus": 1, "memory_mib": 256, "image": "missing-image"})
+    log.fold("system", "instance", "vm1", type="Placed", host="h1")
+    return log
+
+
+def test_overdue_job_is_reissued_then_the_instance_degrades() -> None:
+    log = placed_instance()
+    failed = log.fold("h1", "instance", "vm1", type="Failed", generation=1,
+                      error="image missing-image does not exist")
+    assert failed.outcome and failed.outcome.accepted
+    for attempt in (1, 2):
+        out = log.fold("system", "instance", "vm1", type="Reconcile", generation=1,
+                       max_attempts=2)
+        assert out.outcome and out.outcome.events == ("Reissued",)
+        assert [(j.generation, j.attempt) for j in out.jobs] == [(1, attempt)]
+    out = log.fold("system", "instance", "vm1", type="Reconcile", generation=1, max_attempts=2)
+    assert out.outcome and out.outcome.events == ("Degraded",) and not out.jobs
+    state = log.states[("instance", "vm1")]
+    assert state.status == "degraded" and "does not exist" in (state.error or "")
+    # Degraded is final for this generation: more ticks change nothing.
+    again = log.fold("system", "instance", "vm1", type="Reconcile", generation=1, max_attempts=2)
+    assert again.outcome and again.outcome.events == ()
+    # A new generation (the user asks for something else) starts over.
+    stop = log.fold("user", "instance", "vm1", type="StopInstance")
+    assert stop.jobs and stop.jobs[0].generation == 2 and stop.jobs[0].attempt == 0
+    assert log.states[("instance", "vm1")].status == "placed"
+
+
+def test_reconcile_of_a_converged_or_older_generation_is_a_no_op() -> None:
+    log = placed_instance()
+    log.fold("h1", "instance", "vm1", type="Applied", generation=1, observed="running")
+    out = log.fold("system", "instance", "vm1", type="Reconcile", generation=1, max_attempts=3)
+    assert out.outcome and out.outcome.accepted and out.outcome.events == () and not out.jobs
+    log.fold("user", "instance", "vm1", type="StopInstance")
+    old = log.fold("system", "instance", "vm1", type="Reconcile", generation=1, max_attempts=3)
+    assert old.outcome and old.outcome.events == ()
+
+
+def test_only_the_system_may_reconcile() -> None:
+    log = placed_instance()
+    out = log.fold("user", "instance", "vm1", type="Reconcile", generation=1, max_attempts=1)
+    assert out.outcome and not out.outcome.accepted
+    assert "may not come from source 'user'" in (out.outcome.reason or "")
