@@ -74,7 +74,7 @@ def fold_message(states: States, subject: str, data: bytes, seq: int, at: int,
         cmd = decode_command(data)
     except CommandError as exc:
         folded.dead_letter = str(exc)
-        return rejected("?", "", str(exc))
+        return rejected(exc.type, "", str(exc))
     type_ = type(cmd).__name__
     if cmd.kind != kind or cmd.id != id_:
         folded.dead_letter = f"misaddressed: {type_} for {cmd.kind}/{cmd.id} on {subject}"

@@ -50,6 +50,8 @@ async def replay(js: JetStreamContext, conn: asyncpg.Connection, partitions: int
                  verify: bool = False) -> ReplayReport:
     if not _SCHEMA_RE.match(schema) or schema == "public":
         raise ValueError(f"invalid scratch schema name {schema!r}")
+    if verify and to_seq is not None:
+        raise ValueError("verify compares with the live projection: it replays the whole log")
     report = ReplayReport(schema=schema)
     checkpoints, live = await _live_snapshot(conn) if verify else ({}, {})
     states: dict[Key, object] = {}

@@ -30,7 +30,7 @@ log = structlog.get_logger()
 class ReplicaConfig:
     nats_url: str
     pg_dsn: str
-    replica_id: str = f"{socket.gethostname()}-{os.getpid()}"
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     partitions: int | None = None  # None: whatever the CMD stream was created with
     lease_s: float = 5.0
     tick_s: float = 1.0

@@ -21,6 +21,10 @@ FLAVORS: dict[str, tuple[int, int]] = {
 class CommandError(ValueError):
     """A command that cannot be accepted; the message is the reason, one line."""
 
+    def __init__(self, reason: str, type_: str = "?") -> None:
+        super().__init__(reason)
+        self.type = type_  # the type the message claimed, when it got that far
+
 
 class _Head(msgspec.Struct):
     type: str = ""
@@ -30,7 +34,8 @@ class _Head(msgspec.Struct):
 def _create_instance_v1(doc: dict[str, Any]) -> dict[str, Any]:
     flavor = doc.pop("flavor", None)
     if flavor not in FLAVORS:
-        raise CommandError(f"CreateInstance v1: unknown flavor {flavor!r} at `$.flavor`")
+        raise CommandError(f"CreateInstance v1: unknown flavor {flavor!r} at `$.flavor`",
+                           "CreateInstance")
     vcpus, memory = FLAVORS[flavor]
     doc["template"] = {
         "vcpus": vcpus,
@@ -62,10 +67,10 @@ def decode_command(data: bytes) -> Command:
         raise CommandError(f"not a JSON command: {exc}") from None
     cls = COMMAND_TYPES.get(head.type)
     if cls is None:
-        raise CommandError(f"unknown command type {head.type!r} at `$.type`")
+        raise CommandError(f"unknown command type {head.type!r} at `$.type`", head.type)
     version = head.v or cls.version
     if not 1 <= version <= cls.version:
-        raise CommandError(f"{head.type} version {head.v} is not supported at `$.v`")
+        raise CommandError(f"{head.type} version {head.v} is not supported at `$.v`", head.type)
     try:
         if version == cls.version:
             return _decoder.decode(data)
@@ -74,7 +79,7 @@ def decode_command(data: bytes) -> Command:
             doc = UPCASTERS[(head.type, old)](doc)
         return msgspec.convert(doc, AnyCommand)
     except msgspec.ValidationError as exc:
-        raise CommandError(f"{head.type}: {exc}") from None
+        raise CommandError(f"{head.type}: {exc}", head.type) from None
 
 
 def encode(obj: Any) -> bytes:

@@ -1,0 +1,298 @@
+"""`orch` end to end: the CLI as a subprocess against a real nats-server and PostgreSQL."""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+from conftest import Env, Processes, eventually
+from nats.js import JetStreamContext
+
+from events.subjects import CMD_STREAM
+from orchestrator import queries
+
+ORCH = [sys.executable, "-m", "orchestrator.cli"]
+ANSI = "\x1b["
+VM_TEMPLATE = {"vcpus": 1, "memory_mib": 256, "image": "debian-12"}
+
+
+async def orch(environ: dict[str, str], *args: str, stdin: str = "", cwd: Path | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `orch ARGS` to completion without blocking the event loop."""
+    return await asyncio.to_thread(
+        subprocess.run, [*ORCH, *args], input=stdin, env=environ, cwd=cwd,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def jsonl(*docs: dict) -> str:
+    return "".join(json.dumps(d) + "\n" for d in docs)
+
+
+async def stored(js: JetStreamContext) -> int:
+    return (await js.stream_info(CMD_STREAM)).state.messages
+
+
+async def entity(conn: asyncpg.Connection, kind: str, id_: str) -> dict | None:
+    try:
+        row = await queries.get_entity(conn, kind, id_)
+    except asyncpg.UndefinedTableError:  # the replica has not migrated yet
+        return None
+    return row.state if row else None
+
+
+async def read_line(proc: asyncio.subprocess.Process, timeout: float = 30) -> str:
+    assert proc.stdout is not None and proc.stderr is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        errors = await asyncio.wait_for(proc.stderr.read(), timeout)
+        raise AssertionError(f"stdout closed; stderr: {errors.decode()!r}")
+    return line.decode()
+
+
+def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def test_publish_get_tail_replay(env: Env, js: JetStreamContext, pg: asyncpg.Connection,
+                                       processes: Processes) -> None:
+    environ = env.environ()
+    replica = processes.orch("orchestrator", "--id", "r1", env=environ, name="replica")
+
+    done = await orch(environ, "publish", "RegisterHost", "h1", "--source", "admin",
+                      "--set", "vcpus=8", "--set", "memory_mib=16384")
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"published RegisterHost host/h1 seq=\d+\n", done.stdout)
+
+    lines = jsonl(
+        {"type": "CreateNetwork", "id": "net1", "vni": 7, "cidr": "10.7.0.0/24"},
+        {"type": "CreateInstance", "id": "vm1",
+         "template": {**VM_TEMPLATE, "nics": [{"network": "net1"}]}},
+        {"type": "CreateInstance", "id": "vm1", "template": VM_TEMPLATE},  # refused: exists
+        {"type": "StopInstance", "id": "vm1", "source": "user", "cmd_id": "stop-vm1"},
+    )
+    done = await orch(environ, "publish", "--file", "-", "--json-out", stdin=lines)
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["type"] for r in results] == [
+        "CreateNetwork", "CreateInstance", "CreateInstance", "StopInstance"]
+    seqs = [r["seq"] for r in results]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+    assert not any(r["duplicate"] for r in results)
+
+    # The same idempotency key again: stored once, reported as a duplicate.
+    done = await orch(environ, "publish", "StopInstance", "vm1", "--key", "stop-vm1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"duplicate StopInstance instance/vm1 seq={seqs[3]}\n"
+
+    async def settled() -> bool:
+        state = await entity(pg, "instance", "vm1")
+        return bool(state) and state["status"] == "placed" and state["power"] == "stopped"
+
+    await eventually(settled)
+
+    done = await orch(environ, "get", "instance/vm1")
+    assert done.returncode == 0, done.stderr
+    assert ANSI not in done.stdout  # piped: no colours
+    for word in ("instance/vm1", "placed", "h1", "stopped", "template.image", "debian-12"):
+        assert word in done.stdout
+
+    done = await orch(environ, "get", "instance/vm1", "--json")
+    doc = json.loads(done.stdout)
+    assert (doc["kind"], doc["id"], doc["state"]["host"]) == ("instance", "vm1", "h1")
+
+    done = await orch(environ, "get", "instances")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"vm1\s+.*placed\s+.*h1\s+.*stopped", done.stdout)
+
+    done = await orch(environ, "get", "instance/ghost")
+    assert (done.returncode, done.stderr) == (1, "error: no instance/ghost\n")
+    done = await orch(environ, "get", "vm/x")
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown kind 'vm'")
+
+    done = await orch(environ, "tail", "instance/vm1", "--json")
+    assert done.returncode == 0, done.stderr
+    outcomes = [json.loads(line) for line in done.stdout.splitlines()]
+    seen = [(o["type"], o["accepted"]) for o in outcomes]
+    assert seen[:2] == [("CreateInstance", True), ("CreateInstance", False)]
+    # The placement (a follow-up) and the stop race: either may be folded first.
+    assert sorted(seen[2:]) == [("Placed", True), ("StopInstance", True)]
+    assert "already exists" in outcomes[1]["reason"]
+    assert outcomes[0]["commands"] == ["scheduler/default:Place", "network/net1:JoinNetwork"]
+    assert [o["seq"] for o in outcomes] == sorted(o["seq"] for o in outcomes)
+
+    done = await orch(environ, "tail", "instance/vm1")
+    assert done.returncode == 0, done.stderr
+    assert ANSI not in done.stdout
+    assert len(done.stdout.splitlines()) == 4
+    assert re.search(r"CreateInstance\s+REJECTED instance vm1 already exists", done.stdout)
+    assert "jobs: job.h1.instance.vm1" in done.stdout
+
+    done = await orch(environ, "replay", "--verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verify: OK" in done.stdout
+    done = await orch(environ, "replay", "--verify", "--json", "--schema", "replay2")
+    report = json.loads(done.stdout)
+    assert report["verified"] is True and report["commands"] >= 9
+
+    done = await orch(environ, "dead-letters")
+    assert (done.returncode, done.stdout) == (0, "no dead letters\n")
+
+    # SIGTERM is a clean stop: exit 0, and the JSON log says so.
+    os.killpg(replica.pid, signal.SIGTERM)
+    assert await asyncio.to_thread(replica.wait, 15) == 0
+    events = [json.loads(line)["event"]
+              for line in (env.root / "replica.log").read_text().splitlines()
+              if line.startswith("{")]
+    assert events[0] == "replica_started" and events[-1] == "replica_stopped"
+
+
+async def test_invalid_input_publishes_nothing(env: Env, js: JetStreamContext) -> None:
+    environ = env.environ()
+    before = await stored(js)
+
+    lines = jsonl(
+        {"type": "CreateNetwork", "id": "net1", "vni": 7, "cidr": "10.7.0.0/24"},
+        {"type": "StopInstance", "id": "vm1"},
+        {"type": "CreateInstance", "id": "vm1", "template": {**VM_TEMPLATE, "vcpus": "two"}},
+    )
+    done = await orch(environ, "publish", "--file", "-", stdin=lines)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("error: line 3: CreateInstance: Expected `int`, got `str`")
+    assert "$.template.vcpus" in done.stderr
+
+    done = await orch(environ, "publish", "-f", "-", stdin='{"type": "StopInstance"\n')
+    assert done.returncode == 2 and done.stderr.startswith("error: line 1: not valid JSON")
+
+    done = await orch(environ, "publish", "CreateInstance", "vm1", "--json",
+                      json.dumps({"template": VM_TEMPLATE}), "--set", "template.memory_mib=1")
+    assert done.returncode == 2 and "$.template.memory_mib" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+    for args, needle in [
+        (("StopInstance", "VM 1"), "$.id"),
+        (("Reboot", "vm1"), "unknown command type 'Reboot'"),
+        (("RegisterHost", "h1", "--set", "vcpus=8", "--set", "memory_mib=1024"),
+         "may not come from source 'user'"),
+        ((), "nothing to publish"),
+    ]:
+        done = await orch(environ, "publish", *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith("error: ") and needle in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1
+
+    assert await stored(js) == before
+
+
+async def test_tail_follow_shows_new_commands(env: Env, js: JetStreamContext,
+                                              processes: Processes) -> None:
+    environ = env.environ()
+    processes.orch("orchestrator", env=environ, name="replica")
+    tail = await asyncio.create_subprocess_exec(
+        *ORCH, "tail", "instance/vm2", "--follow", "--json", env=environ,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert tail.stderr is not None
+        await asyncio.sleep(1.0)  # let it reach the follow phase before anything exists
+        assert tail.returncode is None
+
+        done = await orch(environ, "publish", "CreateInstance", "vm2",
+                          "--json", json.dumps({"template": VM_TEMPLATE}))
+        assert done.returncode == 0, done.stderr
+        first = json.loads(await read_line(tail))
+        assert (first["type"], first["id"], first["accepted"]) == ("CreateInstance", "vm2", True)
+        # No host registered: the scheduler answers, and that shows up too.
+        second = json.loads(await read_line(tail))
+        assert second["type"] == "PlacementFailed" and second["source"] == "system"
+
+        done = await orch(environ, "publish", "StartInstance", "vm2")
+        assert done.returncode == 0, done.stderr
+        third = json.loads(await read_line(tail))
+        assert third["type"] == "StartInstance" and third["seq"] > second["seq"]
+
+        tail.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(tail.wait(), 10) == 0
+        assert await tail.stderr.read() == b""
+    finally:
+        stop(tail)
+        await tail.wait()
+
+
+async def test_schema(tmp_path: Path) -> None:
+    done = await orch(dict(os.environ), "schema")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    for name in ("CreateInstance", "RegisterHost", "Outcome", "Job"):
+        assert name in doc["$defs"]
+
+    out = tmp_path / "schema.json"
+    done = await orch(dict(os.environ), "schema", "--out", str(out))
+    assert done.returncode == 0 and json.loads(out.read_text()) == doc
+
+
+async def test_no_stack_is_one_line(tmp_path: Path) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    environ["ORCH_HOME"] = str(tmp_path / "nowhere")
+    done = await orch(environ, "get", "host")
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: no stack found") and done.stderr.count("\n") == 1
+
+    done = await orch(environ, "--nats", "nats://127.0.0.1:1", "publish", "StopInstance", "vm1")
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: cannot connect to NATS at nats://127.0.0.1:1")
+
+
+async def test_up_then_stop(tmp_path: Path) -> None:
+    root = tmp_path / "stack"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    up = await asyncio.create_subprocess_exec(
+        *ORCH, "up", "--dir", str(root), env=environ, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        exports = ""
+        while not exports.startswith("export "):
+            exports = await read_line(up, timeout=60)
+        assert "ORCH_NATS_URL=nats://127.0.0.1:" in exports
+        assert "ORCH_PG_DSN=postgresql://" in exports
+        assert (root / "stack.json").exists()
+
+        again = await orch(environ, "up", "--dir", str(root))
+        assert again.returncode == 1 and "already running" in again.stderr
+
+        # The stack file is enough for the other verbs.
+        done = await orch({**environ, "ORCH_HOME": str(root)}, "publish", "StopInstance", "vm1")
+        assert done.returncode == 0, done.stderr
+
+        up.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(up.wait(), 60) == 0
+        assert not (root / "stack.json").exists()
+    finally:
+        stop(up)
+        await up.wait()
+
+
+async def test_demo(tmp_path: Path) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    done = await orch(environ, "demo", cwd=tmp_path, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert ANSI not in out
+    timeline = out.split("timeline of instance/vm1", 1)[1].split("timeline of network", 1)[0]
+    assert re.search(r"CreateInstance\s+ACCEPTED Created", timeline)
+    assert re.search(r"Placed\s+ACCEPTED PlacedOn", timeline)
+    assert re.search(r"StopInstance\s+ACCEPTED PowerSet", timeline)
+    assert "REJECTED CreateInstance: Object missing required field `template`" in timeline
+    assert "REJECTED network net1 has 1 members: vm1" in out
+    assert re.search(r"web\s+.*active\s+.*5\s+.*5\s+.*lb1", out)
+    assert not (tmp_path / ".orch" / "demo").exists()
