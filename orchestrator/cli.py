@@ -7,12 +7,14 @@ Errors are one line on stderr, ``error: ...``; set ORCH_DEBUG=1 for the tracebac
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -24,17 +26,20 @@ import asyncpg
 import msgspec
 import nats
 import nats.errors
+import prometheus_client
 import typer
 from nats.aio.client import Client
 from rich.console import Console
 
 from events.bus import Publisher, read_stream
+from events.heartbeats import read_heartbeats
 from events.subjects import EVT_STREAM, event_subject
 from events.topology import ensure_topology
 from orchestrator import demo as demo_mod
 from orchestrator import logs, queries, render
 from orchestrator.embedded import Stack, read_stack_file
 from orchestrator.fold import source_class
+from orchestrator.reconciler import ReconcilerConfig
 from orchestrator.replay import replay as run_replay
 from orchestrator.replica import Replica, ReplicaConfig
 from orchestrator.settings import NoStack, resolve, stack_dir
@@ -580,17 +585,30 @@ def orchestrator(
     batch: Annotated[int, typer.Option(min=1, help="Commands folded per transaction")] = 500,
     lease: Annotated[float, typer.Option(help="Partition lease, seconds")] = 5.0,
     tick: Annotated[float, typer.Option(help="Heartbeat and rebalance period, seconds")] = 1.0,
+    down_after: Annotated[float, typer.Option(
+        help="Heartbeat silence after which a host is down, seconds")] = 5.0,
+    deadline: Annotated[float, typer.Option(
+        help="Time an agent gets to apply a job before it is re-issued, seconds")] = 10.0,
+    max_attempts: Annotated[int, typer.Option(
+        min=0, help="Re-issues of a job before its entity is degraded and alerted")] = 5,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on 127.0.0.1:PORT")] = None,
     log_level: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.info,
 ) -> None:
     """Run an orchestrator replica until SIGTERM or Ctrl-C (JSON logs on stderr)."""
     opts: Options = ctx.obj
     logs.configure(log_level.value, json=True)
+    if metrics_port is not None:
+        prometheus_client.start_http_server(metrics_port, addr="127.0.0.1")
 
     async def run() -> None:
         stop = _stop_event()
         extra = {"replica_id": replica_id} if replica_id else {}
-        config = ReplicaConfig(opts.nats_url(), opts.pg_dsn(), partitions=partitions,
-                               lease_s=lease, tick_s=tick, batch=batch, **extra)
+        config = ReplicaConfig(
+            opts.nats_url(), opts.pg_dsn(), partitions=partitions, lease_s=lease, tick_s=tick,
+            batch=batch, down_after_s=down_after,
+            reconcile=ReconcilerConfig(deadline_s=deadline, max_attempts=max_attempts),
+            **extra)
         task = asyncio.create_task(Replica(config).run(stop))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -632,6 +650,68 @@ def dead_letters(
             _console().print(render.dead_letters_table(rows))
         else:
             print("no dead letters", flush=True)
+
+    _run(run)
+
+
+# ---- orch hosts, orch alerts ---------------------------------------------------------
+
+
+@app.command()
+def hosts(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One object per line")] = False,
+) -> None:
+    """Hosts with their condition, instance count and last heartbeat."""
+    opts: Options = ctx.obj
+
+    async def run() -> None:
+        conn = await _open_pg(opts.pg_dsn())
+        try:
+            rows = await queries.hosts(conn)
+        finally:
+            await conn.close()
+        nc = await _open_nats(opts.nats_url(), "orch-hosts")
+        try:
+            beats = await read_heartbeats(nc.jetstream())
+        finally:
+            await nc.close()
+        now_ms = int(time.time() * 1000)
+        if as_json:
+            for row in rows:
+                beat = beats.get(row.id)
+                _print_json({**dataclasses.asdict(row),
+                             "last_heartbeat_ms": beat.at_ms if beat else None})
+        elif rows:
+            _console().print(render.hosts_table(rows, beats, now_ms))
+        else:
+            print("no hosts", flush=True)
+
+    _run(run)
+
+
+@app.command()
+def alerts(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One object per line")] = False,
+) -> None:
+    """Entities degraded after their retries ran out (exit 1 when there is any)."""
+    opts: Options = ctx.obj
+
+    async def run() -> int:
+        conn = await _open_pg(opts.pg_dsn())
+        try:
+            rows = await queries.alerts(conn)
+        finally:
+            await conn.close()
+        if as_json:
+            for row in rows:
+                _print_json(dataclasses.asdict(row))
+        elif rows:
+            _console().print(render.alerts_table(rows))
+        else:
+            print("no alerts", flush=True)
+        return EXIT_FAILURE if rows else EXIT_OK
 
     _run(run)
 

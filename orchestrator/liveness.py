@@ -8,17 +8,13 @@ so every replica and every tick asks for the same change at most once.
 from dataclasses import dataclass
 
 import asyncpg
-import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from events.bus import Publisher
-from events.subjects import HEARTBEAT_BUCKET
+from events.heartbeats import read_heartbeats
 from schemas import commands as c
 from schemas.heartbeat import Heartbeat
 from schemas.ids import SYSTEM
-
-_beat = msgspec.json.Decoder(Heartbeat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +48,7 @@ class Liveness:
         self.down_after_ms = int(down_after_s * 1000)
 
     async def tick(self, conn: asyncpg.Connection, now_ms: int) -> list[c.Command]:
-        kv = await self.js.key_value(HEARTBEAT_BUCKET)
-        beats: dict[str, Heartbeat] = {}
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            keys = []
-        for key in keys:
-            try:
-                entry = await kv.get(key)
-            except KeyNotFoundError:
-                continue
-            if entry.value:
-                beats[key] = _beat.decode(entry.value)
+        beats = await read_heartbeats(self.js)
         if not beats:
             return []
         rows = await conn.fetch(

@@ -63,3 +63,50 @@ async def dead_letters(conn: asyncpg.Connection, limit: int = 100) -> list[DeadL
 
 def decode_outcome(data: bytes) -> Outcome:
     return _outcome.decode(data)
+
+
+@dataclass(frozen=True, slots=True)
+class HostRow:
+    id: str
+    condition: str
+    vcpus: int
+    memory_mib: int
+    boot_id: str
+    instances: int
+
+
+async def hosts(conn: asyncpg.Connection) -> list[HostRow]:
+    rows = await conn.fetch(
+        """
+        SELECT h.id, h.state->>'condition' AS condition, (h.state->>'vcpus')::int AS vcpus,
+               (h.state->>'memory_mib')::int AS memory_mib, h.state->>'boot_id' AS boot_id,
+               count(i.id) AS instances
+        FROM entities h
+        LEFT JOIN entities i ON i.kind = 'instance' AND i.state->>'host' = h.id
+             AND i.state->>'status' <> 'deleted'
+        WHERE h.kind = 'host'
+        GROUP BY h.id, h.state ORDER BY h.id
+        """
+    )
+    return [HostRow(**dict(r)) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRow:
+    kind: str
+    id: str
+    reason: str
+    attempts: int
+    since_ms: int
+
+
+async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
+    """Entities degraded after their retries ran out, newest first."""
+    rows = await conn.fetch(
+        """
+        SELECT kind, id, coalesce(state->>'error', '') AS reason,
+               (state->>'attempts')::int AS attempts, (state->>'updated_at')::bigint AS since_ms
+        FROM entities WHERE state->>'status' = 'degraded' ORDER BY since_ms DESC, kind, id
+        """
+    )
+    return [AlertRow(**dict(r)) for r in rows]

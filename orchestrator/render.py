@@ -12,8 +12,9 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.queries import DeadLetterRow, EntityRow
+from orchestrator.queries import AlertRow, DeadLetterRow, EntityRow, HostRow
 from orchestrator.replay import ReplayReport
+from schemas.heartbeat import Heartbeat
 from schemas.outcomes import Outcome
 
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
@@ -226,3 +227,22 @@ def replay_json(report: ReplayReport, verify: bool) -> dict[str, Any]:
         doc["verified"] = not report.differs
         doc["differs"] = [f"{kind}/{id_}" for kind, id_ in report.differs]
     return doc
+
+
+def hosts_table(rows: Iterable[HostRow], beats: Mapping[str, Heartbeat], now_ms: int) -> Table:
+    table = Table("host", "condition", "vcpus", "memory_mib", "instances", "last heartbeat",
+                  "boot")
+    for row in rows:
+        beat = beats.get(row.id)
+        seen = "never" if beat is None else f"{(now_ms - beat.at_ms) / 1000:.1f}s ago"
+        table.add_row(row.id, row.condition, str(row.vcpus), str(row.memory_mib),
+                      str(row.instances), seen, (beat.boot_id if beat else row.boot_id)[:8])
+    return table
+
+
+def alerts_table(rows: Iterable[AlertRow]) -> Table:
+    table = Table("entity", "since", "attempts", "reason")
+    for row in rows:
+        table.add_row(f"{row.kind}/{row.id}", format_ms(row.since_ms), str(row.attempts),
+                      row.reason)
+    return table
