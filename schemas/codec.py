@@ -1,11 +1,12 @@
 """Decoding commands from the wire: typed, versioned, with readable errors."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from schemas.commands import COMMAND_TYPES, AnyCommand, Command
+from schemas.ids import EntityId
 
 MAX_COMMAND_BYTES = 64 * 1024
 
@@ -31,20 +32,28 @@ class _Head(msgspec.Struct):
     v: int = 0  # absent: the current version (every older producer stamped its version)
 
 
+class _CreateInstanceV1(msgspec.Struct, kw_only=True):
+    """The v1 shape, typed so that a bad old document fails with the field named."""
+
+    cmd_id: str
+    id: str
+    flavor: Literal["tiny", "small", "medium", "large"]
+    image: str
+    networks: list[EntityId] = []
+    power: str = "running"
+    pool: str | None = None
+
+
 def _create_instance_v1(doc: dict[str, Any]) -> dict[str, Any]:
-    flavor = doc.pop("flavor", None)
-    if flavor not in FLAVORS:
-        raise CommandError(f"CreateInstance v1: unknown flavor {flavor!r} at `$.flavor`",
-                           "CreateInstance")
-    vcpus, memory = FLAVORS[flavor]
-    doc["template"] = {
-        "vcpus": vcpus,
-        "memory_mib": memory,
-        "image": doc.pop("image", ""),
-        "nics": [{"network": n} for n in doc.pop("networks", [])],
+    old = msgspec.convert({k: v for k, v in doc.items() if k not in ("type", "v")},
+                          _CreateInstanceV1)
+    vcpus, memory = FLAVORS[old.flavor]
+    return {
+        "type": "CreateInstance", "v": 2, "cmd_id": old.cmd_id, "id": old.id,
+        "power": old.power, "pool": old.pool,
+        "template": {"vcpus": vcpus, "memory_mib": memory, "image": old.image,
+                     "nics": [{"network": n} for n in old.networks]},
     }
-    doc["v"] = 2
-    return doc
 
 
 # (type, version read) -> function lifting the raw document one version up.

@@ -176,6 +176,8 @@ def evolve(state: Instance | None, event: Event) -> Instance:
             state.observed_generation, state.observed = event.generation, event.observed
             if event.generation == state.generation:
                 state.error = None
+                if state.status == "degraded":  # late, but converged: the alert is over
+                    state.status = "placed"
         case ApplyFailed():
             state.error = event.error
         case Reissued():

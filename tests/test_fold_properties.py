@@ -1,0 +1,616 @@
+"""Property tests of ``fold_message``: the pure function partition workers and replay share.
+
+A generated *script* mixes stored commands (valid ones of every type, addressed to a small
+pool of interacting entities, and invalid ones of many shapes) with *relay* steps that
+deliver one pending follow-up command, as the outbox relay of the emitting partition
+would: follow-ups from one partition keep their order, partitions interleave freely.
+"Pokes" send valid commands to entities that exist when they run (agents' reports for the
+current generation or a stale one, reconciler ticks, scaling, deletions), so that scripts
+go deep into the lifecycles. The messages actually folded, in order, form the history
+that replay and resume refold.
+"""
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from events.subjects import partition_of, stored_command_subject
+from orchestrator.deciders import STATE_TYPES
+from orchestrator.deciders.instance import Instance
+from orchestrator.deciders.scheduler import Scheduler
+from orchestrator.fold import Folded, Key, fold_message, job_subject
+from schemas.codec import FLAVORS, MAX_COMMAND_BYTES, decode_command, encode
+from schemas.commands import COMMAND_TYPES, SCHEDULER_ID, Command, SourceClass
+from schemas.ids import is_valid_id
+
+PARTITIONS = 4
+HOSTS = ("h0", "h1", "h2")
+# i0..i5, plus the ids pools p0/p1 give their first members, so that users and pools collide.
+INSTANCES = ("i0", "i1", "i2", "i3", "i4", "i5", "p0-0", "p0-1", "p1-0")
+NETWORKS = ("n0", "n1")
+POOLS = ("p0", "p1")
+LBS = ("l0", "l1")
+IDS: dict[str, tuple[str, ...]] = {
+    "host": HOSTS,
+    "instance": INSTANCES,
+    "network": NETWORKS,
+    "pool": POOLS,
+    "lb": LBS,
+    "scheduler": (SCHEDULER_ID,),
+}
+SOURCES = ("user", "admin", "system", *HOSTS)
+KEY_SCHEDULER: Key = ("scheduler", SCHEDULER_ID)
+
+PROPERTY_SETTINGS = settings(
+    max_examples=200,
+    database=None,  # no .hypothesis directory: examples are cheap to find again
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def at_of(seq: int) -> int:
+    return 1_700_000_000_000 + 1000 * seq
+
+
+def subject_for(source: str, kind: str, id_: str) -> str:
+    return stored_command_subject(partition_of(kind, id_, PARTITIONS), source, kind, id_)
+
+
+# ---- valid command bodies ------------------------------------------------------------
+
+Doc = dict[str, Any]
+
+cpus = st.sampled_from([1, 2, 4, 8])
+memory = st.sampled_from([256, 1024, 2048, 4096])
+small_cpus = st.sampled_from([1, 2, 4])
+small_memory = st.sampled_from([64, 512, 1024, 2048])
+generation = st.integers(0, 5)
+images = st.sampled_from(["debian-12", "alpine:3.19"])
+networks = st.sampled_from(NETWORKS)
+
+templates: st.SearchStrategy[Doc] = st.fixed_dictionaries(
+    {"vcpus": small_cpus, "memory_mib": small_memory, "image": images},
+    optional={
+        "nics": st.lists(
+            st.fixed_dictionaries({"network": networks}, optional={"ip": st.just("10.0.0.9")}),
+            max_size=2, unique_by=lambda nic: nic["network"],
+        ),
+        "rules": st.lists(
+            st.fixed_dictionaries({"protocol": st.sampled_from(["tcp", "udp"]),
+                                   "port": st.sampled_from([22, 80, 443])}),
+            max_size=1,
+        ),
+    },
+)
+services = st.lists(
+    st.fixed_dictionaries(
+        {"port": st.sampled_from([80, 443]), "target_port": st.sampled_from([8080, 8443])},
+        optional={"strategy": st.sampled_from(["round_robin", "least_conn"])},
+    ),
+    min_size=1, max_size=2,
+)
+
+
+def fields(**strategies: st.SearchStrategy[Any]) -> st.SearchStrategy[Doc]:
+    return st.fixed_dictionaries(strategies)
+
+
+FIELDS: dict[str, st.SearchStrategy[Doc]] = {
+    "RegisterHost": fields(vcpus=cpus, memory_mib=memory),
+    "SetHostCondition": fields(condition=st.sampled_from(["up", "draining", "maintenance"])),
+    "HostDown": fields(boot_id=st.sampled_from(["", "b1", "b2"])),
+    "HostUp": fields(boot_id=st.sampled_from(["", "b1", "b2"])),
+    "CreateInstance": st.fixed_dictionaries(
+        {"template": templates},
+        optional={"power": st.sampled_from(["running", "stopped"]),
+                  "pool": st.sampled_from(POOLS), "v": st.just(2)},
+    ),
+    "StartInstance": fields(),
+    "StopInstance": fields(),
+    "DeleteInstance": fields(),
+    "Placed": fields(host=st.sampled_from(HOSTS)),
+    "PlacementFailed": fields(reason=st.sampled_from(["full", "no host"])),
+    "Applied": fields(generation=generation, observed=st.sampled_from(["running", "stopped"])),
+    "Reconcile": fields(generation=generation, max_attempts=st.integers(0, 3)),
+    "Failed": st.fixed_dictionaries(
+        {"generation": generation, "error": st.just("qemu exited")},
+        optional={"attempt": st.integers(1, 3)},
+    ),
+    "CreateNetwork": fields(vni=st.integers(1, 3),
+                            cidr=st.sampled_from(["10.0.0.0/24", "10.1.0.0/24"])),
+    "DeleteNetwork": fields(),
+    "JoinNetwork": fields(instance=st.sampled_from(INSTANCES)),
+    "LeaveNetwork": fields(instance=st.sampled_from(INSTANCES)),
+    "CreatePool": fields(template=templates, size=st.integers(0, 3)),
+    "ScalePool": fields(size=st.integers(0, 4)),
+    "DeletePool": fields(),
+    "AttachBalancer": fields(lb=st.sampled_from(LBS)),
+    "DetachBalancer": fields(lb=st.sampled_from(LBS)),
+    "CreateLoadBalancer": fields(vip=st.just("192.0.2.10"), pool=st.sampled_from(POOLS),
+                                 services=services),
+    "DeleteLoadBalancer": fields(),
+    "PoolMembers": fields(members=st.lists(st.sampled_from(INSTANCES), max_size=3,
+                                           unique=True)),
+    "HostCapacity": fields(host=st.sampled_from(HOSTS), vcpus=cpus, memory_mib=memory,
+                           condition=st.sampled_from(["up", "up", "down", "draining"])),
+    "Place": fields(instance=st.sampled_from(INSTANCES), vcpus=small_cpus,
+                    memory_mib=small_memory),
+    "Release": fields(instance=st.sampled_from(INSTANCES)),
+}
+# Creations weigh more, so that the entities other commands address tend to exist.
+TYPE_CHOICES = [
+    *sorted(COMMAND_TYPES),
+    "RegisterHost", "RegisterHost", "CreateInstance", "CreateInstance", "CreateNetwork",
+    "CreatePool", "CreateLoadBalancer", "StopInstance", "DeleteInstance",
+]
+
+
+def names_of(source_class: SourceClass) -> tuple[str, ...]:
+    return HOSTS if source_class == "host" else (source_class,)
+
+
+@dataclass
+class Parts:
+    """One command before encoding: who sends it, to which entity, with which body."""
+
+    source: str
+    kind: str
+    id: str
+    doc: Doc
+
+    def subject(self) -> str:
+        return subject_for(self.source, self.kind, self.id)
+
+
+CREATIONS = ["RegisterHost", "CreateNetwork", "CreatePool", "CreateLoadBalancer",
+             "CreateInstance"]
+
+
+@st.composite
+def valid_parts(draw: st.DrawFn, types: list[str] = TYPE_CHOICES,
+                any_source: bool = True) -> Parts:
+    type_ = draw(st.sampled_from(types))
+    cls = COMMAND_TYPES[type_]
+    allowed = [name for sc in cls.sources for name in names_of(sc)]
+    # Mostly an allowed source; sometimes any plausible one (which may be refused).
+    sources = st.sampled_from(allowed)
+    source = draw(st.one_of(sources, st.sampled_from(SOURCES)) if any_source else sources)
+    id_ = draw(st.sampled_from(IDS[cls.kind]))
+    doc: Doc = {"type": type_, "cmd_id": f"c-{draw(st.integers(0, 20))}", "id": id_}
+    doc.update(draw(FIELDS[type_]))
+    return Parts(source, cls.kind, id_, doc)
+
+
+@st.composite
+def v1_create_instance(draw: st.DrawFn) -> tuple[str, bytes]:
+    """The old CreateInstance that named a flavour, sometimes ill-typed."""
+    id_ = draw(st.sampled_from(INSTANCES))
+    doc: Doc = {
+        "type": "CreateInstance", "v": 1, "cmd_id": f"v1-{id_}", "id": id_,
+        "flavor": draw(st.sampled_from([*FLAVORS, "huge", ["medium"], {"a": 1}, None])),
+        "image": draw(images),
+        "networks": draw(st.one_of(st.lists(networks, max_size=2, unique=True),
+                                   st.sampled_from(["n0", 5, None, {"n0": True}]))),
+    }
+    if draw(st.booleans()):
+        del doc[draw(st.sampled_from(sorted(doc)))]
+    source = draw(st.sampled_from(["user", "admin", "user", "h0"]))
+    return subject_for(source, "instance", id_), encode(doc)
+
+
+# ---- invalid messages ----------------------------------------------------------------
+
+BAD_IDS = ["I0", "i 0", "i.0", "-i0", "", "x" * 64, "i*", ">", "é"]
+BAD_VALUES: list[Any] = [None, -1, 0, "", "x y", [], {}, True, 10**30, 1.5]
+BAD_SUBJECTS = [
+    "cmd.0.user.instance", "cmd.0.user.instance.i0.x", "evt.instance.i0", "cmd", "",
+    "job.h0.instance.i0", "cmd.x.user.instance.i0", "cmd.-1.user.instance.i0",
+    "cmd.00.user.instance.i0", "cmd..user.instance.i0",
+]
+GARBAGE = [b"", b"{", b"null", b"[]", b"1", b'"CreateInstance"', b'{"type":5}', b"\xff\xfe",
+           b'{"type":"CreateInstance"', b'{"v":"1","type":"StartInstance"}']
+
+
+@st.composite
+def invalid_message(draw: st.DrawFn) -> tuple[str, bytes]:
+    p = draw(valid_parts())
+    doc, subject = p.doc, p.subject()
+    how = draw(st.sampled_from([
+        "garbage", "binary", "unknown_type", "missing_field", "bad_value", "bad_template",
+        "wrong_version", "oversize", "wrong_partition", "id_mismatch", "other_kind_body",
+        "bad_body_id", "bad_subject_id", "bad_source", "unknown_kind", "bad_subject",
+    ]))
+    match how:
+        case "garbage":
+            return subject, draw(st.sampled_from(GARBAGE))
+        case "binary":
+            return subject, draw(st.binary(max_size=24))
+        case "unknown_type":
+            doc["type"] = draw(st.sampled_from(["Reboot", "createinstance", "", "Command"]))
+        case "missing_field":
+            del doc[draw(st.sampled_from(sorted(doc)))]
+        case "bad_value":
+            doc[draw(st.sampled_from(sorted(doc)))] = draw(st.sampled_from(BAD_VALUES))
+        case "bad_template":
+            if "template" in doc:
+                key = draw(st.sampled_from(["vcpus", "memory_mib", "image", "nics", "extra"]))
+                doc["template"] = {**doc["template"], key: draw(st.sampled_from(BAD_VALUES))}
+            else:
+                doc["template"] = {"vcpus": 0}
+        case "wrong_version":
+            doc["v"] = draw(st.sampled_from([2, 3, -1, 99]))
+        case "oversize":
+            doc["pad"] = "x" * MAX_COMMAND_BYTES
+        case "wrong_partition":
+            right = partition_of(p.kind, p.id, PARTITIONS)
+            wrong = (right + draw(st.integers(1, PARTITIONS - 1))) % PARTITIONS
+            subject = stored_command_subject(wrong, p.source, p.kind, p.id)
+        case "id_mismatch":
+            doc["id"] = draw(st.sampled_from([i for ids in IDS.values() for i in ids]))
+        case "other_kind_body":
+            kind = draw(st.sampled_from(sorted(IDS)))
+            subject = subject_for(p.source, kind, p.id)
+        case "bad_body_id":
+            doc["id"] = draw(st.sampled_from(BAD_IDS))
+        case "bad_subject_id":
+            bad = draw(st.sampled_from(BAD_IDS))
+            subject = subject_for(p.source, p.kind, bad)
+        case "bad_source":
+            bad = draw(st.sampled_from(["User", "*", ">", "a b", "", "sys tem", "é"]))
+            subject = subject_for(bad, p.kind, p.id)
+        case "unknown_kind":
+            kind = draw(st.sampled_from(["vm", "Host", "instances", "*", ""]))
+            subject = stored_command_subject(0, p.source, kind, p.id)
+        case "bad_subject":
+            subject = draw(st.sampled_from(BAD_SUBJECTS))
+    return subject, encode(doc)
+
+
+@st.composite
+def stored_message(draw: st.DrawFn) -> tuple[str, bytes]:
+    mode = draw(st.integers(0, 9))  # shrinks towards valid commands
+    if mode <= 6:
+        p = draw(valid_parts())
+        return p.subject(), encode(p.doc)
+    if mode == 7:
+        return draw(v1_create_instance())
+    return draw(invalid_message())
+
+
+@st.composite
+def creation(draw: st.DrawFn) -> tuple[str, bytes]:
+    p = draw(valid_parts(CREATIONS, any_source=False))
+    return p.subject(), encode(p.doc)
+
+
+@dataclass(frozen=True)
+class Poke:
+    """A valid command to an entity that exists when the step runs (picked by ``pick``).
+
+    Agents' reports (Applied, Failed) and the reconciler's ticks (Reconcile) go to placed
+    instances, from their host or from system, for the current generation less ``lag``
+    (stale when positive, ahead when negative); people's commands go to any entity.
+    """
+
+    type: str
+    pick: int
+    lag: int
+
+
+POKES = {
+    "Applied": "instance", "Failed": "instance", "Reconcile": "instance",
+    "StartInstance": "instance", "StopInstance": "instance", "DeleteInstance": "instance",
+    "ScalePool": "pool", "DeletePool": "pool", "DeleteNetwork": "network",
+    "DeleteLoadBalancer": "lb", "SetHostCondition": "host", "HostDown": "host",
+    "HostUp": "host",
+}
+REPORTS = ("Applied", "Failed", "Reconcile")
+
+
+# A step is a stored message; an int: relay one pending follow-up, picked by that number;
+# or a poke.
+Step = tuple[str, bytes] | int | Poke
+relay = st.integers(0, 7)
+pokes = st.builds(Poke, st.sampled_from(sorted(POKES)), st.integers(0, 7),
+                  st.sampled_from([0, 0, 1, 2, -1]))
+
+
+@st.composite
+def scripts(draw: st.DrawFn) -> list[Step]:
+    """Some creations first (so that later commands find their entities), then anything."""
+    setup = draw(st.lists(st.one_of(creation(), relay), min_size=4, max_size=20))
+    rest = draw(st.lists(st.one_of(stored_message(), relay, relay, pokes),
+                         min_size=20, max_size=100))
+    return setup + rest
+
+
+# ---- running scripts -----------------------------------------------------------------
+
+Snapshot = dict[Key, bytes]
+Checker = Callable[[Snapshot, dict[Key, Any], str, Folded], None]
+RELAY_BUDGET = 1000
+
+
+def snapshot(states: dict[Key, Any]) -> Snapshot:
+    return {key: msgspec.json.encode(state) for key, state in states.items()}
+
+
+def relayed(cmd: Command) -> tuple[str, bytes]:
+    """A follow-up as the relay publishes it (from system) and the stream stores it."""
+    return subject_for("system", cmd.kind, cmd.id), encode(cmd)
+
+
+def poke(step: Poke, states: dict[Key, Any]) -> tuple[str, bytes] | None:
+    kind = POKES[step.type]
+    keys = sorted(k for k, v in states.items() if k[0] == kind and (
+        step.type not in REPORTS or v.host is not None))
+    if not keys:
+        return None
+    key = keys[step.pick % len(keys)]
+    doc: Doc = {"type": step.type, "cmd_id": f"poke-{step.pick}", "id": key[1]}
+    source = next(s for sc in COMMAND_TYPES[step.type].sources for s in names_of(sc))
+    if step.type in REPORTS:
+        state: Instance = states[key]
+        assert state.host is not None
+        source = "system" if step.type == "Reconcile" else state.host
+        doc["generation"] = max(0, state.generation - step.lag)
+        doc.update({"Applied": {"observed": state.power}, "Failed": {"error": "boom"},
+                    "Reconcile": {"max_attempts": 2}}[step.type])
+    elif step.type == "ScalePool":
+        doc["size"] = step.pick % 5
+    elif step.type == "SetHostCondition":
+        doc["condition"] = ("up", "draining", "maintenance")[step.pick % 3]
+    elif step.type == "HostUp":
+        doc["boot_id"] = f"b{step.lag}"
+    return subject_for(source, *key), encode(doc)
+
+
+@dataclass
+class Run:
+    states: dict[Key, Any]
+    history: list[tuple[str, bytes]]
+    results: list[Folded]
+    undelivered: int
+
+
+def simulate(script: list[Step], check: Checker | None = None) -> Run:
+    states: dict[Key, Any] = {}
+    pending: dict[int, deque[tuple[str, bytes]]] = {}
+    history: list[tuple[str, bytes]] = []
+    results: list[Folded] = []
+
+    def fold(subject: str, data: bytes) -> None:
+        seq = len(history) + 1
+        before = snapshot(states) if check else {}
+        f = fold_message(states, subject, data, seq, at_of(seq), PARTITIONS)
+        history.append((subject, data))
+        results.append(f)
+        if check:
+            check(before, states, subject, f)
+        if f.commands:
+            assert f.key is not None
+            queue = pending.setdefault(partition_of(*f.key, PARTITIONS), deque())
+            queue.extend(relayed(cmd) for cmd in f.commands)
+
+    def queues() -> list[deque[tuple[str, bytes]]]:
+        return [q for _, q in sorted(pending.items()) if q]
+
+    for step in script:
+        if isinstance(step, int):
+            if ready := queues():
+                fold(*ready[step % len(ready)].popleft())
+        elif isinstance(step, Poke):
+            if message := poke(step, states):
+                fold(*message)
+        else:
+            fold(*step)
+    budget = RELAY_BUDGET
+    while budget and (ready := queues()):
+        fold(*ready[0].popleft())
+        budget -= 1
+    return Run(states, history, results, sum(len(q) for q in pending.values()))
+
+
+def replay(history: list[tuple[str, bytes]], states: dict[Key, Any] | None = None,
+           first_seq: int = 1) -> tuple[dict[Key, Any], list[Folded]]:
+    states = {} if states is None else states
+    results = [fold_message(states, subject, data, seq, at_of(seq), PARTITIONS)
+               for seq, (subject, data) in enumerate(history, first_seq)]
+    return states, results
+
+
+def summary(f: Folded) -> tuple[Any, ...]:
+    """Everything a Folded carries, comparable (and readable when an assert shows it)."""
+    return (
+        f.seq, f.subject, f.key, f.dead_letter, f.changed,
+        encode(f.outcome) if f.outcome is not None else None,
+        tuple(encode(j) for j in f.jobs), tuple(encode(c) for c in f.commands),
+    )
+
+
+def reload(states: dict[Key, Any]) -> dict[Key, Any]:
+    """States as a worker has them after loading them back from PostgreSQL."""
+    return {key: msgspec.json.decode(encode(state), type=STATE_TYPES[key[0]])
+            for key, state in states.items()}
+
+
+# ---- per-step invariants -------------------------------------------------------------
+
+
+def check_folded(before: Snapshot, states: dict[Key, Any], subject: str, f: Folded) -> None:
+    """(d): each message gives an outcome, a dead letter without entity, or both."""
+    after = snapshot(states)
+    assert f.subject == subject
+    if f.key is None:
+        # Not addressed to any entity: only a dead letter, and nothing moves.
+        assert f.dead_letter, f
+        assert f.outcome is None and not f.changed and not f.jobs and not f.commands
+        assert after == before
+        return
+    kind, id_ = f.key
+    tokens = subject.split(".")
+    assert (tokens[3], tokens[4]) == f.key and is_valid_id(id_)
+    outcome = f.outcome
+    assert outcome is not None, "a message addressed to an entity must reach its timeline"
+    assert (outcome.seq, outcome.at, outcome.kind, outcome.id) == (f.seq, at_of(f.seq), kind, id_)
+    assert outcome.source == tokens[2]
+    if f.dead_letter is not None:  # undecodable or misaddressed: both, and a rejection
+        assert f.dead_letter and not outcome.accepted and outcome.reason == f.dead_letter
+    if not outcome.accepted:
+        assert outcome.reason, "a rejection must say why"
+        assert not f.changed and not f.jobs and not f.commands
+        assert (outcome.events, outcome.jobs, outcome.commands) == ((), (), ())
+        assert after == before, "a rejected command changed a state"
+        return
+    assert outcome.reason is None and f.dead_letter is None
+    assert outcome.type in COMMAND_TYPES and COMMAND_TYPES[outcome.type].kind == kind
+    assert f.changed == bool(outcome.events)
+    # Only the addressed entity may change, and only through events.
+    assert {k: v for k, v in after.items() if k != f.key} == {
+        k: v for k, v in before.items() if k != f.key}
+    if f.changed:
+        assert f.key in states
+    else:
+        assert after.get(f.key) == before.get(f.key), "state changed without an event"
+    assert outcome.jobs == tuple(job_subject(j) for j in f.jobs)
+    check_jobs(before, states, f)
+    assert len(outcome.commands) == len(f.commands)
+    for n, cmd in enumerate(f.commands):
+        assert outcome.commands[n] == f"{cmd.kind}/{cmd.id}:{type(cmd).__name__}"
+        assert cmd.cmd_id == f"fx-{f.seq}-{n}"
+        assert "system" in type(cmd).sources, f"follow-up {cmd} would be refused"
+        assert is_valid_id(cmd.id)
+        assert decode_command(encode(cmd)) == cmd, "a follow-up must survive the wire"
+    if f.key == KEY_SCHEDULER or kind in {"host", "instance"}:
+        check_scheduler(before, states, f)
+
+
+def check_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
+    assert f.key is not None
+    if f.key[0] != "instance" or f.key not in states:
+        assert not f.jobs
+        return
+    assert f.outcome is not None
+    reissued = "Reissued" in f.outcome.events
+    state: Instance = states[f.key]
+    old = before.get(f.key)
+    old_generation = msgspec.json.decode(old, type=Instance).generation if old else 0
+    assert state.generation >= old_generation
+    if not f.jobs:  # the host has nothing new to do, or there is no host yet
+        assert state.host is None or (state.generation == old_generation and not reissued)
+        return
+    (job,) = f.jobs
+    assert (job.kind, job.id, job.host) == ("instance", f.key[1], state.host)
+    assert job.generation == state.generation
+    assert job.generation > old_generation or reissued
+    assert job.attempt == state.attempts
+    if state.status == "deleted":
+        assert job.spec is None
+    else:
+        assert job.spec is not None
+        assert (job.spec.template, job.spec.power, job.spec.host) == (
+            state.template, state.power, state.host)
+
+
+def check_scheduler(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
+    """(e): usage is the sum of allocations; placing never overcommits a host.
+
+    A host reporting less capacity than it already gives (re-registered smaller) is left
+    overcommitted: that is the only way usage exceeds capacity (see test_deciders).
+    """
+    sched: Scheduler | None = states.get(KEY_SCHEDULER)
+    if sched is None:
+        return
+    raw = before.get(KEY_SCHEDULER)
+    old = msgspec.json.decode(raw, type=Scheduler) if raw else Scheduler()
+    for name, slot in sched.hosts.items():
+        mine = [a for a in sched.allocations.values() if a.host == name]
+        assert slot.used_vcpus == sum(a.vcpus for a in mine) >= 0, (name, slot)
+        assert slot.used_memory_mib == sum(a.memory_mib for a in mine) >= 0, (name, slot)
+        over = slot.used_vcpus > slot.vcpus or slot.used_memory_mib > slot.memory_mib
+        prev = old.hosts.get(name)
+        if prev is None:
+            assert not over, (name, slot)
+            continue
+        if slot.used_vcpus > prev.used_vcpus or slot.used_memory_mib > prev.used_memory_mib:
+            assert not over, f"placing overcommitted {name}: {slot}"
+        elif over:
+            was_over = prev.used_vcpus > prev.vcpus or prev.used_memory_mib > prev.memory_mib
+            shrank = slot.vcpus < prev.vcpus or slot.memory_mib < prev.memory_mib
+            assert was_over or shrank, (name, prev, slot)
+    for instance, alloc in sched.allocations.items():
+        assert alloc.host in sched.hosts, (instance, alloc)
+    waiting = [w.instance for w in sched.waiting]
+    assert len(set(waiting)) == len(waiting), waiting
+    assert not set(waiting) & set(sched.allocations), (waiting, sched.allocations)
+    # Work-conserving: nothing waits that some schedulable host could take now.
+    for req in sched.waiting:
+        for name, slot in sched.hosts.items():
+            fits = (slot.memory_mib - slot.used_memory_mib >= req.memory_mib
+                    and slot.vcpus - slot.used_vcpus >= req.vcpus)
+            assert slot.condition != "up" or not fits, f"{req} waits but fits on {name}"
+
+
+# ---- properties ----------------------------------------------------------------------
+
+
+def test_every_command_type_is_generated() -> None:
+    assert set(FIELDS) == set(COMMAND_TYPES)
+    assert set(TYPE_CHOICES) == set(COMMAND_TYPES)
+
+
+@PROPERTY_SETTINGS
+@given(valid_parts())
+def test_generated_valid_commands_decode(p: Parts) -> None:
+    cmd = decode_command(encode(p.doc))
+    assert type(cmd).__name__ == p.doc["type"]
+    assert (cmd.kind, cmd.id) == (p.kind, p.id)
+
+
+@PROPERTY_SETTINGS
+@given(scripts())
+def test_fold_never_raises_and_each_message_is_accounted_for(script: list[Step]) -> None:
+    """(a), (d), (e) at every step; and follow-up cascades end."""
+    run = simulate(script, check=check_folded)
+    assert run.undelivered == 0, "follow-ups kept cascading"
+    assert len(run.results) == len(run.history) >= sum(isinstance(s, tuple) for s in script)
+    # A worker persists the states of messages flagged changed: that must be all of them.
+    flagged = {f.key for f in run.results if f.changed}
+    assert flagged == set(run.states)
+
+
+@PROPERTY_SETTINGS
+@given(scripts())
+def test_fold_is_deterministic(script: list[Step]) -> None:
+    """(b): the same script folded into fresh dicts gives the same states and outcomes."""
+    one, two = simulate(script), simulate(script)
+    assert one.history == two.history
+    assert [summary(f) for f in one.results] == [summary(f) for f in two.results]
+    assert snapshot(one.states) == snapshot(two.states)
+
+
+@PROPERTY_SETTINGS
+@given(scripts(), st.data())
+def test_replay_and_resume_reproduce_the_fold(script: list[Step], data: st.DataObject) -> None:
+    """(c): refolding the history from empty, or from a reloaded checkpoint, agrees."""
+    run = simulate(script)
+    expected_results = [summary(f) for f in run.results]
+    expected_states = snapshot(run.states)
+
+    states, results = replay(run.history)
+    assert [summary(f) for f in results] == expected_results
+    assert snapshot(states) == expected_states
+
+    cut = data.draw(st.integers(0, len(run.history)), label="checkpoint")
+    head_states, head = replay(run.history[:cut])
+    resumed = reload(head_states)
+    assert snapshot(resumed) == snapshot(head_states), "a state did not survive JSON"
+    tail_states, tail = replay(run.history[cut:], resumed, first_seq=cut + 1)
+    assert [summary(f) for f in head + tail] == expected_results
+    assert snapshot(tail_states) == expected_states
