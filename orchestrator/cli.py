@@ -31,12 +31,13 @@ import typer
 from nats.aio.client import Client
 from rich.console import Console
 
+from events import logs
 from events.bus import Publisher, read_stream
 from events.heartbeats import read_heartbeats
 from events.subjects import EVT_STREAM, event_subject
 from events.topology import ensure_topology
 from orchestrator import demo as demo_mod
-from orchestrator import logs, queries, render
+from orchestrator import queries, render
 from orchestrator.embedded import Stack, read_stack_file
 from orchestrator.fold import source_class
 from orchestrator.reconciler import ReconcilerConfig
@@ -652,6 +653,25 @@ def dead_letters(
             print("no dead letters", flush=True)
 
     _run(run)
+
+
+# ---- orch agent ----------------------------------------------------------------------
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []})
+def agent(ctx: typer.Context) -> None:
+    """Run the agent of one host: `orch agent --host NAME [--libvirt URI] ...` (--help)."""
+    # The agent is its own program (python -m agents): the orchestrator never imports it,
+    # they meet only on the bus. It gets the bus this CLI would use.
+    opts: Options = ctx.obj
+    argv = [sys.executable, "-m", "agents", *ctx.args]
+    if "--help" not in ctx.args:
+        try:
+            argv += ["--nats", opts.nats_url()]
+        except NoStack as exc:
+            _fail(str(exc), EXIT_FAILURE)
+    os.execv(sys.executable, argv)
 
 
 # ---- orch hosts, orch alerts ---------------------------------------------------------

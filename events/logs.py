@@ -1,4 +1,4 @@
-"""structlog set-up: JSON lines on stderr, one per event, for machines and for grep."""
+"""structlog set-up, shared by the orchestrator and the agents: JSON lines on stderr."""
 
 import logging
 import sys

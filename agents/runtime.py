@@ -1,0 +1,236 @@
+"""The agent on one host: consume its jobs, converge, acknowledge, report, heartbeat, resync.
+
+An agent decides nothing. A job carries the full desired spec of one entity and its
+generation; the agent makes the hypervisor match it, then reports ``Applied`` (or
+``Failed``) as a command from its own source, and acknowledges the job. On start it
+re-reads the newest job of every entity placed on it (the JOB stream keeps one per
+subject), which is a full resync, and it repeats that on a timer to repair drift and
+remove what is no longer wanted.
+"""
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from agents.drivers.vm import PermanentDriverError, TransientDriverError, VmDriver
+from events.bus import Publisher, connect, read_stream
+from events.heartbeats import beat
+from events.subjects import JOB_STREAM, inventory_subject, job_filter
+from events.topology import ensure_topology
+from schemas import commands as c
+from schemas.heartbeat import Heartbeat
+from schemas.jobs import Job
+
+log = structlog.get_logger()
+_job = msgspec.json.Decoder(Job)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    nats_url: str
+    host: str
+    libvirt_uri: str
+    heartbeat_s: float = 1.0
+    resync_s: float = 30.0
+    concurrency: int = 8
+    retries: int = 3  # attempts for transient driver errors before reporting Failed
+    in_progress_s: float = 5.0  # how often a long apply tells JetStream it is still at it
+
+
+class KeyedLocks:
+    """One lock per entity: the job loop and the resync never converge one entity at once."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def __call__(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, driver_factory: Callable[[], VmDriver]) -> None:
+        self.config = config
+        self.host = config.host
+        self.boot_id = uuid.uuid4().hex
+        self._driver_factory = driver_factory
+        self.driver: VmDriver
+        self.applied: dict[str, int] = {}  # instance -> newest generation applied here
+        self.locks = KeyedLocks()
+        self.slots = asyncio.Semaphore(config.concurrency)
+        self.log = log.bind(host=self.host, boot_id=self.boot_id)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        self.driver = await asyncio.to_thread(self._driver_factory)
+        nc = await connect(cfg.nats_url, name=f"agent-{self.host}")
+        js = nc.jetstream()
+        await ensure_topology(js)
+        self.publisher = Publisher(js)
+        self.applied = await asyncio.to_thread(self._adopt)
+        inventory = await nc.subscribe(inventory_subject(self.host), cb=self._inventory)
+        tasks = [
+            asyncio.create_task(self._heartbeats(js, stop)),
+            asyncio.create_task(self._consume(js, stop)),
+            asyncio.create_task(self._resync_loop(js, stop)),
+        ]
+        self.log.info("agent_started", uri=cfg.libvirt_uri, adopted=len(self.applied))
+        try:
+            done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task in tasks and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await inventory.unsubscribe()
+            await nc.drain()
+            await asyncio.to_thread(self.driver.close)
+            self.log.info("agent_stopped")
+
+    def _adopt(self) -> dict[str, int]:
+        """What an earlier run of this agent left on the hypervisor, and at which generation."""
+        found = {}
+        for instance_id in self.driver.observe():
+            generation = self.driver.generation(instance_id)
+            if generation is not None:
+                found[instance_id] = generation
+        return found
+
+    # ---- jobs -------------------------------------------------------------------
+
+    async def _consume(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        durable = f"agent-{self.host}"
+        # A new boot reads every entity's newest job again: that is the full resync.
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(JOB_STREAM, durable)
+        await js.add_consumer(JOB_STREAM, ConsumerConfig(
+            durable_name=durable, filter_subject=job_filter(self.host),
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0, max_deliver=-1, max_ack_pending=self.config.concurrency * 4,
+        ))
+        sub = await js.pull_subscribe_bind(durable=durable, stream=JOB_STREAM)
+        running: set[asyncio.Task[None]] = set()
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(self.config.concurrency * 2, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            for msg in msgs:
+                await self.slots.acquire()
+                task = asyncio.create_task(self._handle(msg))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            try:
+                job = _job.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                self.log.error("bad_job", subject=msg.subject, error=str(exc))
+                await msg.term()
+                return
+            async with self.locks(job.id):
+                await self._converge(job, msg)
+            await msg.ack()
+        finally:
+            self.slots.release()
+
+    async def _converge(self, job: Job, msg: Msg | None) -> None:
+        """Apply one job (from the bus, or from a resync when ``msg`` is None) and report."""
+        jlog = self.log.bind(entity=f"{job.kind}/{job.id}", generation=job.generation,
+                             attempt=job.attempt)
+        if job.generation < self.applied.get(job.id, 0):
+            jlog.info("job_stale", applied=self.applied[job.id])
+            return
+        keepalive = asyncio.create_task(self._keep_alive(msg)) if msg else None
+        tried = 0
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(TransientDriverError),
+                stop=stop_after_attempt(self.config.retries),
+                wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.1),
+                reraise=True,
+            ):
+                with attempt:
+                    tried += 1
+                    observed = await asyncio.to_thread(
+                        self.driver.apply, job.id, job.spec, job.generation)
+        except (TransientDriverError, PermanentDriverError) as exc:
+            jlog.warning("apply_failed", error=str(exc), tries=tried)
+            await self._report(c.Failed(
+                cmd_id=f"failed-{self.host}-{job.id}-{job.generation}-{job.attempt}",
+                id=job.id, generation=job.generation, error=str(exc), attempt=job.attempt + 1))
+            return
+        finally:
+            if keepalive:
+                keepalive.cancel()
+        fresh = job.generation > self.applied.get(job.id, 0) or msg is not None
+        self.applied[job.id] = job.generation
+        if fresh:
+            await self._report(c.Applied(
+                cmd_id=f"applied-{self.host}-{job.id}-{job.generation}-{job.attempt}",
+                id=job.id, generation=job.generation, observed=observed))
+            jlog.info("applied", observed=observed)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.config.in_progress_s)
+            await msg.in_progress()
+
+    async def _report(self, cmd: c.Command) -> None:
+        await self.publisher.publish(self.host, cmd)
+
+    # ---- resync -----------------------------------------------------------------
+
+    async def _resync_loop(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.resync_s)
+            if not stop.is_set():
+                await self.resync(js)
+
+    async def resync(self, js: JetStreamContext) -> None:
+        """Converge every entity to its newest job and remove what nobody wants here."""
+        started = time.perf_counter()
+        jobs = [_job.decode(m.data)
+                async for batch in read_stream(js, JOB_STREAM, job_filter(self.host))
+                for m in batch]
+        for job in jobs:
+            async with self.slots, self.locks(job.id):
+                await self._converge(job, None)
+        wanted = {job.id for job in jobs if job.spec is not None}
+        removed = await asyncio.to_thread(self.driver.remove_unwanted, wanted)
+        self.log.info("resynced", jobs=len(jobs), removed=removed,
+                      seconds=round(time.perf_counter() - started, 3))
+
+    # ---- heartbeats and inventory -------------------------------------------------
+
+    async def _heartbeats(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            now_ms = int(time.time() * 1000)
+            await beat(js, self.host, Heartbeat(boot_id=self.boot_id, at_ms=now_ms))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)
+
+    async def _inventory(self, msg: Msg) -> None:
+        observed = await asyncio.to_thread(self.driver.observe)
+        await msg.respond(msgspec.json.encode(observed))

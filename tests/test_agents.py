@@ -1,0 +1,155 @@
+"""Agents and convergence, end to end: agent processes on libvirt's test:/// driver,
+orchestrator replicas, real nats-server and PostgreSQL."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import asyncpg
+import msgspec
+from nats.js import JetStreamContext
+
+from events.bus import Publisher
+from events.subjects import inventory_subject
+from schemas.codec import command_from_dict
+from tests.conftest import Env, Processes, eventually
+
+HOSTS = ("h1", "h2", "h3")
+TINY = {"vcpus": 1, "memory_mib": 128, "image": "tiny"}
+
+
+async def register(js: JetStreamContext, pg: asyncpg.Connection) -> None:
+    await Publisher(js).publish_many([("admin", command_from_dict(dict(
+        type="RegisterHost", cmd_id=f"reg-{h}", id=h, vcpus=512, memory_mib=1 << 20)))
+        for h in HOSTS])
+    await eventually(lambda: pg.fetchval(
+        f"SELECT count(*) = {len(HOSTS)} FROM history WHERE kind = 'scheduler'"))
+
+
+def start(processes: Processes, env: Env, *extra: str) -> None:
+    for name in ("r1", "r2"):
+        processes.orch("orchestrator", "--id", name, "--deadline", "3", "--max-attempts", "2",
+                       "--down-after", "3", *extra, env=env.environ(), name=name)
+
+
+def agent(processes: Processes, env: Env, host: str, *extra: str,
+          name: str | None = None) -> subprocess.Popen[bytes]:
+    return processes.orch("agent", "--host", host, "--libvirt", "test", "--resync", "2",
+                          *extra, env=env.environ(), name=name or f"agent-{host}")
+
+
+async def instances(pg: asyncpg.Connection) -> dict[str, dict]:
+    rows = await pg.fetch("SELECT id, state FROM entities WHERE kind = 'instance'")
+    return {r["id"]: msgspec.json.decode(r["state"]) for r in rows}
+
+
+async def converged(pg: asyncpg.Connection) -> bool:
+    states = await instances(pg)
+    return bool(states) and all(
+        s["observed_generation"] == s["generation"] for s in states.values()
+        if s["status"] != "deleted" or s["host"])
+
+
+async def inventory(js: JetStreamContext, host: str) -> dict[str, str]:
+    reply = await js._nc.request(inventory_subject(host), b"", timeout=5)
+    return msgspec.json.decode(reply.data)
+
+
+async def test_300_instances_converge_across_3_agents(env: Env, js, pg, processes) -> None:
+    start(processes, env)
+    for host in HOSTS:
+        agent(processes, env, host)
+    await register(js, pg)
+    pub = Publisher(js)
+    ids = [f"vm{n}" for n in range(300)]
+    await pub.publish_many([("user", command_from_dict(dict(
+        type="CreateInstance", cmd_id=f"create-{i}", id=i, template=TINY))) for i in ids])
+    await eventually(lambda: converged(pg), timeout=120, interval=0.5)
+    # Stop a third, delete a sixth (some of them stopped first).
+    await pub.publish_many(
+        [("user", command_from_dict(dict(type="StopInstance", cmd_id=f"stop-{i}", id=i)))
+         for i in ids[:100]]
+        + [("user", command_from_dict(dict(type="DeleteInstance", cmd_id=f"del-{i}", id=i)))
+           for i in ids[50:100]])
+    await eventually(lambda: pg.fetchval(
+        "SELECT count(*) = 150 FROM history WHERE outcome->>'cmd_id' LIKE 'stop-%'"
+        " OR outcome->>'cmd_id' LIKE 'del-%'"))
+    await eventually(lambda: converged(pg), timeout=120, interval=0.5)
+
+    states = await instances(pg)
+    for host in HOSTS:
+        wanted = {i: s["power"] for i, s in states.items()
+                  if s["host"] == host and s["status"] != "deleted"}
+        assert wanted, f"nothing placed on {host}"
+        # What libvirt really runs on the host is exactly what is wanted there ...
+        assert await inventory(js, host) == wanted
+        # ... and what the projection says was observed.
+        assert {i: states[i]["observed"] for i in wanted} == wanted
+    assert sum(1 for s in states.values() if s["status"] == "deleted") == 50
+    assert all(s["observed"] == "absent" for s in states.values() if s["status"] == "deleted")
+
+
+async def test_killed_agent_is_marked_down_then_resyncs(env: Env, js, pg, processes) -> None:
+    start(processes, env)
+    agents = {host: agent(processes, env, host) for host in HOSTS}
+    await register(js, pg)
+    pub = Publisher(js)
+    await pub.publish_many([("user", command_from_dict(dict(
+        type="CreateInstance", cmd_id=f"c-{n}", id=f"vm{n}", template=TINY)))
+        for n in range(60)])
+    # SIGKILL h1's agent while jobs are arriving, before they are all applied.
+    await eventually(lambda: pg.fetchval(
+        "SELECT count(*) > 0 FROM history WHERE outcome->>'source' = 'h1'"),
+        timeout=60, interval=0.05)
+    os.killpg(agents["h1"].pid, signal.SIGKILL)
+    agents["h1"].wait()
+    await eventually(lambda: pg.fetchval(
+        "SELECT state->>'condition' = 'down' FROM entities WHERE kind='host' AND id='h1'"),
+        timeout=30)
+    # Its hypervisor (test:///, in the agent's memory) is gone with it: the new boot must
+    # rebuild everything placed there from the jobs, and say so in the host's timeline.
+    agent(processes, env, "h1", name="agent-h1-again")
+    await eventually(lambda: pg.fetchval(
+        "SELECT state->>'condition' = 'up' FROM entities WHERE kind='host' AND id='h1'"),
+        timeout=30)
+    await eventually(lambda: converged(pg), timeout=60, interval=0.5)
+    states = await instances(pg)
+    on_h1 = {i: s["power"] for i, s in states.items() if s["host"] == "h1"}
+    assert on_h1 and await inventory(js, "h1") == on_h1
+    timeline = [msgspec.json.decode(r["outcome"]) for r in await pg.fetch(
+        "SELECT outcome FROM history WHERE kind = 'host' AND id = 'h1' ORDER BY seq")]
+    assert [o["type"] for o in timeline if o["events"]] == [
+        "RegisterHost", "HostUp", "HostDown", "HostUp"]
+
+
+async def test_a_job_that_always_fails_degrades_and_alerts_while_others_converge(
+        env: Env, js, pg, processes) -> None:
+    start(processes, env)
+    for host in HOSTS:
+        agent(processes, env, host)
+    await register(js, pg)
+    pub = Publisher(js)
+    await pub.publish_many(
+        [("user", command_from_dict(dict(type="CreateInstance", cmd_id="bad", id="broken",
+                                         template={**TINY, "image": "missing-image"})))]
+        + [("user", command_from_dict(dict(type="CreateInstance", cmd_id=f"ok-{n}",
+                                           id=f"ok{n}", template=TINY))) for n in range(20)])
+    await eventually(lambda: pg.fetchval(
+        "SELECT state->>'status' = 'degraded' FROM entities WHERE kind='instance'"
+        " AND id='broken'"), timeout=90, interval=0.5)
+    states = await instances(pg)
+    assert all(s["observed"] == "running" for i, s in states.items() if i != "broken")
+    outcomes = [msgspec.json.decode(r["outcome"]) for r in await pg.fetch(
+        "SELECT outcome FROM history WHERE kind='instance' AND id='broken' ORDER BY seq")]
+    events = [e for o in outcomes for e in o.get("events", ())]
+    assert events.count("Reissued") == 2 and events[-1] == "Degraded"
+    assert sum(1 for o in outcomes if o["type"] == "Failed") >= 3
+    assert "does not exist" in states["broken"]["error"]
+    listed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "alerts", "--json"],
+                            env=env.environ(), capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 1  # alerts present
+    [alert] = [msgspec.json.decode(line) for line in listed.stdout.splitlines()]
+    assert (alert["kind"], alert["id"], alert["attempts"]) == ("instance", "broken", 2)
+    await asyncio.sleep(0)
