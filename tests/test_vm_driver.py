@@ -7,10 +7,8 @@ console marker and ping it over the bridge.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from agents.drivers.vm import (
 )
 from agents.guest import build_guest_image
 from schemas.specs import InstanceSpec, InstanceTemplate, Nic, Power
+from tests.lan import Lan, guest_lan
 
 NODE_XML = """<node>
   <cpu>
@@ -247,20 +246,10 @@ _SKIP_QEMU = _libvirtd_unreachable()
 qemu_only = pytest.mark.skipif(_SKIP_QEMU is not None, reason=_SKIP_QEMU or "")
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def _used_networks() -> list[ipaddress.IPv4Network]:
-    out = subprocess.run(["ip", "-4", "-o", "addr"], check=True, capture_output=True, text=True)
-    return [ipaddress.ip_interface(line.split()[3]).network for line in out.stdout.splitlines()]
-
-
 @dataclass
 class QemuHost:
     driver: VmDriver
-    bridge: str
-    net: ipaddress.IPv4Network
+    lan: Lan
     ids: list[str] = field(default_factory=list)  # every instance to remove at teardown
 
     def new_id(self) -> str:
@@ -284,26 +273,16 @@ def _force_remove(instance_id: str) -> None:
 
 @pytest.fixture
 def qemu_host() -> Iterator[QemuHost]:
-    """A private bridge (10.213.x.1/24, root namespace) and a driver attaching guests to it.
+    """A private LAN (see tests/lan.py) and a driver attaching guests to its bridge.
 
-    Teardown removes every guest the test created, then the bridge, whatever happened.
+    Teardown removes every guest the test created, then the LAN, whatever happened.
     """
-    name = f"orchtb{secrets.token_hex(3)}"
-    used = _used_networks()
-    while True:
-        net = ipaddress.IPv4Network(f"10.213.{secrets.randbelow(256)}.0/24")
-        if not any(net.overlaps(u) for u in used):
-            break
-    _ip("link", "add", name, "type", "bridge")
-    host = None
-    try:
-        _ip("addr", "add", f"{net[1]}/{net.prefixlen}", "dev", name)
-        _ip("link", "set", name, "up")
-        driver = VmDriver(QEMU_URI, "h1", guest=build_guest_image(), bridge=name)
-        host = QemuHost(driver, name, net)
-        yield host
-    finally:
-        if host is not None:
+    with guest_lan() as lan:
+        driver = VmDriver(QEMU_URI, "h1", guest=build_guest_image(), bridge=lan.bridge)
+        host = QemuHost(driver, lan)
+        try:
+            yield host
+        finally:
             for instance_id in host.ids:
                 try:
                     host.driver.apply(instance_id, None, 1 << 62)
@@ -311,7 +290,6 @@ def qemu_host() -> Iterator[QemuHost]:
                     _force_remove(instance_id)
                 host.driver.console_log(instance_id).unlink(missing_ok=True)
             host.driver.close()
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
 
 
 def _wait_for_marker(log: Path, instance_id: str, since: float) -> float:
@@ -322,15 +300,6 @@ def _wait_for_marker(log: Path, instance_id: str, since: float) -> float:
         time.sleep(0.05)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no console log)"
     raise AssertionError(f"{instance_id}: no '{marker}' within {BOOT_TIMEOUT}s:\n{tail}")
-
-
-def _ping(address: str, attempts: int = 10) -> None:
-    for _ in range(attempts):
-        done = subprocess.run(["ping", "-c1", "-W1", address], capture_output=True)
-        if done.returncode == 0:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{address} does not answer ping over the bridge")
 
 
 def test_guest_image_is_cached(tmp_path: Path) -> None:
@@ -347,9 +316,9 @@ def test_guest_image_is_cached(tmp_path: Path) -> None:
 
 @qemu_only
 def test_real_guests_boot_and_answer_ping(qemu_host: QemuHost) -> None:
-    drv, net = qemu_host.driver, qemu_host.net
+    drv, lan = qemu_host.driver, qemu_host.lan
     conn = drv._connection()
-    guests = {qemu_host.new_id(): str(net[11]), qemu_host.new_id(): str(net[12])}
+    guests = {qemu_host.new_id(): lan.address(11), qemu_host.new_id(): lan.address(12)}
 
     # Both boot at once, as an agent converging its host would do.
     started: dict[str, float] = {}
@@ -364,7 +333,7 @@ def test_real_guests_boot_and_answer_ping(qemu_host: QemuHost) -> None:
         boot = _wait_for_marker(log, instance_id, started[instance_id])
         uptime = [line for line in log.read_text().splitlines() if "kernel uptime" in line]
         print(f"\n{instance_id}: apply -> '{READY_MARKER}' in {boot:.2f}s ({uptime[-1]})")
-        _ping(address)
+        lan.ping(address)
 
     first, address = next(iter(guests.items()))
     # Converged already: applying again is a no-op and does not restart the guest.

@@ -213,7 +213,8 @@ class VmDriver:
             return None
 
     def _managed(self) -> dict[str, tuple[libvirt.virDomain, dict[str, str]]]:
-        """Managed domains by instance id: name prefix plus our metadata naming that id."""
+        """Managed domains by instance id: name prefix plus our metadata naming that id and
+        this host (agents of several hosts may share one libvirtd, as tests do)."""
         out: dict[str, tuple[libvirt.virDomain, dict[str, str]]] = {}
         with self._errors("list domains"):
             for dom in self._connection().listAllDomains(0):
@@ -221,7 +222,8 @@ class VmDriver:
                 if not name.startswith(DOMAIN_PREFIX):
                     continue
                 meta = self._metadata(dom)
-                if meta and domain_name(meta.get("id", "")) == name:
+                if (meta and domain_name(meta.get("id", "")) == name
+                        and meta.get("host") == self.host):
                     out[meta["id"]] = (dom, meta)
         return out
 
