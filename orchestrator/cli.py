@@ -16,11 +16,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import asyncpg
 import msgspec
@@ -51,6 +51,7 @@ from schemas.export import json_schema
 from schemas.ids import ID_PATTERN, KINDS, is_valid_id
 from schemas.outcomes import Outcome
 
+T = TypeVar("T")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 NATS_CONNECT_TIMEOUT_S = 5.0
 PG_CONNECT_TIMEOUT_S = 10.0
@@ -159,6 +160,15 @@ async def _open_pg(dsn: str) -> asyncpg.Connection:
         raise CliError(
             f"cannot connect to PostgreSQL at {_redact(dsn)}: {exc or 'timed out'}"
         ) from None
+
+
+async def _query(dsn: str, query: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """One read on a connection of its own."""
+    conn = await _open_pg(dsn)
+    try:
+        return await query(conn)
+    finally:
+        await conn.close()
 
 
 def _stop_event() -> asyncio.Event:
@@ -638,11 +648,8 @@ def dead_letters(
     opts: Options = ctx.obj
 
     async def run() -> None:
-        conn = await _open_pg(opts.pg_dsn())
-        try:
-            rows = list(reversed(await queries.dead_letters(conn, limit)))
-        finally:
-            await conn.close()
+        rows = list(reversed(await _query(
+            opts.pg_dsn(), lambda conn: queries.dead_letters(conn, limit))))
         if as_json:
             for row in rows:
                 _print_json({"seq": row.seq, "subject": row.subject, "reason": row.reason,
@@ -686,11 +693,7 @@ def hosts(
     opts: Options = ctx.obj
 
     async def run() -> None:
-        conn = await _open_pg(opts.pg_dsn())
-        try:
-            rows = await queries.hosts(conn)
-        finally:
-            await conn.close()
+        rows = await _query(opts.pg_dsn(), queries.hosts)
         nc = await _open_nats(opts.nats_url(), "orch-hosts")
         try:
             beats = await read_heartbeats(nc.jetstream())
@@ -719,11 +722,7 @@ def alerts(
     opts: Options = ctx.obj
 
     async def run() -> int:
-        conn = await _open_pg(opts.pg_dsn())
-        try:
-            rows = await queries.alerts(conn)
-        finally:
-            await conn.close()
+        rows = await _query(opts.pg_dsn(), queries.alerts)
         if as_json:
             for row in rows:
                 _print_json(dataclasses.asdict(row))

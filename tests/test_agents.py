@@ -1,11 +1,11 @@
 """Agents and convergence, end to end: agent processes on libvirt's test:/// driver,
 orchestrator replicas, real nats-server and PostgreSQL."""
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import asyncpg
 import msgspec
@@ -89,6 +89,16 @@ async def test_300_instances_converge_across_3_agents(env: Env, js, pg, processe
         assert {i: states[i]["observed"] for i in wanted} == wanted
     assert sum(1 for s in states.values() if s["status"] == "deleted") == 50
     assert all(s["observed"] == "absent" for s in states.values() if s["status"] == "deleted")
+    # orch hosts: each host up, its live instances counted, its heartbeat recent.
+    listed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "hosts", "--json"],
+                            env=env.environ(), capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    rows = [msgspec.json.decode(line) for line in listed.stdout.splitlines()]
+    assert [r["id"] for r in rows] == list(HOSTS)
+    assert all(r["condition"] == "up" for r in rows)
+    assert sum(r["instances"] for r in rows) == 250
+    now_ms = time.time() * 1000
+    assert all(now_ms - r["last_heartbeat_ms"] < 5_000 for r in rows)
 
 
 async def test_killed_agent_is_marked_down_then_resyncs(env: Env, js, pg, processes) -> None:
@@ -152,4 +162,3 @@ async def test_a_job_that_always_fails_degrades_and_alerts_while_others_converge
     assert listed.returncode == 1  # alerts present
     [alert] = [msgspec.json.decode(line) for line in listed.stdout.splitlines()]
     assert (alert["kind"], alert["id"], alert["attempts"]) == ("instance", "broken", 2)
-    await asyncio.sleep(0)
