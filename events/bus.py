@@ -9,7 +9,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError
 from tenacity import (
     AsyncRetrying,
@@ -18,7 +18,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from events.meta import delivery
+from events.meta import pending as pending_of
+from events.pipeline import Frame, Pipeline, PubAck
 from events.subjects import command_subject
 from schemas.codec import decode_command, encode
 from schemas.commands import Command
@@ -83,69 +84,55 @@ class Publisher:
         frames = [self._frame(source, cmd) for source, cmd in items]
         results: list[Published] = []
         for start in range(0, len(frames), window):
-            chunk = frames[start:start + window]
-            async for attempt in _retrying(self._deadline_s):
-                with attempt:
-                    futures = [await self._js.publish_async(s, d, headers=h) for s, d, h in chunk]
-                    acks = await asyncio.gather(*futures)
-            results.extend(Published(a.seq, bool(a.duplicate)) for a in acks)
+            acks = await publish_raw(self._js, [(s, d, h["Nats-Msg-Id"])
+                                                for s, d, h in frames[start:start + window]],
+                                     self._deadline_s)
+            results.extend(Published(a.seq, a.duplicate) for a in acks)
         return results
 
 
-async def publish_raw(js: JetStreamContext, frames: Iterable[tuple[str, bytes, str]],
-                      deadline_s: float = 30.0) -> int:
-    """Publish already-encoded messages (subject, payload, msg id) and wait for every ack."""
-    count = 0
+async def publish_raw(js: JetStreamContext, frames: Iterable[Frame],
+                      deadline_s: float = 30.0) -> list[PubAck]:
+    """Publish encoded messages (subject, payload, msg id) in order and await every ack."""
     frames = list(frames)
+    pipeline = Pipeline.of(js._nc)
     async for attempt in _retrying(deadline_s):
         with attempt:
-            futures = [
-                await js.publish_async(s, d, headers={"Nats-Msg-Id": m}) for s, d, m in frames
-            ]
-            await asyncio.gather(*futures)
-            count = len(futures)
-    return count
+            acks = await pipeline.publish(frames)
+    return acks
 
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str, *, start_seq: int = 1,
-                      follow: bool = False, batch: int = 1000,
-                      idle_s: float = 1.0) -> AsyncIterator[list[Msg]]:
+                      follow: bool = False, batch: int = 1000) -> AsyncIterator[list[Msg]]:
     """Yield a stream's messages on ``subject`` in order, with no gap, in batches.
 
-    Without ``follow`` it stops at the end of what is stored now. A gap in consumer
-    sequences (a message lost in transit) restarts the read after the last one yielded.
+    An ordered push consumer: the server pushes with flow control, and the client
+    recreates the consumer after the last message it saw if a sequence is ever missing.
+    Without ``follow`` it stops at the end of what is stored now.
     """
-    next_seq = start_seq
-    while True:
-        config = ConsumerConfig(
-            filter_subject=subject, ack_policy=AckPolicy.NONE, mem_storage=True,
-            inactive_threshold=30.0,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=next_seq,
-        )
-        sub = await js.pull_subscribe(subject, stream=stream, config=config)
-        try:
-            expected = 1
-            if not follow and (await sub.consumer_info()).num_pending == 0:
-                return
-            while True:
-                try:
-                    msgs = await sub.fetch(batch, timeout=idle_s)
-                except nats.errors.TimeoutError:
-                    continue
-                gap = False
-                for i, msg in enumerate(msgs):
-                    d = delivery(msg.reply)
-                    if d.consumer_seq != expected:
-                        msgs, gap = msgs[:i], True
-                        break
-                    expected += 1
-                    next_seq = d.stream_seq + 1
-                if msgs:
-                    yield msgs
-                if gap:
-                    log.warning("read_gap", stream=stream, subject=subject, resume=next_seq)
-                    break
-                if not follow and msgs and delivery(msgs[-1].reply).pending == 0:
-                    return
-        finally:
-            await sub.unsubscribe()
+    batches: asyncio.Queue[list[Msg] | None] = asyncio.Queue(maxsize=16)
+    pending: list[Msg] = []
+
+    async def collect(msg: Msg) -> None:
+        nonlocal pending
+        pending.append(msg)
+        if len(pending) >= batch or pending_of(msg.reply) == 0:
+            # A full queue blocks this callback, and flow control then slows the server.
+            full, pending = pending, []
+            await batches.put(full)
+            if not follow and pending_of(full[-1].reply) == 0:
+                await batches.put(None)
+
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                            opt_start_seq=start_seq)
+    sub = await js.subscribe(subject, stream=stream, cb=collect, ordered_consumer=True,
+                             config=config, pending_msgs_limit=4 * batch)
+    try:
+        if not follow:
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and info.delivered.consumer_seq == 0:
+                return  # nothing to read: no message will ever say it was the last
+        while (msgs := await batches.get()) is not None:
+            yield msgs
+    finally:
+        await sub.unsubscribe()

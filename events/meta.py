@@ -29,3 +29,10 @@ def delivery(reply: str) -> Delivery:
         timestamp_ns=int(tokens[base + 3]),
         pending=int(tokens[base + 4]),
     )
+
+
+def pending(reply: str) -> int:
+    """Just the pending count, cheaply for the common (domain-less) form."""
+    if reply.count(".") == 8:
+        return int(reply.rpartition(".")[2])
+    return delivery(reply).pending

@@ -140,7 +140,8 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
         ConsumerConfig(
             durable_name=name,
             filter_subject=partition_filter(partition),
-            ack_policy=AckPolicy.EXPLICIT,
+            # One ack per batch: everything up to the batch's last message is committed.
+            ack_policy=AckPolicy.ALL,
             ack_wait=30.0,
             max_deliver=-1,
             max_ack_pending=max_pending,

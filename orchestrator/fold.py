@@ -4,6 +4,7 @@ The partition workers and ``orch replay`` both run this, so the live projection 
 replayed one cannot disagree by construction: only by a bug, which replay then reveals.
 """
 
+import functools
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ def source_class(source: str) -> SourceClass:
     return source if source in RESERVED_SOURCES else "host"  # type: ignore[return-value]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def address(subject: str, partitions: int) -> tuple[int, str, str, str]:
     """Split a stored subject cmd.<P>.<source>.<kind>.<id>; ValueError says what is wrong."""
     tokens = subject.split(".")

@@ -5,6 +5,7 @@ hands it commands strictly in stream order and redeliveries are always at or bel
 checkpoint, where they are skipped.
 """
 
+import asyncio
 import datetime
 import time
 from dataclasses import dataclass
@@ -66,25 +67,37 @@ class PartitionWorker:
                                         max_pending=self.config.batch)
         sub = await self.js.pull_subscribe_bind(durable=name, stream=CMD_STREAM)
         self.log.info("partition_started", checkpoint=self.checkpoint)
-        relayed, deleted = 0, 0
+        relayed = 0  # outbox rows up to this seq are published, and not yet deleted
+        # The previous batch's outbox, still being published while this one is folded.
+        relaying: asyncio.Task[int] | None = None
         try:
             while True:
                 try:
                     msgs = await sub.fetch(self.config.batch, timeout=self.config.idle_s)
                 except (nats.errors.TimeoutError, TimeoutError):
                     msgs = []
-                if not msgs:
-                    if relayed > deleted:
-                        await self.store.delete_outbox(p, relayed)
-                        deleted = relayed
-                    continue
-                outbox = await self._fold_and_commit(msgs, relayed)
-                deleted = relayed
-                if outbox:
-                    await publish_raw(self.js, ((s, d, m) for _, _, _, s, m, d in outbox))
-                    relayed = self.checkpoint
+                if msgs:
+                    outbox = await self._fold_and_commit(msgs, relayed)
+                    relayed = 0  # that commit deleted them
+                    if relaying is not None:  # in order: batch k is out before k + 1
+                        relayed, relaying = await relaying, None
+                    if outbox:
+                        relaying = asyncio.create_task(self._relay(outbox, self.checkpoint))
+                    if len(msgs) == self.config.batch:
+                        continue  # more is waiting: the next commit deletes them for free
+                if relaying is not None:
+                    relayed, relaying = await relaying, None
+                if relayed:
+                    await self.store.delete_outbox(p, relayed)
+                    relayed = 0
         finally:
+            if relaying is not None:
+                relaying.cancel()
             await sub.unsubscribe()
+
+    async def _relay(self, outbox: list[tuple], upto: int) -> int:
+        await publish_raw(self.js, ((s, d, m) for _, _, _, s, m, d in outbox))
+        return upto
 
     async def _relay_leftovers(self) -> None:
         """A previous owner may have committed rows it never published: publish them now."""
@@ -149,9 +162,11 @@ class PartitionWorker:
             self.known.clear()
             raise
         self.checkpoint = batch.checkpoint
-        bad_ids = {id(m) for m in bad}
-        for msg in msgs:
-            await (msg.term() if id(msg) in bad_ids else msg.ack())
+        # The consumer acks all: a term (for the unusable) or an ack covers what precedes it.
+        for msg in bad:
+            await msg.term()
+        if not bad or bad[-1] is not msgs[-1]:
+            await msgs[-1].ack()
         self._account(folded, len(batch.dead_letters), time.perf_counter() - started)
         return batch.outbox
 

@@ -70,6 +70,12 @@ def decode_command(data: bytes) -> Command:
     """Decode one command, upcasting older versions; raise CommandError with a reason."""
     if len(data) > MAX_COMMAND_BYTES:
         raise CommandError(f"payload of {len(data)} bytes exceeds {MAX_COMMAND_BYTES} bytes")
+    try:  # the common case, one decode: a valid command of the current version
+        cmd = _decoder.decode(data)
+        if cmd.v == cmd.version:
+            return cmd
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        pass  # decode again below, for the upcast or for a reason that names the field
     try:
         head = _head_decoder.decode(data)
     except msgspec.DecodeError as exc:
