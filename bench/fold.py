@@ -575,13 +575,13 @@ async def top_up(js: JetStreamContext, mix: PowerMix, target: int, chunk: int = 
     return missing
 
 
-async def replay_phase(js: JetStreamContext, conn: asyncpg.Connection, mix: PowerMix,
+async def replay_phase(js: JetStreamContext, info: StackInfo, mix: PowerMix,
                        target: int, profiler: cProfile.Profile | None) -> ReplayResult:
     published = await top_up(js, mix, target)
     if profiler is not None:
         profiler.enable()
     started = time.perf_counter()
-    report = await replay(js, conn, PARTITIONS)
+    report = await replay(info.nats_url, info.pg_dsn, PARTITIONS)
     seconds = time.perf_counter() - started
     if profiler is not None:
         profiler.disable()
@@ -589,9 +589,10 @@ async def replay_phase(js: JetStreamContext, conn: asyncpg.Connection, mix: Powe
                         seconds, report.seconds)
 
 
-async def verify_replay(js: JetStreamContext, conn: asyncpg.Connection) -> int:
+async def verify_replay(info: StackInfo) -> int:
     """Untimed: replay up to the live checkpoints and count entities that disagree."""
-    report = await replay(js, conn, PARTITIONS, schema="replay_verify", verify=True)
+    report = await replay(info.nats_url, info.pg_dsn, PARTITIONS, schema="replay_verify",
+                          verify=True)
     return len(report.differs)
 
 
@@ -731,9 +732,9 @@ async def bench(args: argparse.Namespace, info: StackInfo, replica: ReplicaProce
             if replica.profile_out is not None:
                 print_profile("the replica during the timed fold", replica.profile_out)
             profiler = cProfile.Profile() if args.profile else None
-            rep = await replay_phase(js, conn, mix, args.replay_commands, profiler)
+            rep = await replay_phase(js, info, mix, args.replay_commands, profiler)
             if args.verify:
-                rep.differs = await verify_replay(js, conn)
+                rep.differs = await verify_replay(info)
             print_replay(rep)
             if profiler is not None:
                 print_profile("replay()", profiler)

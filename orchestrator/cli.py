@@ -537,16 +537,12 @@ def replay(
                            EXIT_USAGE)
         nc = await _open_nats(opts.nats_url(), "orch-replay")
         try:
-            js = nc.jetstream()
-            topology = await ensure_topology(js)
-            conn = await _open_pg(opts.pg_dsn())
-            try:
-                report = await run_replay(js, conn, topology.partitions, schema=schema,
-                                          to_seq=to, verify=verify)
-            finally:
-                await conn.close()
+            topology = await ensure_topology(nc.jetstream())
         finally:
             await nc.close()
+        await (await _open_pg(opts.pg_dsn())).close()  # a clear error if it is unreachable
+        report = await run_replay(opts.nats_url(), opts.pg_dsn(), topology.partitions,
+                                  schema=schema, to_seq=to, verify=verify)
         if as_json:
             _print_json(render.replay_json(report, verify))
         else:

@@ -1,21 +1,28 @@
 """Replay: fold the whole CMD log again, with the same code, into a scratch schema.
 
+Partitions are independent by construction (an entity's state depends only on its own
+partition's commands), so they are replayed in parallel, one worker process per core.
 With ``verify`` every partition is folded up to the live checkpoint read in the same
 snapshot as the live projection, so both must agree entity by entity.
 """
 
+import asyncio
+import contextlib
+import multiprocessing
+import os
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import asyncpg
 import msgspec
-from nats.js import JetStreamContext
 
-from events.bus import read_stream
+from events.bus import connect, read_stream
 from events.meta import delivery
-from events.subjects import CMD_STREAM
+from events.subjects import CMD_STREAM, partition_filter
 from orchestrator.fold import Key, fold_message
+from orchestrator.store import connect_pg
 from schemas.codec import encode
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -29,11 +36,31 @@ class ReplayReport:
     last_seq: int = 0
     seconds: float = 0.0
     entities: int = 0
+    workers: int = 0
     differs: list[Key] = field(default_factory=list)  # only with verify
 
     @property
     def rate(self) -> float:
         return self.commands / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Share:
+    """One worker's part: some partitions, each folded up to a sequence (None: to the end)."""
+
+    nats_url: str
+    pg_dsn: str
+    schema: str
+    partitions: int
+    limits: dict[int, int | None]
+
+
+@dataclass(slots=True)
+class _Done:
+    commands: int = 0
+    dead_letters: int = 0
+    last_seq: int = 0
+    entities: int = 0
 
 
 async def _live_snapshot(conn: asyncpg.Connection) -> tuple[dict[int, int], dict[Key, bytes]]:
@@ -45,52 +72,88 @@ async def _live_snapshot(conn: asyncpg.Connection) -> tuple[dict[int, int], dict
     return checkpoints, live
 
 
-async def replay(js: JetStreamContext, conn: asyncpg.Connection, partitions: int, *,
-                 schema: str = "replay", to_seq: int | None = None,
-                 verify: bool = False) -> ReplayReport:
+async def _fold_share(share: _Share) -> _Done:
+    done = _Done()
+    states: dict[Key, object] = {}
+    nc = await connect(share.nats_url, name="orch-replay")
+    try:
+        js = nc.jetstream()
+        for partition, limit in share.limits.items():
+            if limit == 0:
+                continue
+            stream = read_stream(js, CMD_STREAM, partition_filter(partition))
+            async with contextlib.aclosing(stream):
+                async for msgs in stream:
+                    for msg in msgs:
+                        d = delivery(msg.reply)
+                        if limit is not None and d.stream_seq > limit:
+                            break
+                        folded = fold_message(states, msg.subject, msg.data, d.stream_seq,
+                                              d.at_ms, share.partitions)
+                        done.commands += 1
+                        done.dead_letters += folded.dead_letter is not None
+                        done.last_seq = max(done.last_seq, d.stream_seq)
+                    else:
+                        continue
+                    break
+    finally:
+        await nc.close()
+    rows = [(kind, id_, encode(state), 0) for (kind, id_), state in states.items()]
+    conn = await connect_pg(share.pg_dsn)
+    try:
+        await conn.copy_records_to_table("entities", records=rows, schema_name=share.schema,
+                                         columns=["kind", "id", "state", "last_seq"])
+    finally:
+        await conn.close()
+    done.entities = len(rows)
+    return done
+
+
+def _work(share: _Share) -> _Done:
+    return asyncio.run(_fold_share(share))
+
+
+async def replay(nats_url: str, pg_dsn: str, partitions: int, *, schema: str = "replay",
+                 to_seq: int | None = None, verify: bool = False,
+                 workers: int | None = None) -> ReplayReport:
     if not _SCHEMA_RE.match(schema) or schema == "public":
         raise ValueError(f"invalid scratch schema name {schema!r}")
     if verify and to_seq is not None:
         raise ValueError("verify compares with the live projection: it replays the whole log")
-    report = ReplayReport(schema=schema)
-    checkpoints, live = await _live_snapshot(conn) if verify else ({}, {})
-    states: dict[Key, object] = {}
-    started = time.perf_counter()
-    done = False
-    async for msgs in read_stream(js, CMD_STREAM, "cmd.>"):
-        for msg in msgs:
-            d = delivery(msg.reply)
-            if to_seq is not None and d.stream_seq > to_seq:
-                done = True
-                break
-            if verify:
-                token = msg.subject.split(".", 2)[1]
-                limit = checkpoints.get(int(token), 0) if token.isdigit() else 0
-                if d.stream_seq > limit:
-                    continue  # the live projection has not folded it yet
-            folded = fold_message(states, msg.subject, msg.data, d.stream_seq, d.at_ms,
-                                  partitions)
-            report.commands += 1
-            report.dead_letters += folded.dead_letter is not None
-            report.last_seq = d.stream_seq
-        if done:
-            break
-    rows = [(kind, id_, encode(state), 0) for (kind, id_), state in states.items()]
-    report.seconds = time.perf_counter() - started
-    report.entities = len(rows)
-    async with conn.transaction():
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        await conn.execute(
-            f"CREATE TABLE {schema}.entities (kind text, id text, state jsonb, last_seq bigint,"
-            " PRIMARY KEY (kind, id))"
+    conn = await connect_pg(pg_dsn)
+    try:
+        checkpoints, live = await _live_snapshot(conn) if verify else ({}, {})
+        async with conn.transaction():
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            await conn.execute(f"CREATE SCHEMA {schema}")
+            await conn.execute(
+                f"CREATE TABLE {schema}.entities (kind text, id text, state jsonb,"
+                " last_seq bigint, PRIMARY KEY (kind, id))"
+            )
+        workers = max(1, min(workers or os.cpu_count() or 1, partitions))
+        limits = {p: checkpoints.get(p, 0) if verify else to_seq for p in range(partitions)}
+        shares = [_Share(nats_url, pg_dsn, schema, partitions,
+                         {p: limits[p] for p in range(w, partitions, workers)})
+                  for w in range(workers)]
+        started = time.perf_counter()
+        # fork: the workers start at once, with everything imported already.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            loop = asyncio.get_running_loop()
+            results = await asyncio.gather(*(loop.run_in_executor(pool, _work, s)
+                                              for s in shares))
+        report = ReplayReport(
+            schema=schema, seconds=time.perf_counter() - started, workers=workers,
+            commands=sum(r.commands for r in results),
+            dead_letters=sum(r.dead_letters for r in results),
+            last_seq=max(r.last_seq for r in results), entities=sum(r.entities for r in results),
         )
-        await conn.copy_records_to_table("entities", records=rows, schema_name=schema,
-                                         columns=["kind", "id", "state", "last_seq"])
-    if verify:
-        replayed = {(k, i): msgspec.json.decode(s) for k, i, s, _ in rows}
-        report.differs = sorted(
-            key for key in replayed.keys() | live.keys()
-            if replayed.get(key) != (msgspec.json.decode(live[key]) if key in live else None)
-        )
-    return report
+        if verify:
+            replayed = {(r["kind"], r["id"]): msgspec.json.decode(r["state"]) for r in
+                        await conn.fetch(f"SELECT kind, id, state FROM {schema}.entities")}
+            report.differs = sorted(
+                key for key in replayed.keys() | live.keys()
+                if replayed.get(key) != (msgspec.json.decode(live[key]) if key in live else None)
+            )
+        return report
+    finally:
+        await conn.close()
