@@ -11,13 +11,13 @@ import time
 from dataclasses import dataclass
 
 import msgspec
-import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from events.bus import publish_raw
 from events.meta import delivery
+from events.pull import Puller
 from events.subjects import CMD_STREAM, command_subject, event_subject
 from events.topology import open_fold_consumer
 from orchestrator.deciders import STATE_TYPES
@@ -65,17 +65,14 @@ class PartitionWorker:
         await self._relay_leftovers()
         name = await open_fold_consumer(self.js, p, self.lease.epoch, self.checkpoint,
                                         max_pending=self.config.batch)
-        sub = await self.js.pull_subscribe_bind(durable=name, stream=CMD_STREAM)
+        sub = Puller(self.js._nc, CMD_STREAM, name)
         self.log.info("partition_started", checkpoint=self.checkpoint)
         relayed = 0  # outbox rows up to this seq are published, and not yet deleted
         # The previous batch's outbox, still being published while this one is folded.
         relaying: asyncio.Task[int] | None = None
         try:
             while True:
-                try:
-                    msgs = await sub.fetch(self.config.batch, timeout=self.config.idle_s)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    msgs = []
+                msgs = await sub.fetch(self.config.batch, self.config.idle_s)
                 if msgs:
                     outbox = await self._fold_and_commit(msgs, relayed)
                     relayed = 0  # that commit deleted them
@@ -93,7 +90,7 @@ class PartitionWorker:
         finally:
             if relaying is not None:
                 relaying.cancel()
-            await sub.unsubscribe()
+            await sub.close()
 
     async def _relay(self, outbox: list[tuple], upto: int) -> int:
         await publish_raw(self.js, ((s, d, m) for _, _, _, s, m, d in outbox))

@@ -12,6 +12,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from events.bus import Publisher, read_stream
+from events.pull import ConsumerGone
 from events.subjects import CMD_STREAM, EVT_STREAM, JOB_STREAM, partition_of
 from orchestrator.fold import fold_message
 from orchestrator.partition import PartitionWorker, WorkerConfig
@@ -117,7 +118,7 @@ async def test_stale_owner_is_fenced_and_cannot_fetch(env: Env, js, store: Store
     b = PartitionWorker(js, store, "b", new, cfg)
     b_task = asyncio.create_task(b.run())
     try:
-        with pytest.raises((nats.errors.Error, Fenced)):
+        with pytest.raises((nats.errors.Error, Fenced, ConsumerGone)):
             await asyncio.wait_for(a_task, 10)
     finally:
         b_task.cancel()
