@@ -51,3 +51,38 @@ CREATE TABLE IF NOT EXISTS replicas (
     id    text PRIMARY KEY,
     seen  timestamptz NOT NULL
 );
+
+-- One folded batch, all or nothing, in one round trip: the partition row is locked first,
+-- so a takeover waits for this commit or fences it. Returns NULL, or why it is fenced.
+CREATE OR REPLACE FUNCTION commit_batch(
+    p int, me text, my_epoch bigint, expected bigint, new_checkpoint bigint, relayed bigint,
+    e_kind text[], e_id text[], e_state jsonb[], e_seq bigint[],
+    h_seq bigint[], h_kind text[], h_id text[], h_outcome jsonb[],
+    o_seq bigint[], o_n int[], o_subject text[], o_msg_id text[], o_payload bytea[],
+    d_seq bigint[], d_subject text[], d_reason text[], d_payload bytea[], d_at timestamptz[]
+) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    current bigint;
+BEGIN
+    SELECT checkpoint INTO current FROM partitions
+    WHERE partition = p AND owner = me AND epoch = my_epoch AND lease_until > now()
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN format('partition %s epoch %s is not ours', p, my_epoch);
+    END IF;
+    IF current <> expected THEN
+        RETURN format('partition %s checkpoint is %s, expected %s', p, current, expected);
+    END IF;
+    INSERT INTO entities (kind, id, state, last_seq)
+    SELECT * FROM unnest(e_kind, e_id, e_state, e_seq)
+    ON CONFLICT (kind, id) DO UPDATE
+    SET state = EXCLUDED.state, last_seq = EXCLUDED.last_seq, updated_at = now();
+    INSERT INTO history SELECT * FROM unnest(h_seq, h_kind, h_id, h_outcome);
+    INSERT INTO outbox SELECT p, * FROM unnest(o_seq, o_n, o_subject, o_msg_id, o_payload);
+    INSERT INTO dead_letters SELECT * FROM unnest(d_seq, d_subject, d_reason, d_payload, d_at);
+    IF relayed > 0 THEN
+        DELETE FROM outbox WHERE partition = p AND seq <= relayed;
+    END IF;
+    UPDATE partitions SET checkpoint = new_checkpoint WHERE partition = p;
+    RETURN NULL;
+END $$;

@@ -138,39 +138,16 @@ class Store:
     async def commit(self, replica: str, lease: Lease, expected_checkpoint: int,
                      batch: Batch) -> None:
         """Write a folded batch and move the checkpoint, or raise Fenced and write nothing."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Locking the partition row first: a takeover waits for this commit, or fences it.
-            checkpoint = await conn.fetchval(
-                "SELECT checkpoint FROM partitions WHERE partition = $1 AND owner = $2"
-                " AND epoch = $3 AND lease_until > now() FOR UPDATE",
-                lease.partition, replica, lease.epoch,
-            )
-            if checkpoint is None:
-                raise Fenced(f"partition {lease.partition} epoch {lease.epoch} is not ours")
-            if checkpoint != expected_checkpoint:
-                raise Fenced(f"partition {lease.partition} checkpoint is {checkpoint}, "
-                             f"expected {expected_checkpoint}")
-            if batch.entities:
-                await conn.execute(
-                    """
-                    INSERT INTO entities (kind, id, state, last_seq)
-                    SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::bigint[])
-                    ON CONFLICT (kind, id) DO UPDATE
-                    SET state = EXCLUDED.state, last_seq = EXCLUDED.last_seq, updated_at = now()
-                    """,
-                    *zip(*batch.entities, strict=True),
-                )
-            if batch.history:
-                await conn.copy_records_to_table("history", records=batch.history)
-            if batch.outbox:
-                await conn.copy_records_to_table("outbox", records=batch.outbox)
-            if batch.dead_letters:
-                await conn.copy_records_to_table("dead_letters", records=batch.dead_letters)
-            if batch.relayed_upto:
-                await conn.execute("DELETE FROM outbox WHERE partition = $1 AND seq <= $2",
-                                   lease.partition, batch.relayed_upto)
-            await conn.execute("UPDATE partitions SET checkpoint = $2 WHERE partition = $1",
-                               lease.partition, batch.checkpoint)
+        fenced = await self.pool.fetchval(
+            "SELECT commit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+            " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
+            lease.partition, replica, lease.epoch, expected_checkpoint, batch.checkpoint,
+            batch.relayed_upto,
+            *_columns(batch.entities, 4), *_columns(batch.history, 4),
+            *_columns([row[1:] for row in batch.outbox], 5), *_columns(batch.dead_letters, 5),
+        )
+        if fenced is not None:
+            raise Fenced(fenced)
 
     async def pending_outbox(self, partition: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(
@@ -182,6 +159,11 @@ class Store:
     async def delete_outbox(self, partition: int, upto_seq: int) -> None:
         await self.pool.execute("DELETE FROM outbox WHERE partition = $1 AND seq <= $2",
                                 partition, upto_seq)
+
+
+def _columns(rows: list[Row], width: int) -> list[list[Any]]:
+    """Rows to columns, as the arrays commit_batch unnests."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[]] * width
 
 
 async def connect_pg(dsn: str, schema: str = "public") -> asyncpg.Connection:
