@@ -21,8 +21,9 @@ from tenacity import (
 from events.meta import pending as pending_of
 from events.pipeline import Frame, Pipeline, PubAck
 from events.subjects import command_subject
-from schemas.codec import decode_command, encode
-from schemas.commands import Command
+from schemas.codec import CommandError, decode_command, encode
+from schemas.commands import FOLLOW_UP_PREFIX, Command
+from schemas.ids import SYSTEM
 
 log = structlog.get_logger()
 
@@ -67,6 +68,9 @@ class Publisher:
 
     @staticmethod
     def _frame(source: str, cmd: Command) -> tuple[str, bytes, dict[str, str]]:
+        if source != SYSTEM and cmd.cmd_id.startswith(FOLLOW_UP_PREFIX):
+            # Its Nats-Msg-Id could shadow a follow-up command within the dedupe window.
+            raise CommandError(f"cmd_id prefix {FOLLOW_UP_PREFIX!r} is reserved at `$.cmd_id`")
         data = encode(cmd)
         decode_command(data)  # never append what the fold would reject as malformed
         return command_subject(source, cmd.kind, cmd.id), data, {"Nats-Msg-Id": cmd.cmd_id}

@@ -267,3 +267,5 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     cls.__name__: cls for cls in AnyCommand.__args__  # type: ignore[attr-defined]
 }
 SCHEDULER_ID = "default"
+# Idempotency keys of the commands the fold itself sends: fx-<stream seq>-<n>.
+FOLLOW_UP_PREFIX = "fx-"

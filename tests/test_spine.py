@@ -18,7 +18,7 @@ from orchestrator.fold import fold_message
 from orchestrator.partition import PartitionWorker, WorkerConfig
 from orchestrator.replica import Replica, ReplicaConfig
 from orchestrator.store import Batch, Fenced, Store
-from schemas.codec import command_from_dict
+from schemas.codec import CommandError, command_from_dict
 from schemas.jobs import Job
 from tests.conftest import PARTITIONS, Env, eventually
 
@@ -93,6 +93,15 @@ async def test_duplicate_publish_is_stored_once(js) -> None:
     again = await pub.publish(source, command)
     assert again.duplicate and again.seq == first.seq
     assert (await js.stream_info(CMD_STREAM)).state.messages == 1
+
+
+async def test_follow_up_keys_are_reserved(js: JetStreamContext) -> None:
+    """A user's cmd_id must not shadow (by dedupe) a follow-up command of the fold."""
+    source, command = cmd("user", type="CreateNetwork", id="n1", vni=1, cidr="10.1.0.0/24",
+                          cmd_id="fx-1-0")
+    with pytest.raises(CommandError, match="reserved"):
+        await Publisher(js).publish(source, command)
+    assert (await js.stream_info(CMD_STREAM)).state.messages == 0
 
 
 async def test_stale_owner_is_fenced_and_cannot_fetch(env: Env, js, store: Store, pg) -> None:

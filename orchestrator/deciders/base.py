@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.commands import Command
+from schemas.commands import FOLLOW_UP_PREFIX, Command
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +22,7 @@ class Ctx:
 
     def key(self, n: int) -> str:
         """Idempotency key of the n-th follow-up command: stable across replays and relays."""
-        return f"fx-{self.seq}-{n}"
+        return f"{FOLLOW_UP_PREFIX}{self.seq}-{n}"
 
 
 class Event(msgspec.Struct, frozen=True):
