@@ -1,17 +1,27 @@
 """`orch demo` (what `make demo` runs): a short scenario on a private stack, then teardown.
 
 Everything runs here: an embedded nats-server and PostgreSQL under ``root``, one
-orchestrator replica as an asyncio task, and a publisher. Commands are sent in phases and
-the projection must settle between phases, because some commands depend on follow-ups of
-earlier ones that live in other partitions (the scheduler must know the hosts before an
-instance asks for a place; an instance must have joined its network before the network's
-deletion can be refused because of it).
+orchestrator replica as an asyncio task, a publisher, and two agent processes (hosts h1
+and h2, each with a private in-memory libvirt ``test:///`` hypervisor). The agents are
+separate programs (``python -m agents``): the orchestrator and the agents meet only on the
+bus. Commands are sent in phases and the projection must settle between phases, because
+some commands depend on follow-ups of earlier ones that live in other partitions (the
+scheduler must know the hosts before an instance asks for a place; an instance must have
+joined its network before the network's deletion can be refused because of it). At the
+end every instance must be applied by its agent, and each agent is asked what its
+hypervisor really runs.
 """
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,21 +32,27 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from events.bus import Publisher, publish_raw
-from events.subjects import CMD_STREAM, command_subject
+from events.subjects import CMD_STREAM, command_subject, inventory_subject
 from events.topology import ensure_topology
 from orchestrator import queries, render
-from orchestrator.embedded import Stack, read_stack_file
+from orchestrator.embedded import Stack, StackInfo, read_stack_file
 from orchestrator.replica import Replica, ReplicaConfig
 from orchestrator.store import connect_pg
 from schemas.codec import command_from_dict
 
 DEMO_TIMEOUT_S = 60.0
 SHOWN_KINDS = ("host", "instance", "network", "pool", "lb")
+AGENT_HOSTS = ("h1", "h2")
+AGENT_RESYNC_S = 5.0
+AGENT_STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this
+INVENTORY_TIMEOUT_S = 5.0
+AGENTS_DIR = "agents"  # under the demo directory: the agents' logs and their temp files
 # What a stale demo directory (a run that was killed) may contain; anything else is not ours.
-_DEMO_ENTRIES = {"nats", "pg", "stack.json", "stack.json.tmp"}
+_DEMO_ENTRIES = {"nats", "pg", "stack.json", "stack.json.tmp", AGENTS_DIR}
 
 
 class DemoError(RuntimeError):
@@ -51,8 +67,9 @@ class Step:
     raw_kind: str | None = None
 
 
-_WEB = {"vcpus": 1, "memory_mib": 512, "image": "nginx-1.27"}
-_VM1 = {"vcpus": 2, "memory_mib": 2048, "image": "debian-12", "nics": [{"network": "net1"}]}
+_WEB = {"vcpus": 1, "memory_mib": 512, "image": "tiny"}
+_VM1 = {"vcpus": 2, "memory_mib": 2048, "image": "tiny", "nics": [{"network": "net1"}]}
+STOPPED = {"vm1": "stopped"}  # what the scenario stops: it must be observed so
 
 PHASES: list[tuple[str, list[Step]]] = [
     ("register two hosts", [
@@ -79,6 +96,95 @@ PHASES: list[tuple[str, list[Step]]] = [
 ]
 
 
+# ---- the agents: child processes, always terminated ---------------------------------
+
+
+class AgentProcesses:
+    """One `python -m agents` process per host, each in its own session.
+
+    Own session: a Ctrl-C aimed at the demo does not reach them, so the demo stops them
+    itself, in order (SIGTERM to the process group, SIGKILL after a grace period).
+    """
+
+    def __init__(self, directory: Path, hosts: tuple[str, ...] = AGENT_HOSTS) -> None:
+        self.directory = directory
+        self.hosts = hosts
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def log_path(self, host: str) -> Path:
+        return self.directory / f"{host}.log"
+
+    def start(self, nats_url: str) -> None:
+        tmp = self.directory / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        # `--libvirt test` writes its node file to a temp dir: keep it in the demo directory.
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        for host in self.hosts:
+            argv = [sys.executable, "-m", "agents", "--host", host, "--nats", nats_url,
+                    "--libvirt", "test", "--resync", str(AGENT_RESYNC_S)]
+            with self.log_path(host).open("ab") as log:
+                self.procs[host] = subprocess.Popen(
+                    argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check(self) -> None:
+        """Raise DemoError if an agent has exited (they should run until stopped)."""
+        for host, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = _last_line(self.log_path(host))
+                raise DemoError(f"the agent of {host} exited with code {proc.returncode}"
+                                f" ({self.log_path(host)}: {tail})")
+
+    def stop(self, grace_s: float = AGENT_STOP_GRACE_S) -> list[str]:
+        """Stop every agent; return the hosts whose agent had to be SIGKILLed."""
+        for proc in self.procs.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        killed = []
+        for host, proc in self.procs.items():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            if proc.poll() is None:
+                killed.append(host)
+            # Whatever is left in its group (it, or a helper it started) goes now.
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        return killed
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # After it exits (and is reaped) its pid may be reused: only signal a live child.
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError as exc:
+        return f"log unreadable: {exc}"
+    return lines[-1] if lines else "log empty"
+
+
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """Teardown must finish: a second Ctrl-C would leave servers and agents behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT,
+                                                                     signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- the run ------------------------------------------------------------------------
+
+
 def _prepare(root: Path) -> None:
     here = Path.cwd()
     if root.resolve() == here or root.resolve() in here.parents:
@@ -97,6 +203,7 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
     _prepare(root)
     made_parent = not root.parent.exists()
     stack = Stack(root)
+    agents = AgentProcesses(root / AGENTS_DIR)
     try:
         console.print(f"[bold]orch demo[/]: starting nats-server and PostgreSQL in {root}")
         try:
@@ -104,43 +211,76 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
         except (RuntimeError, OSError) as exc:
             raise DemoError(f"the embedded stack did not start: {exc}".splitlines()[0]) from None
         console.print(f"  nats  {info.nats_url}\n  pg    {info.pg_dsn}")
-        asyncio.run(_scenario(info.nats_url, info.pg_dsn, console, timeout_s))
+        agents.start(info.nats_url)
+        console.print(f"  agents {', '.join(agents.hosts)} (libvirt test:///, one private"
+                      f" hypervisor each; logs in {agents.directory})")
+        asyncio.run(_scenario(info, agents, console, timeout_s))
     finally:
-        stack.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        if made_parent:
-            with contextlib.suppress(OSError):  # only if still empty
-                root.parent.rmdir()
-    console.print("stack stopped, demo directory removed")
+        with _uninterruptible():
+            killed = agents.stop()
+            if killed:
+                console.print(f"agents {', '.join(killed)} did not exit within"
+                              f" {AGENT_STOP_GRACE_S:.0f} s of SIGTERM: killed", style="dim")
+            stack.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            if made_parent:
+                with contextlib.suppress(OSError):  # only if still empty
+                    root.parent.rmdir()
+    console.print("agents and stack stopped, demo directory removed")
 
 
-async def _scenario(nats_url: str, pg_dsn: str, console: Console, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+@dataclass(slots=True)
+class Watch:
+    """What must stay alive while the demo waits, and the time it has left."""
+
+    replica: asyncio.Task[None]
+    agents: AgentProcesses
+    deadline: float
+    timeout_s: float
+
+    def check(self) -> None:
+        if self.replica.done():
+            exc = None if self.replica.cancelled() else self.replica.exception()
+            raise DemoError(f"the orchestrator replica stopped: {exc!r}")
+        self.agents.check()
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+async def _scenario(info: StackInfo, agents: AgentProcesses, console: Console,
+                    timeout_s: float) -> None:
     stop = asyncio.Event()
-    replica = Replica(ReplicaConfig(nats_url, pg_dsn, replica_id="demo", tick_s=0.2))
+    replica = Replica(ReplicaConfig(info.nats_url, info.pg_dsn, replica_id="demo", tick_s=0.2))
     replica_task = asyncio.create_task(replica.run(stop), name="replica")
+    watch = Watch(replica_task, agents, time.monotonic() + timeout_s, timeout_s)
     nc: Client | None = None
     conn: asyncpg.Connection | None = None
     try:
-        nc = await nats.connect(nats_url, name="orch-demo", connect_timeout=5)
+        nc = await nats.connect(info.nats_url, name="orch-demo", connect_timeout=5)
         js = nc.jetstream()
         await ensure_topology(js)
-        conn = await connect_pg(pg_dsn)
+        conn = await connect_pg(info.pg_dsn)
         publisher = Publisher(js)
         for n, (title, steps) in enumerate(PHASES, 1):
             console.print(f"\n[bold]{n}. {title}[/]")
             for i, step in enumerate(steps):
                 await _publish(js, publisher, step, f"demo-{n}-{i}", console)
-            folded = await _settle(js, conn, replica_task, deadline, timeout_s)
+            folded = await _settle(js, conn, watch)
             console.print(f"  settled: {folded} commands folded (follow-ups included)")
-        await _show(conn, console)
+        console.print(f"\n[bold]{len(PHASES) + 1}. the agents apply what is wanted[/]")
+        applied = await _converge(conn, watch)
+        stopped = ", ".join(f"{i} observed {p}" for i, p in STOPPED.items())
+        console.print(f"  converged: {applied} instances applied by their agents ({stopped})")
+        await _settle(js, conn, watch)
+        await _show(nc, conn, console)
     finally:
         stop.set()
         try:
             await asyncio.wait_for(replica_task, 15)
         except TimeoutError:
             pass  # wait_for has cancelled it
-        except Exception:  # its failure was already reported by _settle
+        except Exception:  # its failure was already reported by Watch.check
             pass
         if conn is not None:
             await conn.close()
@@ -179,8 +319,7 @@ async def _folded(js: JetStreamContext, conn: asyncpg.Connection) -> tuple[int, 
     return stored, row["folded"], row["outbox"]
 
 
-async def _settle(js: JetStreamContext, conn: asyncpg.Connection,
-                  replica_task: asyncio.Task[None], deadline: float, timeout_s: float) -> int:
+async def _settle(js: JetStreamContext, conn: asyncpg.Connection, watch: Watch) -> int:
     """Wait until every stored command is folded and every follow-up relayed, twice running.
 
     An empty outbox means every follow-up was published (rows go only after their acks),
@@ -188,24 +327,83 @@ async def _settle(js: JetStreamContext, conn: asyncpg.Connection,
     """
     streak = 0
     while True:
-        if replica_task.done():
-            exc = None if replica_task.cancelled() else replica_task.exception()
-            raise DemoError(f"the orchestrator replica stopped: {exc!r}")
+        watch.check()
         stored, folded, outbox = await _folded(js, conn)
         streak = streak + 1 if stored and folded == stored and outbox == 0 else 0
         if streak >= 2:
             return folded
-        if time.monotonic() > deadline:
-            raise DemoError(f"did not converge within {timeout_s:.0f} s: {folded} of {stored}"
-                            f" commands folded, {outbox} outbox rows pending")
+        if watch.expired():
+            raise DemoError(f"did not converge within {watch.timeout_s:.0f} s: {folded} of"
+                            f" {stored} commands folded, {outbox} outbox rows pending")
         await asyncio.sleep(0.2)
 
 
-async def _show(conn: asyncpg.Connection, console: Console) -> None:
+def _applied(id_: str, state: dict[str, Any]) -> bool:
+    if state["status"] == "deleted" or state.get("host") is None:
+        return True  # nothing for an agent to do, or not yet placed (shown as such)
+    if state["observed_generation"] != state["generation"]:
+        return False
+    return id_ not in STOPPED or state.get("observed") == STOPPED[id_]
+
+
+def _lagging(states: dict[str, dict[str, Any]]) -> list[str]:
+    """Instances whose agent has not yet applied what is wanted of them, by id."""
+    return [id_ for id_, state in sorted(states.items()) if not _applied(id_, state)]
+
+
+async def _converge(conn: asyncpg.Connection, watch: Watch) -> int:
+    """Wait until every placed instance is applied; return how many there are."""
+    while True:
+        watch.check()
+        rows = await queries.list_entities(conn, "instance")
+        states = {r.id: r.state for r in rows}
+        late = _lagging(states)
+        if states and not late:
+            return sum(1 for s in states.values() if s.get("host") and s["status"] != "deleted")
+        if watch.expired():
+            raise DemoError(f"the agents did not apply within {watch.timeout_s:.0f} s:"
+                            f" {', '.join(late) or 'no instances'} not converged")
+        await asyncio.sleep(0.1)
+
+
+async def _inventory(nc: Client, host: str) -> dict[str, str] | str:
+    """What the host's hypervisor runs, as its agent observes it, or why it is unknown."""
+    try:
+        reply = await nc.request(inventory_subject(host), b"", timeout=INVENTORY_TIMEOUT_S)
+    except (TimeoutError, nats.errors.Error) as exc:
+        return f"no answer from the agent of {host}: {type(exc).__name__}"
+    inventory: dict[str, str] = msgspec.json.decode(reply.data, type=dict[str, str])
+    return inventory
+
+
+def _inventory_table(host: str, inventory: dict[str, str],
+                     states: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title=f"libvirt on {host}", title_justify="left", header_style="bold")
+    for column in ("domain", "libvirt", "wanted"):
+        table.add_column(column)
+    wanted = {i: s["power"] for i, s in states.items()
+              if s.get("host") == host and s["status"] != "deleted"}
+    for id_ in sorted(inventory.keys() | wanted.keys()):
+        real, want = inventory.get(id_, "absent"), wanted.get(id_, "absent")
+        table.add_row(f"orch-{id_}", Text(real, style="green" if real == want else "bold red"),
+                      want)
+    return table
+
+
+async def _show(nc: Client, conn: asyncpg.Connection, console: Console) -> None:
     console.print("\n[bold]state of the world[/]")
     for kind in SHOWN_KINDS:
         rows = await queries.list_entities(conn, kind)
         console.print(render.entity_table(kind, rows, title=f"{kind}s"))
+    states = {r.id: r.state for r in await queries.list_entities(conn, "instance")}
+    console.print("\n[bold]what the hypervisors really run[/] (each agent asked on"
+                  f" {inventory_subject('<host>')})")
+    for host in AGENT_HOSTS:
+        inventory = await _inventory(nc, host)
+        if isinstance(inventory, str):
+            console.print(inventory, style="red")
+        else:
+            console.print(_inventory_table(host, inventory, states))
     for kind, id_ in (("instance", "vm1"), ("network", "net1")):
         console.print(f"\n[bold]timeline of {kind}/{id_}[/]")
         console.print(render.timeline(await queries.timeline(conn, kind, id_)))
