@@ -2,6 +2,8 @@
 
 import asyncio
 import signal
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,23 +36,26 @@ def main(
         typer.echo(f"error: invalid host name {host!r}: must match {ID_PATTERN}", err=True)
         raise typer.Exit(2)
     logs.configure(log_level, json=True)
-    uri = test_node_uri(host) if libvirt_uri == "test" else libvirt_uri
+    with tempfile.TemporaryDirectory(prefix=f"orch-{host}-") as scratch:
+        uri = test_node_uri(host, Path(scratch)) if libvirt_uri == "test" else libvirt_uri
+        _run(AgentConfig(nats, host, uri, heartbeat_s=heartbeat, resync_s=resync,
+                         concurrency=concurrency), bridge)
 
+
+def _run(config: AgentConfig, bridge: str | None) -> None:
     def driver() -> VmDriver:
         guest = None
-        if uri.startswith("qemu"):
+        if config.libvirt_uri.startswith("qemu"):
             from agents.guest import build_guest_image  # reads the kernel: only for qemu
 
             guest = build_guest_image()
-        return VmDriver(uri, host, guest=guest, bridge=bridge)
+        return VmDriver(config.libvirt_uri, config.host, guest=guest, bridge=bridge)
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        config = AgentConfig(nats, host, uri, heartbeat_s=heartbeat, resync_s=resync,
-                             concurrency=concurrency)
         await Agent(config, driver).run(stop)
 
     asyncio.run(run())

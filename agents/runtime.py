@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
-import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -32,6 +31,7 @@ from tenacity import (
 from agents.drivers.vm import PermanentDriverError, TransientDriverError, VmDriver
 from events.bus import Publisher, connect, read_stream
 from events.heartbeats import beat
+from events.pull import Puller
 from events.subjects import JOB_STREAM, inventory_subject, job_filter
 from events.topology import ensure_topology
 from schemas import commands as c
@@ -52,6 +52,25 @@ class AgentConfig:
     concurrency: int = 8
     retries: int = 3  # attempts for transient driver errors before reporting Failed
     in_progress_s: float = 5.0  # how often a long apply tells JetStream it is still at it
+
+
+class KeepAlive:
+    """Tells JetStream a long apply is still in progress, so the job is not redelivered.
+
+    A timer, not a task: most applies end long before the first tick.
+    """
+
+    def __init__(self, msg: Msg, every_s: float) -> None:
+        self._msg, self._every_s = msg, every_s
+        self._handle = asyncio.get_running_loop().call_later(every_s, self._tick)
+        self._sending: asyncio.Task[None] | None = None
+
+    def _tick(self) -> None:
+        self._sending = asyncio.create_task(self._msg.in_progress())
+        self._handle = asyncio.get_running_loop().call_later(self._every_s, self._tick)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class KeyedLocks:
@@ -102,7 +121,7 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await inventory.unsubscribe()
-            await nc.drain()
+            await nc.close()  # jobs cut short stay unacked: they come back, and apply is idempotent
             await asyncio.to_thread(self.driver.close)
             self.log.info("agent_stopped")
 
@@ -127,18 +146,17 @@ class Agent:
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=30.0, max_deliver=-1, max_ack_pending=self.config.concurrency * 4,
         ))
-        sub = await js.pull_subscribe_bind(durable=durable, stream=JOB_STREAM)
+        sub = Puller(js._nc, JOB_STREAM, durable)  # the context's own connection
         running: set[asyncio.Task[None]] = set()
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(self.config.concurrency * 2, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            for msg in msgs:
-                await self.slots.acquire()
-                task = asyncio.create_task(self._handle(msg))
-                running.add(task)
-                task.add_done_callback(running.discard)
+        try:
+            while not stop.is_set():
+                for msg in await sub.fetch(self.config.concurrency * 2, 1.0):
+                    await self.slots.acquire()
+                    task = asyncio.create_task(self._handle(msg))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+        finally:
+            await sub.close()
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -156,12 +174,12 @@ class Agent:
 
     async def _converge(self, job: Job, msg: Msg | None) -> None:
         """Apply one job (from the bus, or from a resync when ``msg`` is None) and report."""
-        jlog = self.log.bind(entity=f"{job.kind}/{job.id}", generation=job.generation,
-                             attempt=job.attempt)
+        entity = f"{job.kind}/{job.id}"
         if job.generation < self.applied.get(job.id, 0):
-            jlog.info("job_stale", applied=self.applied[job.id])
+            self.log.info("job_stale", entity=entity, generation=job.generation,
+                          applied=self.applied[job.id])
             return
-        keepalive = asyncio.create_task(self._keep_alive(msg)) if msg else None
+        keepalive = KeepAlive(msg, self.config.in_progress_s) if msg else None
         tried = 0
         try:
             async for attempt in AsyncRetrying(
@@ -175,7 +193,8 @@ class Agent:
                     observed = await asyncio.to_thread(
                         self.driver.apply, job.id, job.spec, job.generation)
         except (TransientDriverError, PermanentDriverError) as exc:
-            jlog.warning("apply_failed", error=str(exc), tries=tried)
+            self.log.warning("apply_failed", entity=entity, generation=job.generation,
+                             attempt=job.attempt, error=str(exc), tries=tried)
             await self._report(c.Failed(
                 cmd_id=f"failed-{self.host}-{job.id}-{job.generation}-{job.attempt}",
                 id=job.id, generation=job.generation, error=str(exc), attempt=job.attempt + 1))
@@ -189,12 +208,8 @@ class Agent:
             await self._report(c.Applied(
                 cmd_id=f"applied-{self.host}-{job.id}-{job.generation}-{job.attempt}",
                 id=job.id, generation=job.generation, observed=observed))
-            jlog.info("applied", observed=observed)
-
-    async def _keep_alive(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(self.config.in_progress_s)
-            await msg.in_progress()
+            self.log.debug("applied", entity=entity, generation=job.generation,
+                           observed=observed)
 
     async def _report(self, cmd: c.Command) -> None:
         await self.publisher.publish(self.host, cmd)

@@ -55,11 +55,17 @@ class Puller:
         msgs, self._msgs = self._msgs, []
         return msgs
 
+    async def ready(self, batch: int) -> list[Msg]:
+        """Up to ``batch`` messages that are there now, without waiting for more."""
+        return await self._request(batch, None)
+
     async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
         """Up to ``batch`` messages: what is there now, else the next ones within timeout."""
         msgs = await self._request(batch, None)
-        if msgs:
-            return msgs
+        return msgs or await self.wait(batch, timeout_s)
+
+    async def wait(self, batch: int, timeout_s: float) -> list[Msg]:
+        """The next message within timeout, and up to ``batch - 1`` that came with it."""
         first = await self._request(1, timeout_s)
         if not first or batch == 1:
             return first

@@ -72,21 +72,23 @@ class PartitionWorker:
         relaying: asyncio.Task[int] | None = None
         try:
             while True:
-                msgs = await sub.fetch(self.config.batch, self.config.idle_s)
-                if msgs:
-                    outbox = await self._fold_and_commit(msgs, relayed)
-                    relayed = 0  # that commit deleted them
-                    if relaying is not None:  # in order: batch k is out before k + 1
+                msgs = await sub.ready(self.config.batch)
+                if not msgs:
+                    # Idle: finish relaying, delete what no next commit will delete for free.
+                    if relaying is not None:
                         relayed, relaying = await relaying, None
-                    if outbox:
-                        relaying = asyncio.create_task(self._relay(outbox, self.checkpoint))
-                    if len(msgs) == self.config.batch:
-                        continue  # more is waiting: the next commit deletes them for free
-                if relaying is not None:
+                    if relayed:
+                        await self.store.delete_outbox(p, relayed)
+                        relayed = 0
+                    msgs = await sub.wait(self.config.batch, self.config.idle_s)
+                    if not msgs:
+                        continue
+                outbox = await self._fold_and_commit(msgs, relayed)
+                relayed = 0  # that commit deleted them
+                if relaying is not None:  # in order: batch k is out before k + 1
                     relayed, relaying = await relaying, None
-                if relayed:
-                    await self.store.delete_outbox(p, relayed)
-                    relayed = 0
+                if outbox:
+                    relaying = asyncio.create_task(self._relay(outbox, self.checkpoint))
         finally:
             if relaying is not None:
                 relaying.cancel()

@@ -42,9 +42,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pooled connections keep no session state (no locks, no LISTEN, no SET): skip the
+    reset query asyncpg would run on every release (open transactions still roll back)."""
+
+
 async def create_pool(dsn: str, schema: str = "public", size: int = 4) -> asyncpg.Pool:
     return await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size, init=_init_connection,
+        dsn, min_size=1, max_size=size, init=_init_connection, reset=_keep_session,
         server_settings={"search_path": schema, "application_name": "orch"},
     )
 
