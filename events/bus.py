@@ -1,8 +1,9 @@
 """Connecting to the bus, publishing commands, and reading a stream in order."""
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats
 import structlog
@@ -26,6 +27,7 @@ from schemas.commands import FOLLOW_UP_PREFIX, Command
 from schemas.ids import SYSTEM
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 
 async def connect(url: str, name: str) -> Client:
@@ -44,13 +46,25 @@ def _transient(exc: BaseException) -> bool:
                             asyncio.TimeoutError))
 
 
-def _retrying(deadline_s: float) -> AsyncRetrying:
-    return AsyncRetrying(
+async def retried(call: Callable[[], Awaitable[T]], deadline_s: float) -> T:
+    """``call()``, retried with backoff while its failures are transient.
+
+    The first try runs bare: building a retry loop costs more than a publish does.
+    """
+    try:
+        return await call()
+    except Exception as exc:
+        if not _transient(exc):
+            raise
+    async for attempt in AsyncRetrying(
         retry=retry_if_exception(_transient),
         wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
         stop=stop_after_delay(deadline_s),
         reraise=True,
-    )
+    ):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable: tenacity reraises")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +91,9 @@ class Publisher:
 
     async def publish(self, source: str, cmd: Command) -> Published:
         subject, data, headers = self._frame(source, cmd)
-        async for attempt in _retrying(self._deadline_s):
-            with attempt:
-                ack = await self._js.publish(subject, data, headers=headers, timeout=5)
-        return Published(ack.seq, bool(ack.duplicate))
+        [ack] = await publish_raw(self._js, [(subject, data, headers["Nats-Msg-Id"])],
+                                  self._deadline_s)
+        return Published(ack.seq, ack.duplicate)
 
     async def publish_many(self, items: Iterable[tuple[str, Command]],
                            window: int = 2000) -> list[Published]:
@@ -100,10 +113,7 @@ async def publish_raw(js: JetStreamContext, frames: Iterable[Frame],
     """Publish encoded messages (subject, payload, msg id) in order and await every ack."""
     frames = list(frames)
     pipeline = Pipeline.of(js._nc)
-    async for attempt in _retrying(deadline_s):
-        with attempt:
-            acks = await pipeline.publish(frames)
-    return acks
+    return await retried(lambda: pipeline.publish(frames), deadline_s)
 
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str, *, start_seq: int = 1,
