@@ -25,13 +25,12 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -42,18 +41,19 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
+from proctree import proc_stats, tree_cpu_seconds
 
 from events.bus import Publisher, connect
 from events.heartbeats import read_heartbeats
 from events.subjects import command_subject, event_subject
 from events.topology import ensure_topology
+from orchestrator.children import Children, uninterruptible
 from orchestrator.embedded import Stack, StackInfo
 from orchestrator.store import connect_pg
 from schemas.codec import command_from_dict, encode
 from schemas.commands import Command, StartInstance, StopInstance
 from schemas.outcomes import Outcome
 
-ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ("h1", "h2", "h3")
 TINY = {"vcpus": 1, "memory_mib": 128, "image": "tiny"}
 HOST_MEMORY_MIB = 1 << 20  # 1 TiB each: room for every tiny instance
@@ -80,67 +80,12 @@ def say(line: str = "") -> None:
 # ---- child processes --------------------------------------------------------------------
 
 
-class Children:
-    """The replica and the agents: own sessions, logs in files, always stopped."""
-
-    def __init__(self, workdir: Path, info: StackInfo) -> None:
-        self.workdir = workdir
-        tmp = workdir / "agent-tmp"  # `--libvirt test` puts its node file in a temp dir
-        tmp.mkdir(exist_ok=True)
-        self.env = {**os.environ, "ORCH_NATS_URL": info.nats_url, "ORCH_PG_DSN": info.pg_dsn,
-                    "TMPDIR": str(tmp)}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def log_path(self, name: str) -> Path:
-        return self.workdir / f"{name}.log"
-
-    def start(self, name: str, *args: str) -> None:
-        with self.log_path(name).open("ab") as log:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", *args], env=self.env, cwd=ROOT,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-    def replica(self, replica_id: str) -> None:
-        self.start(replica_id, "orchestrator.cli", "orchestrator", "--id", replica_id)
-
-    def agent(self, host: str, libvirt_uri: str = "test", *extra: str) -> None:
-        self.start(f"agent-{host}", "agents", "--host", host, "--libvirt", libvirt_uri, *extra)
-
-    def check(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode};"
-                                   f" {self.log_path(name)}:\n{self.log_tail(name)}")
-
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        try:
-            text = self.log_path(name).read_text(errors="replace")
-        except OSError as exc:
-            return f"(log unreadable: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, grace_s: float = CHILD_STOP_GRACE_S) -> list[str]:
-        """SIGTERM every child's group, SIGKILL what is left after grace_s; who was killed."""
-        live = {name: p for name, p in self.procs.items() if p.poll() is None}
-        for proc in live.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        killed = []
-        for name, proc in live.items():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            if proc.poll() is None:
-                killed.append(name)
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-        return killed
+def start_replica(children: Children, replica_id: str) -> None:
+    children.start(replica_id, "orchestrator.cli", "orchestrator", "--id", replica_id)
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    if proc.poll() is None:  # a reaped child's pid may belong to someone else by now
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
+def start_agent(children: Children, host: str, libvirt_uri: str = "test", *extra: str) -> None:
+    children.start(f"agent-{host}", "agents", "--host", host, "--libvirt", libvirt_uri, *extra)
 
 
 # ---- waiting ----------------------------------------------------------------------------
@@ -201,31 +146,6 @@ async def generations(conn: asyncpg.Connection) -> dict[str, int]:
 # ---- CPU accounting ---------------------------------------------------------------------
 
 
-def _proc_stats() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, user + system CPU ticks) of every live process (Linux /proc)."""
-    found: dict[int, tuple[int, int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # exited meanwhile
-            continue
-        fields = text[text.rindex(")") + 2:].split()  # from field 3, the state, on
-        found[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    return found
-
-
-def _tree_ticks(stats: dict[int, tuple[int, int]], root: int) -> int:
-    children: dict[int, list[int]] = defaultdict(list)
-    for pid, (ppid, _) in stats.items():
-        children[ppid].append(pid)
-    ticks, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        ticks += stats.get(pid, (0, 0))[1]
-        todo.extend(children.get(pid, ()))
-    return ticks
-
-
 @dataclass
 class CpuMeter:
     """CPU seconds used by each part of the system (process trees: postgres backends too)."""
@@ -233,10 +153,8 @@ class CpuMeter:
     groups: dict[str, list[int]]  # name -> root pids
 
     def sample(self) -> dict[str, float]:
-        stats = _proc_stats()
-        hz = os.sysconf("SC_CLK_TCK")
-        used = {name: sum(_tree_ticks(stats, pid) for pid in pids) / hz
-                for name, pids in self.groups.items()}
+        stats = proc_stats()
+        used = {name: tree_cpu_seconds(stats, pids) for name, pids in self.groups.items()}
         used["benchmark"] = time.process_time()
         return used
 
@@ -621,7 +539,7 @@ async def qemu_phase(js: JetStreamContext, conn: asyncpg.Connection, children: C
     if reason is not None:
         say(f"(c) QEMU boot: skipped: {reason}")
         return
-    children.agent(QEMU_HOST, QEMU_URI)
+    start_agent(children, QEMU_HOST, QEMU_URI)
     await wait_until("hq heartbeats", lambda: heartbeats_from(js, [QEMU_HOST]), children, 120)
     pub = Publisher(js)
     await register_hosts(pub, [QEMU_HOST], QEMU_HOST_MEMORY_MIB)
@@ -654,9 +572,9 @@ class Args:
 async def setup(js: JetStreamContext, info: StackInfo, children: Children,
                 ids: Sequence[str]) -> asyncpg.Connection:
     """One replica, three agents, hosts registered, every instance created and applied."""
-    children.replica("r1")
+    start_replica(children, "r1")
     for host in HOSTS:
-        children.agent(host)
+        start_agent(children, host)
     conn = await replica_ready(info.pg_dsn, children)
     await wait_until("agents heartbeat", lambda: heartbeats_from(js, HOSTS), children, 60)
     pub = Publisher(js)
@@ -748,21 +666,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def uninterruptible() -> Iterator[None]:
-    """Teardown must finish: a second Ctrl-C would leave servers and children behind."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN)
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def teardown(children: Children | None, stack: Stack, guest: QemuGuest, tmp: Path) -> None:
     if children is not None:
-        killed = children.stop()
+        killed = children.stop(CHILD_STOP_GRACE_S)
         if killed:
             say(f"teardown: {', '.join(killed)} did not exit within {CHILD_STOP_GRACE_S:.0f} s"
                 " of SIGTERM: killed")
@@ -781,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     children: Children | None = None
     try:
         info = stack.start()
-        children = Children(tmp, info)
+        children = Children(tmp, {**os.environ, "ORCH_NATS_URL": info.nats_url,
+                                        "ORCH_PG_DSN": info.pg_dsn})
         asyncio.run(bench(args, stack, children, guest))
         return 0
     except KeyboardInterrupt:

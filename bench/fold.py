@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -40,11 +40,13 @@ import asyncpg
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from proctree import proc_stats, tree_cpu_seconds
 
 from events import logs
 from events.bus import connect
 from events.subjects import CMD_STREAM, EVT_STREAM, JOB_STREAM, command_subject, partition_of
 from events.topology import ensure_topology
+from orchestrator.children import uninterruptible
 from orchestrator.embedded import Stack, StackInfo
 from orchestrator.replay import replay
 from orchestrator.store import connect_pg
@@ -513,36 +515,10 @@ async def timed_fold(js: JetStreamContext, conn: asyncpg.Connection, replica: Re
                       history, rejected, others, cpu)
 
 
-def _proc_stats() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, user + system CPU ticks) of every live process (Linux /proc)."""
-    found: dict[int, tuple[int, int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # exited meanwhile
-            continue
-        fields = text[text.rindex(")") + 2:].split()  # from field 3, the state, on
-        found[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    return found
-
-
-def tree_cpu_seconds(stats: dict[int, tuple[int, int]], root: int) -> float:
-    """CPU seconds of root and its live descendants (PostgreSQL backends, say)."""
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    ticks, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        ticks += stats.get(pid, (0, 0))[1]
-        todo.extend(children.get(pid, []))
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far of each server's and the replica's process tree, and of this one."""
-    stats = _proc_stats()
-    used = {name: tree_cpu_seconds(stats, pid) for name, pid in roots.items()}
+    stats = proc_stats()
+    used = {name: tree_cpu_seconds(stats, [pid]) for name, pid in roots.items()}
     used["benchmark"] = time.process_time()
     return used
 
@@ -776,18 +752,6 @@ def choose_runner(args: argparse.Namespace) -> str:
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def uninterruptible() -> Iterator[None]:
-    """Teardown must finish: a second Ctrl-C would leave servers behind."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT,
-                                                                     signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

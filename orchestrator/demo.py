@@ -16,12 +16,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +34,7 @@ from events.bus import Publisher, publish_raw
 from events.subjects import CMD_STREAM, command_subject, inventory_subject
 from events.topology import ensure_topology
 from orchestrator import queries, render
+from orchestrator.children import ChildExited, Children, uninterruptible
 from orchestrator.embedded import Stack, StackInfo, read_stack_file
 from orchestrator.replica import Replica, ReplicaConfig
 from orchestrator.store import connect_pg
@@ -96,92 +92,6 @@ PHASES: list[tuple[str, list[Step]]] = [
 ]
 
 
-# ---- the agents: child processes, always terminated ---------------------------------
-
-
-class AgentProcesses:
-    """One `python -m agents` process per host, each in its own session.
-
-    Own session: a Ctrl-C aimed at the demo does not reach them, so the demo stops them
-    itself, in order (SIGTERM to the process group, SIGKILL after a grace period).
-    """
-
-    def __init__(self, directory: Path, hosts: tuple[str, ...] = AGENT_HOSTS) -> None:
-        self.directory = directory
-        self.hosts = hosts
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def log_path(self, host: str) -> Path:
-        return self.directory / f"{host}.log"
-
-    def start(self, nats_url: str) -> None:
-        tmp = self.directory / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        # `--libvirt test` writes its node file to a temp dir: keep it in the demo directory.
-        env = {**os.environ, "TMPDIR": str(tmp)}
-        for host in self.hosts:
-            argv = [sys.executable, "-m", "agents", "--host", host, "--nats", nats_url,
-                    "--libvirt", "test", "--resync", str(AGENT_RESYNC_S)]
-            with self.log_path(host).open("ab") as log:
-                self.procs[host] = subprocess.Popen(
-                    argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True)
-
-    def check(self) -> None:
-        """Raise DemoError if an agent has exited (they should run until stopped)."""
-        for host, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = _last_line(self.log_path(host))
-                raise DemoError(f"the agent of {host} exited with code {proc.returncode}"
-                                f" ({self.log_path(host)}: {tail})")
-
-    def stop(self, grace_s: float = AGENT_STOP_GRACE_S) -> list[str]:
-        """Stop every agent; return the hosts whose agent had to be SIGKILLed."""
-        for proc in self.procs.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        killed = []
-        for host, proc in self.procs.items():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            if proc.poll() is None:
-                killed.append(host)
-            # Whatever is left in its group (it, or a helper it started) goes now.
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-        return killed
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    # After it exits (and is reaped) its pid may be reused: only signal a live child.
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError as exc:
-        return f"log unreadable: {exc}"
-    return lines[-1] if lines else "log empty"
-
-
-@contextlib.contextmanager
-def _uninterruptible() -> Iterator[None]:
-    """Teardown must finish: a second Ctrl-C would leave servers and agents behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT,
-                                                                     signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 # ---- the run ------------------------------------------------------------------------
 
 
@@ -203,7 +113,7 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
     _prepare(root)
     made_parent = not root.parent.exists()
     stack = Stack(root)
-    agents = AgentProcesses(root / AGENTS_DIR)
+    agents = Children(root / AGENTS_DIR, dict(os.environ))
     try:
         console.print(f"[bold]orch demo[/]: starting nats-server and PostgreSQL in {root}")
         try:
@@ -211,13 +121,15 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
         except (RuntimeError, OSError) as exc:
             raise DemoError(f"the embedded stack did not start: {exc}".splitlines()[0]) from None
         console.print(f"  nats  {info.nats_url}\n  pg    {info.pg_dsn}")
-        agents.start(info.nats_url)
-        console.print(f"  agents {', '.join(agents.hosts)} (libvirt test:///, one private"
-                      f" hypervisor each; logs in {agents.directory})")
+        for host in AGENT_HOSTS:
+            agents.start(host, "agents", "--host", host, "--nats", info.nats_url,
+                         "--libvirt", "test", "--resync", str(AGENT_RESYNC_S))
+        console.print(f"  agents {', '.join(AGENT_HOSTS)} (libvirt test:///, one private"
+                      f" hypervisor each; logs in {agents.workdir})")
         asyncio.run(_scenario(info, agents, console, timeout_s))
     finally:
-        with _uninterruptible():
-            killed = agents.stop()
+        with uninterruptible():
+            killed = agents.stop(AGENT_STOP_GRACE_S)
             if killed:
                 console.print(f"agents {', '.join(killed)} did not exit within"
                               f" {AGENT_STOP_GRACE_S:.0f} s of SIGTERM: killed", style="dim")
@@ -234,7 +146,7 @@ class Watch:
     """What must stay alive while the demo waits, and the time it has left."""
 
     replica: asyncio.Task[None]
-    agents: AgentProcesses
+    agents: Children
     deadline: float
     timeout_s: float
 
@@ -242,13 +154,16 @@ class Watch:
         if self.replica.done():
             exc = None if self.replica.cancelled() else self.replica.exception()
             raise DemoError(f"the orchestrator replica stopped: {exc!r}")
-        self.agents.check()
+        try:
+            self.agents.check()
+        except ChildExited as exc:
+            raise DemoError(f"an agent stopped: {exc}") from None
 
     def expired(self) -> bool:
         return time.monotonic() > self.deadline
 
 
-async def _scenario(info: StackInfo, agents: AgentProcesses, console: Console,
+async def _scenario(info: StackInfo, agents: Children, console: Console,
                     timeout_s: float) -> None:
     stop = asyncio.Event()
     replica = Replica(ReplicaConfig(info.nats_url, info.pg_dsn, replica_id="demo", tick_s=0.2))
