@@ -1,7 +1,10 @@
 """Real QEMU guests (TCG) through the whole system: command -> fold -> job -> agent ->
 libvirt -> guest console -> ping from a test namespace; drift repaired by the resync."""
 
+import asyncio
+import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,8 +74,9 @@ async def test_real_guests_boot_answer_ping_are_repaired_and_removed(
         env: Env, js, pg, processes: Processes, lan: Lan, guests: list[str]) -> None:
     host = f"hq{secrets.token_hex(2)}"
     processes.orch("orchestrator", "--id", "r1", env=env.environ(), name="r1")
-    processes.orch("agent", "--host", host, "--libvirt", QEMU_URI, "--bridge", lan.bridge,
-                   "--resync", "3", env=env.environ(), name="agent")
+    agent_args = ("agent", "--host", host, "--libvirt", QEMU_URI, "--bridge", lan.bridge,
+                  "--resync", "3")
+    agent = processes.orch(*agent_args, env=env.environ(), name="agent")
     pub = Publisher(js)
     await pub.publish_many([
         ("admin", command_from_dict(dict(type="RegisterHost", cmd_id="reg", id=host, vcpus=8,
@@ -96,6 +100,19 @@ async def test_real_guests_boot_answer_ping_are_repaired_and_removed(
     await eventually(lambda: pg.fetchval(
         "SELECT count(*) = 2 FROM entities WHERE kind = 'instance'"
         " AND state->>'observed' = 'running'"), timeout=30)
+
+    # SIGKILL the agent and start it again: its new boot resyncs every job, and it adopts
+    # the running guests instead of applying them again (they keep their domain ids).
+    before = {g: domain_state(g) for g in addresses}
+    os.killpg(agent.pid, signal.SIGKILL)
+    agent.wait()
+    processes.orch(*agent_args, env=env.environ(), name="agent-again")
+    # The first boot's HostUp recorded its boot id; the new boot brings a second one.
+    await eventually(lambda: pg.fetchval(
+        "SELECT count(*) = 2 FROM history WHERE kind = 'host'"
+        " AND outcome->>'type' = 'HostUp' AND outcome->'events' ? 'ConditionSet'"), timeout=30)
+    await asyncio.sleep(4)  # one more resync period: nothing must restart meanwhile
+    assert {g: domain_state(g) for g in addresses} == before
 
     # Drift: a guest destroyed behind the agent's back is running again after a resync ...
     victim = guests[0]
