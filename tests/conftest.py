@@ -20,6 +20,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from events.bus import connect
+from events.subjects import CMD_STREAM
 from events.topology import ensure_topology
 from orchestrator.embedded import NatsServer, PostgresServer
 from orchestrator.store import Store, connect_pg, create_pool
@@ -148,3 +149,18 @@ async def eventually(predicate: Callable[[], Awaitable[T]], timeout: float = 30.
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: last value {value!r}")
         await asyncio.sleep(interval)
+
+
+async def settled(pg: asyncpg.Connection, js: JetStreamContext) -> bool:
+    """Every stored command is folded and every outbox row is published.
+
+    The log's end is read before and after: if it moved (a follow-up was relayed while
+    the counts were read), the answer cannot be trusted yet.
+    """
+    last = (await js.stream_info(CMD_STREAM)).state.last_seq
+    outbox = await pg.fetchval("SELECT count(*) FROM outbox")
+    folded = await pg.fetchval(
+        "SELECT (SELECT count(*) FROM history) + (SELECT count(*) FROM dead_letters"
+        " WHERE seq NOT IN (SELECT seq FROM history))")
+    again = (await js.stream_info(CMD_STREAM)).state.last_seq
+    return last == again and folded == last and outbox == 0

@@ -8,16 +8,14 @@ import subprocess
 import sys
 from collections import defaultdict
 
-import asyncpg
 import msgspec
-from nats.js import JetStreamContext
 
 from events.bus import Publisher, connect, read_stream
 from events.meta import delivery
 from events.subjects import CMD_STREAM
 from orchestrator.fold import fold_message
 from schemas.codec import command_from_dict, encode
-from tests.conftest import PARTITIONS, Env, Processes, eventually
+from tests.conftest import PARTITIONS, Env, Processes, eventually, settled
 
 HOSTS, NETWORKS, INSTANCES, TOTAL = 10, 100, 890, 10_000
 
@@ -51,19 +49,10 @@ async def publish(url: str, items: list[tuple[str, object]]) -> None:
         await nc.close()
 
 
-async def settled(pg: asyncpg.Connection, js: JetStreamContext) -> bool:
-    last = (await js.stream_info(CMD_STREAM)).state.last_seq
-    checkpoints = await pg.fetchval("SELECT sum(checkpoint) > 0 FROM partitions")
-    folded = await pg.fetchval(
-        "SELECT (SELECT count(*) FROM history) + (SELECT count(*) FROM dead_letters"
-        " WHERE seq NOT IN (SELECT seq FROM history))")
-    outbox = await pg.fetchval("SELECT count(*) FROM outbox")
-    return bool(checkpoints) and folded == last and outbox == 0
-
-
 async def test_sigkill_a_replica_mid_run_loses_and_doubles_nothing(
         env: Env, js, store, pg, processes: Processes) -> None:
-    orch = ["orchestrator", "--batch", "200"]
+    # No agents here: the reconciler must not re-issue the jobs nobody applies.
+    orch = ["orchestrator", "--batch", "200", "--deadline", "3600"]
     r1 = processes.orch(*orch, "--id", "r1", env=env.environ(), name="r1")
     processes.orch(*orch, "--id", "r2", env=env.environ(), name="r2")
     pub = Publisher(js)

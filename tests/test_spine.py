@@ -5,7 +5,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import msgspec
 import nats.errors
 import pytest
@@ -20,7 +19,7 @@ from orchestrator.replica import Replica, ReplicaConfig
 from orchestrator.store import Batch, Fenced, Store
 from schemas.codec import CommandError, command_from_dict
 from schemas.jobs import Job
-from tests.conftest import PARTITIONS, Env, eventually
+from tests.conftest import PARTITIONS, Env, eventually, settled
 
 HOSTS = [("admin", dict(type="RegisterHost", cmd_id=f"reg-h{i}", id=f"h{i}", vcpus=64,
                         memory_mib=262144)) for i in range(2)]
@@ -44,15 +43,6 @@ async def replica(env: Env, name: str = "r1", **kw: Any) -> AsyncIterator[asynci
         await asyncio.wait_for(task, 20)
 
 
-async def caught_up(pg: asyncpg.Connection, js: JetStreamContext) -> bool:
-    """Every stored command is folded and every outbox row is published."""
-    last = (await js.stream_info(CMD_STREAM)).state.last_seq
-    folded = await pg.fetchval("SELECT count(*) FROM history") + await pg.fetchval(
-        "SELECT count(*) FROM dead_letters WHERE seq NOT IN (SELECT seq FROM history)")
-    pending = await pg.fetchval("SELECT count(*) FROM outbox")
-    return folded == last and pending == 0
-
-
 async def test_fold_places_instance_and_emits_job_and_timeline(env: Env, js, pg) -> None:
     pub = Publisher(js)
     await pub.publish_many([cmd(s, **c) for s, c in HOSTS])
@@ -65,7 +55,7 @@ async def test_fold_places_instance_and_emits_job_and_timeline(env: Env, js, pg)
             cmd("user", type="CreateInstance", id="vm1", template=dict(
                 vcpus=2, memory_mib=2048, image="debian", nics=[dict(network="net1")])),
         ])
-        await eventually(lambda: caught_up(pg, js))
+        await eventually(lambda: settled(pg, js))
         vm = msgspec.json.decode(await pg.fetchval(
             "SELECT state FROM entities WHERE kind='instance' AND id='vm1'"))
         assert vm["status"] == "placed" and vm["host"] in ("h0", "h1")
@@ -157,7 +147,7 @@ async def test_outbox_left_by_a_crash_is_relayed_once(env: Env, js, pg) -> None:
     await pub.publish(*cmd("user", type="CreateInstance", id="vm1",
                            template=dict(vcpus=1, memory_mib=512, image="debian")))
     async with replica(env):
-        await eventually(lambda: caught_up(pg, js))
+        await eventually(lambda: settled(pg, js))
     # Pretend the last owner committed these rows and died before publishing them:
     # one was in fact published already (dedupe must drop it), one never was.
     evt_before = (await js.stream_info(EVT_STREAM)).state.messages
@@ -202,7 +192,7 @@ async def test_bad_input_is_rejected_and_the_partition_goes_on(env: Env, js, pg)
     await pub.publish(*cmd("user", type="CreateInstance", id="vm9",
                            template=dict(vcpus=1, memory_mib=512, image="debian")))
     async with replica(env):
-        await eventually(lambda: caught_up(pg, js))
+        await eventually(lambda: settled(pg, js))
     rows = await pg.fetch("SELECT seq, outcome FROM history WHERE kind='instance' AND id='vm9'"
                           " ORDER BY seq")
     outcomes = [msgspec.json.decode(r["outcome"]) for r in rows]
