@@ -31,7 +31,6 @@ from tenacity import (
 from agents.drivers.vm import PermanentDriverError, TransientDriverError, VmDriver
 from events.bus import Publisher, connect, read_stream
 from events.heartbeats import beat
-from events.pull import Puller
 from events.subjects import JOB_STREAM, inventory_subject, job_filter
 from events.topology import ensure_topology
 from schemas import commands as c
@@ -93,6 +92,7 @@ class Agent:
         self.applied: dict[str, int] = {}  # instance -> newest generation applied here
         self.locks = KeyedLocks()
         self.slots = asyncio.Semaphore(config.concurrency)
+        self.running: set[asyncio.Task[None]] = set()
         self.log = log.bind(host=self.host, boot_id=self.boot_id)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -141,22 +141,22 @@ class Agent:
         # A new boot reads every entity's newest job again: that is the full resync.
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(JOB_STREAM, durable)
-        await js.add_consumer(JOB_STREAM, ConsumerConfig(
-            durable_name=durable, filter_subject=job_filter(self.host),
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=30.0, max_deliver=-1, max_ack_pending=self.config.concurrency * 4,
-        ))
-        sub = Puller(js._nc, JOB_STREAM, durable)  # the context's own connection
-        running: set[asyncio.Task[None]] = set()
+        # Pushed, not pulled: no request per wake-up. At most max_ack_pending jobs are out.
+        sub = await js.subscribe(
+            job_filter(self.host), stream=JOB_STREAM, durable=durable, cb=self._deliver,
+            manual_ack=True, config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0, max_deliver=-1, max_ack_pending=self.config.concurrency * 4))
         try:
-            while not stop.is_set():
-                for msg in await sub.fetch(self.config.concurrency * 2, 1.0):
-                    await self.slots.acquire()
-                    task = asyncio.create_task(self._handle(msg))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+            await stop.wait()
         finally:
-            await sub.close()
+            await sub.unsubscribe()
+
+    async def _deliver(self, msg: Msg) -> None:
+        await self.slots.acquire()  # holding deliveries back while every slot is busy
+        task = asyncio.create_task(self._handle(msg))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
 
     async def _handle(self, msg: Msg) -> None:
         try:
