@@ -1,9 +1,8 @@
-"""Fetching from a durable pull consumer with one callback per message.
+"""Fetching from a durable pull consumer: one request per batch, one callback per message.
 
-nats-py's fetch waits for every message with its own task and timeout; for the fold's
-tens of thousands of messages a second that is most of the replica's time in asyncio.
-Here: a no-wait request takes what is there; when nothing is, a one-message long poll
-waits for the next, and a no-wait request takes what came with it.
+nats-py's fetch waits for every message with its own task and timeout, and asks twice
+when the consumer is idle; for the fold's thousands of small batches a second that is
+most of the replica's time in asyncio.
 """
 
 import asyncio
@@ -42,34 +41,21 @@ class Puller:
             description = msg.headers.get("Description", "") if msg.headers else ""
             done.set_exception(ConsumerGone(f"{status} {description}".strip()))
 
-    async def _request(self, batch: int, timeout_s: float | None) -> list[Msg]:
+    async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
+        """Up to ``batch`` messages: at once if some are there, else the next within timeout.
+
+        One request: with both no_wait and expires, the server waits for a first message
+        and ends the request (404) as soon as nothing more is there.
+        """
         if self._sub is None:
             self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
         self._msgs, self._want = [], batch
         self._done = asyncio.get_running_loop().create_future()
-        body = ({"batch": batch, "no_wait": True} if timeout_s is None
-                else {"batch": batch, "expires": int(timeout_s * 1e9)})
+        body = {"batch": batch, "no_wait": True, "expires": int(timeout_s * 1e9)}
         await self._nc.publish(self._api, json.dumps(body).encode(), reply=self._inbox)
-        wait = 5.0 if timeout_s is None else timeout_s + 1.0
-        await asyncio.wait_for(asyncio.shield(self._done), wait)
+        await asyncio.wait_for(asyncio.shield(self._done), timeout_s + 5.0)
         msgs, self._msgs = self._msgs, []
         return msgs
-
-    async def ready(self, batch: int) -> list[Msg]:
-        """Up to ``batch`` messages that are there now, without waiting for more."""
-        return await self._request(batch, None)
-
-    async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
-        """Up to ``batch`` messages: what is there now, else the next ones within timeout."""
-        msgs = await self._request(batch, None)
-        return msgs or await self.wait(batch, timeout_s)
-
-    async def wait(self, batch: int, timeout_s: float) -> list[Msg]:
-        """The next message within timeout, and up to ``batch - 1`` that came with it."""
-        first = await self._request(1, timeout_s)
-        if not first or batch == 1:
-            return first
-        return first + await self._request(batch - 1, None)
 
     async def close(self) -> None:
         if self._sub is not None:

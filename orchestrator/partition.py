@@ -28,6 +28,7 @@ from schemas.codec import encode
 from schemas.ids import SYSTEM
 
 log = structlog.get_logger()
+QUIET_S = 0.05  # this long without a command, and relayed outbox rows are deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,17 +73,18 @@ class PartitionWorker:
         relaying: asyncio.Task[int] | None = None
         try:
             while True:
-                msgs = await sub.ready(self.config.batch)
+                # Relayed rows wait for the next commit to delete them, unless nothing
+                # comes for a moment (then they are deleted by themselves).
+                pending = relaying is not None or relayed > 0
+                msgs = await sub.fetch(self.config.batch,
+                                       QUIET_S if pending else self.config.idle_s)
                 if not msgs:
-                    # Idle: finish relaying, delete what no next commit will delete for free.
                     if relaying is not None:
                         relayed, relaying = await relaying, None
                     if relayed:
                         await self.store.delete_outbox(p, relayed)
                         relayed = 0
-                    msgs = await sub.wait(self.config.batch, self.config.idle_s)
-                    if not msgs:
-                        continue
+                    continue
                 outbox = await self._fold_and_commit(msgs, relayed)
                 relayed = 0  # that commit deleted them
                 if relaying is not None:  # in order: batch k is out before k + 1
