@@ -73,13 +73,23 @@ BEGIN
     IF current <> expected THEN
         RETURN format('partition %s checkpoint is %s, expected %s', p, current, expected);
     END IF;
-    INSERT INTO entities (kind, id, state, last_seq)
-    SELECT * FROM unnest(e_kind, e_id, e_state, e_seq)
-    ON CONFLICT (kind, id) DO UPDATE
-    SET state = EXCLUDED.state, last_seq = EXCLUDED.last_seq, updated_at = now();
-    INSERT INTO history SELECT * FROM unnest(h_seq, h_kind, h_id, h_outcome);
-    INSERT INTO outbox SELECT p, * FROM unnest(o_seq, o_n, o_subject, o_msg_id, o_payload);
-    INSERT INTO dead_letters SELECT * FROM unnest(d_seq, d_subject, d_reason, d_payload, d_at);
+    -- Small batches are the common case when load is light: skip the empty statements.
+    IF cardinality(e_kind) > 0 THEN
+        INSERT INTO entities (kind, id, state, last_seq)
+        SELECT * FROM unnest(e_kind, e_id, e_state, e_seq)
+        ON CONFLICT (kind, id) DO UPDATE
+        SET state = EXCLUDED.state, last_seq = EXCLUDED.last_seq, updated_at = now();
+    END IF;
+    IF cardinality(h_seq) > 0 THEN
+        INSERT INTO history SELECT * FROM unnest(h_seq, h_kind, h_id, h_outcome);
+    END IF;
+    IF cardinality(o_seq) > 0 THEN
+        INSERT INTO outbox SELECT p, * FROM unnest(o_seq, o_n, o_subject, o_msg_id, o_payload);
+    END IF;
+    IF cardinality(d_seq) > 0 THEN
+        INSERT INTO dead_letters
+        SELECT * FROM unnest(d_seq, d_subject, d_reason, d_payload, d_at);
+    END IF;
     IF relayed > 0 THEN
         DELETE FROM outbox WHERE partition = p AND seq <= relayed;
     END IF;
