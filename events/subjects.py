@@ -39,22 +39,12 @@ def partition_filter(partition: int) -> str:
     return f"cmd.{partition}.>"
 
 
-def entity_filter(kind: str, id_: str, partitions: int) -> str:
-    """All stored commands of one entity, whatever their source."""
-    return f"cmd.{partition_of(kind, id_, partitions)}.*.{kind}.{id_}"
-
-
 def event_subject(kind: str, id_: str) -> str:
     return f"evt.{kind}.{id_}"
 
 
 def job_filter(host: str) -> str:
     return f"job.{host}.>"
-
-
-def report_subject(host: str, kind: str, id_: str) -> str:
-    """Agents report as commands from their own source: cmd.<host>.<kind>.<id>."""
-    return command_subject(host, kind, id_)
 
 
 def inventory_subject(host: str) -> str:
