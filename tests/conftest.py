@@ -29,6 +29,24 @@ PARTITIONS = 8
 T = TypeVar("T")
 
 
+HANG_S = 120.0  # a test running this long prints every task's stack: hangs get diagnosed
+
+
+@pytest.fixture(autouse=True)
+async def hang_report() -> AsyncIterator[None]:
+    async def watch() -> None:
+        await asyncio.sleep(HANG_S)
+        print(f"\n--- still running after {HANG_S:.0f} s; tasks:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+
+    watchdog = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+
+
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     server = PostgresServer(tmp_path_factory.mktemp("pg") / "data")
@@ -89,7 +107,10 @@ async def store(env: Env) -> AsyncIterator[Store]:
     try:
         yield s
     finally:
-        await pool.close()
+        try:
+            await asyncio.wait_for(pool.close(), 10)
+        except TimeoutError:  # a connection still held by a stuck task: do not hang on it
+            pool.terminate()
 
 
 @pytest.fixture

@@ -40,7 +40,11 @@ async def replica(env: Env, name: str = "r1", **kw: Any) -> AsyncIterator[asynci
         yield task
     finally:
         stop.set()
-        await asyncio.wait_for(task, 20)
+        _, pending = await asyncio.wait({task}, timeout=20)
+        if pending:  # let the test fail, not hang
+            task.cancel()
+            raise AssertionError("the replica did not stop within 20 s of its stop event")
+        task.result()
 
 
 async def test_fold_places_instance_and_emits_job_and_timeline(env: Env, js, pg) -> None:
@@ -117,12 +121,15 @@ async def test_stale_owner_is_fenced_and_cannot_fetch(env: Env, js, store: Store
     b = PartitionWorker(js, store, "b", new, cfg)
     b_task = asyncio.create_task(b.run())
     try:
-        with pytest.raises((nats.errors.Error, Fenced, ConsumerGone)):
-            await asyncio.wait_for(a_task, 10)
+        # asyncio.wait, not wait_for: a worker that ignored its cancel could not hang the test.
+        await asyncio.wait({a_task}, timeout=10)
+        assert a_task.done(), "the stale owner is still running"
+        assert isinstance(a_task.exception(), ConsumerGone | Fenced | nats.errors.Error)
     finally:
-        b_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await b_task
+        for task in (a_task, b_task):
+            task.cancel()
+        _, pending = await asyncio.wait({a_task, b_task}, timeout=10)
+        assert not pending, f"workers ignored their cancel: {pending}"
 
 
 async def test_concurrent_commits_only_one_epoch_wins(store: Store, pg) -> None:
