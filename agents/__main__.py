@@ -1,6 +1,7 @@
 """`python -m agents` (and `orch agent`): run the agent of one host."""
 
 import asyncio
+import contextlib
 import signal
 import tempfile
 from pathlib import Path
@@ -36,8 +37,11 @@ def main(
         typer.echo(f"error: invalid host name {host!r}: must match {ID_PATTERN}", err=True)
         raise typer.Exit(2)
     logs.configure(log_level, json=True)
-    with tempfile.TemporaryDirectory(prefix=f"orch-{host}-") as scratch:
-        uri = test_node_uri(host, Path(scratch)) if libvirt_uri == "test" else libvirt_uri
+    with contextlib.ExitStack() as cleanup:
+        uri = libvirt_uri
+        if libvirt_uri == "test":  # its node file lives as long as the agent
+            scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=f"orch-{host}-"))
+            uri = test_node_uri(host, Path(scratch))
         _run(AgentConfig(nats, host, uri, heartbeat_s=heartbeat, resync_s=resync,
                          concurrency=concurrency), bridge)
 

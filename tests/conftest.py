@@ -131,9 +131,12 @@ class Processes:
 
     def orch(self, *args: str, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        # Temporary files of a child (a SIGKILLed one cannot remove them) stay in the test's.
+        tmp = self.root / "tmp"
+        tmp.mkdir(exist_ok=True)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", *args], env=env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "orchestrator.cli", *args], env={**env, "TMPDIR": str(tmp)},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.procs.append(proc)
         return proc
