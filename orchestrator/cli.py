@@ -171,6 +171,18 @@ async def _query(dsn: str, query: Callable[[asyncpg.Connection], Awaitable[T]]) 
         await conn.close()
 
 
+def _list(rows: list[T], as_json: bool, as_doc: Callable[[T], Any],
+          table: Callable[[list[T]], Any], empty: str) -> None:
+    """A listing verb's output: one JSON object per row, or a table, or one line if empty."""
+    if as_json:
+        for row in rows:
+            _print_json(as_doc(row))
+    elif rows:
+        _console().print(table(rows))
+    else:
+        print(empty, flush=True)
+
+
 def _stop_event() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM: long-running verbs stop cleanly and exit 0."""
     stop = asyncio.Event()
@@ -646,14 +658,7 @@ def dead_letters(
     async def run() -> None:
         rows = list(reversed(await _query(
             opts.pg_dsn(), lambda conn: queries.dead_letters(conn, limit))))
-        if as_json:
-            for row in rows:
-                _print_json({"seq": row.seq, "subject": row.subject, "reason": row.reason,
-                             "size": row.size})
-        elif rows:
-            _console().print(render.dead_letters_table(rows))
-        else:
-            print("no dead letters", flush=True)
+        _list(rows, as_json, dataclasses.asdict, render.dead_letters_table, "no dead letters")
 
     _run(run)
 
@@ -696,15 +701,13 @@ def hosts(
         finally:
             await nc.close()
         now_ms = int(time.time() * 1000)
-        if as_json:
-            for row in rows:
-                beat = beats.get(row.id)
-                _print_json({**dataclasses.asdict(row),
-                             "last_heartbeat_ms": beat.at_ms if beat else None})
-        elif rows:
-            _console().print(render.hosts_table(rows, beats, now_ms))
-        else:
-            print("no hosts", flush=True)
+
+        def as_doc(row: queries.HostRow) -> dict[str, Any]:
+            beat = beats.get(row.id)
+            return {**dataclasses.asdict(row), "last_heartbeat_ms": beat.at_ms if beat else None}
+
+        _list(rows, as_json, as_doc, lambda rs: render.hosts_table(rs, beats, now_ms),
+              "no hosts")
 
     _run(run)
 
@@ -719,13 +722,7 @@ def alerts(
 
     async def run() -> int:
         rows = await _query(opts.pg_dsn(), queries.alerts)
-        if as_json:
-            for row in rows:
-                _print_json(dataclasses.asdict(row))
-        elif rows:
-            _console().print(render.alerts_table(rows))
-        else:
-            print("no alerts", flush=True)
+        _list(rows, as_json, dataclasses.asdict, render.alerts_table, "no alerts")
         return EXIT_FAILURE if rows else EXIT_OK
 
     _run(run)

@@ -17,8 +17,3 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     jobs: tuple[str, ...] = ()  # subjects of the jobs emitted
     commands: tuple[str, ...] = ()  # subjects of the follow-up commands emitted
 
-
-class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    seq: int
-    subject: str
-    reason: str
