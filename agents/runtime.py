@@ -202,9 +202,9 @@ class Agent:
                            observed=observed)
 
     async def _apply(self, job: Job) -> str:
-        """The driver's apply, in a thread; transient errors retried with backoff."""
+        """The driver's apply; transient errors retried with backoff."""
         try:  # bare first: most applies succeed, and a retry loop costs more than they do
-            return await asyncio.to_thread(self.driver.apply, job.id, job.spec, job.generation)
+            return await self._driver_apply(job)
         except TransientDriverError:
             if self.config.retries <= 1:
                 raise
@@ -215,9 +215,13 @@ class Agent:
             reraise=True,
         ):
             with attempt:
-                return await asyncio.to_thread(self.driver.apply, job.id, job.spec,
-                                               job.generation)
+                return await self._driver_apply(job)
         raise AssertionError("unreachable: tenacity reraises")
+
+    async def _driver_apply(self, job: Job) -> str:
+        if not self.driver.blocking:  # a hop to a thread and back would cost more than it
+            return self.driver.apply(job.id, job.spec, job.generation)
+        return await asyncio.to_thread(self.driver.apply, job.id, job.spec, job.generation)
 
     async def _report(self, cmd: c.Command) -> None:
         await self.publisher.publish(self.host, cmd)

@@ -49,7 +49,7 @@ from events.topology import ensure_topology
 from orchestrator.children import uninterruptible
 from orchestrator.embedded import Stack, StackInfo
 from orchestrator.replay import replay
-from orchestrator.store import connect_pg
+from orchestrator.store import Span, connect_pg
 from schemas.codec import encode
 from schemas.commands import (
     Command,
@@ -117,7 +117,7 @@ class TimedPhase:
         original = PartitionWorker._fold_and_commit
         phase = self
 
-        async def counted(worker: PartitionWorker, msgs: list, relayed: int) -> list[tuple]:
+        async def counted(worker: PartitionWorker, msgs: list, relayed: Span) -> list[tuple]:
             if phase.timing:
                 phase.batches.append(len(msgs))
             return await original(worker, msgs, relayed)

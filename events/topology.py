@@ -118,11 +118,13 @@ def fold_consumer_name(partition: int, epoch: int) -> str:
 
 
 async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
-                             after_seq: int, max_pending: int) -> str:
-    """The durable consumer of one partition for one ownership epoch.
+                             after_seq: int, deliver_subject: str, heartbeat_s: float,
+                             max_pending: int, ack_wait_s: float = 30.0) -> str:
+    """The consumer of one partition for one ownership epoch, pushing to deliver_subject.
 
-    It starts right after the partition's checkpoint. Consumers of older epochs are
-    deleted, so a stale owner can no longer take messages: its fetches fail.
+    It starts right after the partition's checkpoint; the checkpoint, not the consumer, is
+    the position, so its state is kept in memory only. Consumers of older epochs are
+    deleted, so a stale owner stops receiving (and then hearing heartbeats).
     """
     name = fold_consumer_name(partition, epoch)
     prefix = f"fold-{partition}-e"
@@ -135,16 +137,21 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
         if after_seq
         else dict(deliver_policy=DeliverPolicy.ALL)
     )
+    with contextlib.suppress(NotFoundError):  # a previous run of this very epoch
+        await js.delete_consumer(CMD_STREAM, name)
     await js.add_consumer(
         CMD_STREAM,
         ConsumerConfig(
             durable_name=name,
+            deliver_subject=deliver_subject,
             filter_subject=partition_filter(partition),
-            # One ack per batch: everything up to the batch's last message is committed.
+            # An ack covers everything before it: the worker acks what it has committed.
             ack_policy=AckPolicy.ALL,
-            ack_wait=30.0,
+            ack_wait=ack_wait_s,
             max_deliver=-1,
             max_ack_pending=max_pending,
+            idle_heartbeat=heartbeat_s,
+            mem_storage=True,
             **start,
         ),
     )

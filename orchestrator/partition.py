@@ -1,8 +1,9 @@
-"""A partition worker: fetch a batch, fold it, commit it in one transaction, ack, relay.
+"""A partition worker: take a batch, fold it, commit it in one transaction, ack, relay.
 
-It fetches again only once the previous batch is committed and acked, so the consumer
-hands it commands strictly in stream order and redeliveries are always at or below the
-checkpoint, where they are skipped.
+The consumer pushes commands in stream order. A new owner's consumer starts right after
+the committed checkpoint, and redeliveries (after a stall past ack_wait) are at or below
+it, where they are skipped. The checkpoint, not the ack, is what counts: acks only make
+room for more.
 """
 
 import asyncio
@@ -16,19 +17,20 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from events.bus import publish_raw
+from events.feed import Feed
 from events.meta import delivery
-from events.pull import Puller
-from events.subjects import CMD_STREAM, command_subject, event_subject
+from events.subjects import command_subject, event_subject
 from events.topology import open_fold_consumer
 from orchestrator.deciders import STATE_TYPES
 from orchestrator.fold import Folded, Key, fold_message, job_subject
 from orchestrator.metrics import ALERTS, BATCH_SECONDS, COMMANDS, DEAD_LETTERS
-from orchestrator.store import Batch, Lease, Store
+from orchestrator.store import NOTHING, Batch, Lease, Span, Store
 from schemas.codec import encode
 from schemas.ids import SYSTEM
 
 log = structlog.get_logger()
 QUIET_S = 0.05  # this long without a command, and relayed outbox rows are deleted
+ACK_WAIT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,7 @@ class WorkerConfig:
     partitions: int
     batch: int = 500
     idle_s: float = 0.5
+    heartbeat_s: float = 1.0  # the consumer's; three missed and the worker gives up
 
 
 def _outbox_rows(partition: int, f: Folded, outcome_json: bytes) -> list[tuple]:
@@ -64,48 +67,58 @@ class PartitionWorker:
     async def run(self) -> None:
         p = self.lease.partition
         await self._relay_leftovers()
-        name = await open_fold_consumer(self.js, p, self.lease.epoch, self.checkpoint,
-                                        max_pending=self.config.batch)
-        sub = Puller(self.js._nc, CMD_STREAM, name)
+        # Up to two batches in flight; acked once one is committed, so the next is always
+        # free to come. Acks come well within ack_wait even when commands trickle in.
+        feed = Feed(self.js._nc, self.config.heartbeat_s, ack_every=self.config.batch,
+                    ack_within_s=ACK_WAIT_S / 6)
+        await feed.open()
+        await open_fold_consumer(self.js, p, self.lease.epoch, self.checkpoint, feed.subject,
+                                 self.config.heartbeat_s, max_pending=2 * self.config.batch,
+                                 ack_wait_s=ACK_WAIT_S)
         self.log.info("partition_started", checkpoint=self.checkpoint)
-        relayed = 0  # outbox rows up to this seq are published, and not yet deleted
+        # Outbox rows in this span of seqs are published, and not yet deleted.
+        relayed = NOTHING
         # The previous batch's outbox, still being published while this one is folded.
-        relaying: asyncio.Task[int] | None = None
+        relaying: asyncio.Task[Span] | None = None
         try:
             while True:
                 # Relayed rows wait for the next commit to delete them, unless nothing
                 # comes for a moment (then they are deleted by themselves).
-                pending = relaying is not None or relayed > 0
-                msgs = await sub.fetch(self.config.batch,
+                pending = relaying is not None or relayed != NOTHING
+                msgs = await feed.take(self.config.batch,
                                        QUIET_S if pending else self.config.idle_s)
                 if not msgs:
+                    await feed.ack()
                     if relaying is not None:
-                        relayed, relaying = await relaying, None
-                    if relayed:
+                        relayed, relaying = relayed.join(await relaying), None
+                    if relayed != NOTHING:
                         await self.store.delete_outbox(p, relayed)
-                        relayed = 0
+                        relayed = NOTHING
                     continue
+                after = self.checkpoint
                 outbox = await self._fold_and_commit(msgs, relayed)
-                relayed = 0  # that commit deleted them
+                relayed = NOTHING  # that commit deleted them
+                await feed.committed(msgs[-1], len(msgs))
                 if relaying is not None:  # in order: batch k is out before k + 1
                     relayed, relaying = await relaying, None
                 if outbox:
-                    relaying = asyncio.create_task(self._relay(outbox, self.checkpoint))
+                    relaying = asyncio.create_task(
+                        self._relay(outbox, Span(after, self.checkpoint)))
         finally:
             if relaying is not None:
                 relaying.cancel()
-            await sub.close()
+            await feed.close()
 
-    async def _relay(self, outbox: list[tuple], upto: int) -> int:
+    async def _relay(self, outbox: list[tuple], span: Span) -> Span:
         await publish_raw(self.js, ((s, d, m) for _, _, _, s, m, d in outbox))
-        return upto
+        return span
 
     async def _relay_leftovers(self) -> None:
         """A previous owner may have committed rows it never published: publish them now."""
         rows = await self.store.pending_outbox(self.lease.partition)
         if rows:
             await publish_raw(self.js, ((r["subject"], r["payload"], r["msg_id"]) for r in rows))
-            await self.store.delete_outbox(self.lease.partition, rows[-1]["seq"])
+            await self.store.delete_outbox(self.lease.partition, Span(0, rows[-1]["seq"]))
             self.log.info("outbox_relayed", count=len(rows))
 
     async def _load(self, msgs: list[Msg]) -> None:
@@ -121,14 +134,13 @@ class PartitionWorker:
             for key, raw in (await self.store.load_states(wanted)).items():
                 self.states[key] = msgspec.json.decode(raw, type=STATE_TYPES[key[0]])
 
-    async def _fold_and_commit(self, msgs: list[Msg], relayed: int) -> list[tuple]:
+    async def _fold_and_commit(self, msgs: list[Msg], relayed: Span) -> list[tuple]:
         started = time.perf_counter()
         p, partitions = self.lease.partition, self.config.partitions
         await self._load(msgs)
-        batch = Batch([], [], [], [], self.checkpoint, relayed_upto=relayed)
+        batch = Batch([], [], [], [], self.checkpoint, relayed=relayed)
         folded: list[Folded] = []
         changed: dict[Key, int] = {}
-        bad: list[Msg] = []
         for msg in msgs:
             d = delivery(msg.reply)
             if d.stream_seq <= batch.checkpoint:
@@ -137,7 +149,6 @@ class PartitionWorker:
                              partitions)
             batch.checkpoint = d.stream_seq
             if f.dead_letter is not None:
-                bad.append(msg)
                 batch.dead_letters.append((f.seq, msg.subject, f.dead_letter, msg.data,
                                            _timestamp(d.timestamp_ns)))
                 self.log.warning("dead_letter", seq=f.seq, subject=msg.subject,
@@ -163,11 +174,6 @@ class PartitionWorker:
             self.known.clear()
             raise
         self.checkpoint = batch.checkpoint
-        # The consumer acks all: a term (for the unusable) or an ack covers what precedes it.
-        for msg in bad:
-            await msg.term()
-        if not bad or bad[-1] is not msgs[-1]:
-            await msgs[-1].ack()
         self._account(folded, len(batch.dead_letters), time.perf_counter() - started)
         return batch.outbox
 

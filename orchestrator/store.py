@@ -1,5 +1,6 @@
 """The projection store in PostgreSQL: one transaction per folded batch, fenced by epoch."""
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +22,24 @@ class Lease:
     checkpoint: int
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The outbox rows of one partition with a seq after ``after`` and up to ``upto``.
+
+    Deletes name both ends: below ``after`` lie the rows deleted before, whose dead index
+    entries a delete bounded only above would walk through every time.
+    """
+
+    after: int
+    upto: int
+
+    def join(self, later: "Span") -> "Span":
+        return later if self == NOTHING else Span(self.after, later.upto)
+
+
+NOTHING = Span(0, 0)
+
+
 @dataclass(slots=True)
 class Batch:
     """Everything one fold batch writes, all or nothing."""
@@ -30,7 +49,7 @@ class Batch:
     outbox: list[Row]  # (partition, seq, n, subject, msg_id, payload)
     dead_letters: list[Row]  # (seq, subject, reason, payload, at)
     checkpoint: int
-    relayed_upto: int = 0  # outbox rows at or below this seq were published: delete them
+    relayed: Span = NOTHING  # outbox rows published since the last commit: delete them
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -50,13 +69,28 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 async def create_pool(dsn: str, schema: str = "public", size: int = 4) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn, min_size=1, max_size=size, init=_init_connection, reset=_keep_session,
-        server_settings={"search_path": schema, "application_name": "orch"},
+        # The projection is derived from the CMD stream, where every command is durable
+        # before it is acknowledged: a commit lost in a crash of PostgreSQL moves the
+        # checkpoint back, and the fold does it again, identically. Waiting for the WAL
+        # flush would cost every commit the disk's latency for nothing.
+        server_settings={"search_path": schema, "application_name": "orch",
+                         "synchronous_commit": "off"},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    replica: str
+    lease: Lease
+    expected: int  # the checkpoint the batch was folded from
+    batch: Batch
 
 
 class Store:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._waiting: list[tuple[Commit, asyncio.Future[str | None]]] = []
+        self._committing: asyncio.Task[None] | None = None
 
     async def migrate(self, partitions: int) -> None:
         ddl = resources.files("orchestrator").joinpath("schema.sql").read_text()
@@ -142,17 +176,65 @@ class Store:
 
     async def commit(self, replica: str, lease: Lease, expected_checkpoint: int,
                      batch: Batch) -> None:
-        """Write a folded batch and move the checkpoint, or raise Fenced and write nothing."""
+        """Write a folded batch and move the checkpoint, or raise Fenced and write nothing.
+
+        Commits that arrive while another is on its way go together in the next round
+        trip: one transaction for the batches of many partitions costs PostgreSQL and this
+        process little more than one.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((Commit(replica, lease, expected_checkpoint, batch), done))
+        if self._committing is None:
+            self._committing = asyncio.create_task(self._commit_waiting())
+        reason = await done
+        if reason is not None:
+            raise Fenced(reason)
+
+    async def _commit_waiting(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                try:
+                    reasons = await self._commit_group([c for c, _ in group])
+                except Exception as exc:
+                    if len(group) == 1:
+                        _settle(group[0][1], exc)
+                        continue
+                    # One bad batch must not fail the others: each goes again on its own.
+                    for c, done in group:
+                        try:
+                            _settle(done, (await self._commit_group([c]))[0])
+                        except Exception as exc_one:
+                            _settle(done, exc_one)
+                    continue
+                for (_, done), reason in zip(group, reasons, strict=True):
+                    _settle(done, reason)
+        finally:
+            self._committing = None
+            for _, done in self._waiting:  # only when cancelled: nobody will commit these
+                done.cancel()
+            self._waiting = []
+
+    async def _commit_group(self, commits: list["Commit"]) -> list[str | None]:
+        order = sorted(range(len(commits)), key=lambda i: commits[i].lease.partition)
+        ordered = [commits[i] for i in order]
+        heads = [(c.lease.partition, c.replica, c.lease.epoch, c.expected, c.batch.checkpoint,
+                  c.batch.relayed.after, c.batch.relayed.upto) for c in ordered]
+        rows: tuple[list[Row], ...] = ([], [], [], [])
+        for b, c in enumerate(ordered, start=1):
+            rows[0].extend((b, *r) for r in c.batch.entities)
+            rows[1].extend((b, *r) for r in c.batch.history)
+            rows[2].extend((b, *r[1:]) for r in c.batch.outbox)
+            rows[3].extend((b, *r) for r in c.batch.dead_letters)
         fenced = await self.pool.fetchval(
-            "SELECT commit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-            " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
-            lease.partition, replica, lease.epoch, expected_checkpoint, batch.checkpoint,
-            batch.relayed_upto,
-            *_columns(batch.entities, 4), *_columns(batch.history, 4),
-            *_columns([row[1:] for row in batch.outbox], 5), *_columns(batch.dead_letters, 5),
+            "SELECT commit_batches(" + ", ".join(f"${i}" for i in range(1, 30)) + ")",
+            *_columns(heads, 7), *_columns(rows[0], 5), *_columns(rows[1], 5),
+            *_columns(rows[2], 6), *_columns(rows[3], 6),
         )
-        if fenced is not None:
-            raise Fenced(fenced)
+        reasons: list[str | None] = [None] * len(commits)
+        for i, reason in zip(order, fenced, strict=True):
+            reasons[i] = reason
+        return reasons
 
     async def pending_outbox(self, partition: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(
@@ -161,13 +243,23 @@ class Store:
             partition,
         )
 
-    async def delete_outbox(self, partition: int, upto_seq: int) -> None:
-        await self.pool.execute("DELETE FROM outbox WHERE partition = $1 AND seq <= $2",
-                                partition, upto_seq)
+    async def delete_outbox(self, partition: int, span: Span) -> None:
+        await self.pool.execute(
+            "DELETE FROM outbox WHERE partition = $1 AND seq > $2 AND seq <= $3",
+            partition, span.after, span.upto)
+
+
+def _settle(done: "asyncio.Future[str | None]", outcome: str | Exception | None) -> None:
+    if done.done():  # its committer was cancelled meanwhile
+        return
+    if isinstance(outcome, Exception):
+        done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
 
 
 def _columns(rows: list[Row], width: int) -> list[list[Any]]:
-    """Rows to columns, as the arrays commit_batch unnests."""
+    """Rows to columns, as the arrays commit_batches unnests."""
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[]] * width
 
 

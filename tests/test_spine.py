@@ -11,7 +11,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from events.bus import Publisher, read_stream
-from events.pull import ConsumerGone
+from events.feed import ConsumerGone
 from events.subjects import CMD_STREAM, EVT_STREAM, JOB_STREAM, partition_of
 from orchestrator.fold import fold_message
 from orchestrator.partition import PartitionWorker, WorkerConfig

@@ -21,6 +21,7 @@ same instance must not run concurrently (the agent's work queue guarantees it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import threading
 import time
@@ -34,7 +35,7 @@ from xml.sax.saxutils import quoteattr
 import libvirt
 
 from agents.guest import READY_MARKER, GuestImage, build_guest_image
-from schemas.specs import InstanceSpec
+from schemas.specs import InstanceSpec, InstanceTemplate
 
 NS_URI = "urn:orch:instance:1"
 NS_PREFIX = "orch"
@@ -135,7 +136,11 @@ class VmDriver:
         self.shutdown_grace = shutdown_grace
         self.nic_prefix = nic_prefix
         self.is_test = uri.startswith("test:")
+        # The test driver lives in this process's memory: its calls never wait on anything.
+        self.blocking = not self.is_test
         self._guest = guest
+        # Rendering a definition costs as much as the libvirt calls of a power change.
+        self._desired = functools.lru_cache(maxsize=4096)(self._render)
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
 
@@ -281,9 +286,8 @@ class VmDriver:
     def console_log(self, instance_id: str) -> Path:
         return self.console_dir / f"{instance_id}.log"
 
-    def _definition(self, instance_id: str, spec: InstanceSpec) -> str:
-        """Domain XML for the spec, without our metadata (an empty <metadata/> stands in)."""
-        tpl = spec.template
+    def _definition(self, instance_id: str, tpl: InstanceTemplate) -> str:
+        """Domain XML for the template, without our metadata (an empty <metadata/> stands in)."""
         dom = ET.Element("domain", type="test" if self.is_test else "qemu")
         ET.SubElement(dom, "name").text = domain_name(instance_id)
         ET.SubElement(dom, "metadata")
@@ -335,6 +339,11 @@ class VmDriver:
             ET.SubElement(devices, "memballoon", model="none")
         return ET.tostring(dom, encoding="unicode")
 
+    def _render(self, instance_id: str, template: InstanceTemplate) -> tuple[str, str]:
+        """The definition of an instance and its digest."""
+        xml = self._definition(instance_id, template)
+        return xml, hashlib.sha256(xml.encode()).hexdigest()[:32]
+
     def _with_metadata(self, xml: str, instance_id: str, generation: int, digest: str) -> str:
         attrs = self._metadata_attrs(instance_id, generation, digest)
         element = f"<{NS_PREFIX}:instance xmlns:{NS_PREFIX}={quoteattr(NS_URI)} {attrs}/>"
@@ -378,10 +387,9 @@ class VmDriver:
                 self._remove(dom, name)
             return "absent"
 
-        xml = self._definition(instance_id, spec)
+        xml, digest = self._desired(instance_id, spec.template)
         if not self.is_test:
             self.console_dir.mkdir(parents=True, exist_ok=True)  # virtlogd will not create it
-        digest = hashlib.sha256(xml.encode()).hexdigest()[:32]
         with self._errors(f"define {name}"):
             if dom is None or meta is None or meta.get("digest") != digest:
                 if dom is not None and self._is_active(dom):
