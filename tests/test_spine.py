@@ -5,6 +5,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import msgspec
 import nats.errors
 import pytest
@@ -145,6 +146,24 @@ async def test_concurrent_commits_only_one_epoch_wins(store: Store, pg) -> None:
     )
     assert isinstance(results[0], Fenced) and results[1] is None
     assert await pg.fetchval("SELECT array_agg(seq) FROM history") == [6]
+
+
+async def test_a_failing_batch_fails_alone_in_a_group_commit(store: Store, pg) -> None:
+    """Commits that go together: one that cannot be written does not take the others down."""
+    leases = await store.claim("a", 30.0, 3)
+    await store.commit("a", leases[0], 0, Batch([], [(1, "network", "x", b"{}")], [], [], 1))
+    results = await asyncio.gather(
+        # seq 1 is in the history already: this batch breaks the primary key.
+        store.commit("a", leases[1], 0, Batch([], [(1, "network", "y", b"{}")], [], [], 1)),
+        store.commit("a", leases[2], 0, Batch([], [(2, "network", "z", b"{}")], [], [], 2)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], asyncpg.UniqueViolationError) and results[1] is None
+    assert await pg.fetchval("SELECT array_agg(seq ORDER BY seq) FROM history") == [1, 2]
+    checkpoints = await pg.fetch("SELECT partition, checkpoint FROM partitions"
+                                 " WHERE partition = ANY($1) ORDER BY partition",
+                                 [le.partition for le in leases])
+    assert [r["checkpoint"] for r in checkpoints] == [1, 0, 2]
 
 
 async def test_outbox_left_by_a_crash_is_relayed_once(env: Env, js, pg) -> None:
