@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import uvloop
 
 from agents.drivers.testnode import test_node_uri
 from agents.drivers.vm import VmDriver
@@ -62,7 +63,7 @@ def _run(config: AgentConfig, bridge: str | None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await Agent(config, driver).run(stop)
 
-    asyncio.run(run())
+    uvloop.run(run())
 
 
 if __name__ == "__main__":

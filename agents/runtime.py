@@ -168,7 +168,8 @@ class Agent:
                 return
             async with self.locks(job.id):
                 await self._converge(job, msg)
-            await msg.ack()
+            if not msg.is_acked:  # a stale job: nothing was reported
+                await msg.ack()
         finally:
             self.slots.release()
 
@@ -187,7 +188,8 @@ class Agent:
                              attempt=job.attempt, error=str(exc))
             await self._report(c.Failed(
                 cmd_id=f"failed-{self.host}-{job.id}-{job.generation}-{job.attempt}",
-                id=job.id, generation=job.generation, error=str(exc), attempt=job.attempt + 1))
+                id=job.id, generation=job.generation, error=str(exc), attempt=job.attempt + 1),
+                msg)
             return
         finally:
             if keepalive:
@@ -197,7 +199,7 @@ class Agent:
         if fresh:
             await self._report(c.Applied(
                 cmd_id=f"applied-{self.host}-{job.id}-{job.generation}-{job.attempt}",
-                id=job.id, generation=job.generation, observed=observed))
+                id=job.id, generation=job.generation, observed=observed), msg)
             self.log.debug("applied", entity=entity, generation=job.generation,
                            observed=observed)
 
@@ -223,8 +225,13 @@ class Agent:
             return self.driver.apply(job.id, job.spec, job.generation)
         return await asyncio.to_thread(self.driver.apply, job.id, job.spec, job.generation)
 
-    async def _report(self, cmd: c.Command) -> None:
-        await self.publisher.publish(self.host, cmd)
+    async def _report(self, cmd: c.Command, job: Msg | None) -> None:
+        """Report, and ack the job in the same write: one wake-up of the server, not two.
+
+        Should the report then be lost (the server never stores it), the job is not
+        delivered again; the reconciler re-issues it when no report comes.
+        """
+        await self.publisher.publish(self.host, cmd, sent=job.ack if job else None)
 
     # ---- resync -----------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from types import FrameType
 
 import asyncpg
 import msgspec
+import uvloop
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -689,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = stack.start()
         children = Children(tmp, {**os.environ, "ORCH_NATS_URL": info.nats_url,
                                         "ORCH_PG_DSN": info.pg_dsn})
-        asyncio.run(bench(args, stack, children, guest))
+        uvloop.run(bench(args, stack, children, guest))
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 
 import asyncpg
+import uvloop
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
@@ -82,7 +83,7 @@ Frame = tuple[str, bytes, str | None]  # subject, payload, Nats-Msg-Id
 def _child_main(nats_url: str, pg_dsn: str, stats_out: str, profile_out: str | None) -> None:
     """Entry of the replica process (``--child-replica``): run until SIGTERM."""
     logs.configure("info")
-    asyncio.run(_child_run(nats_url, pg_dsn, TimedPhase(stats_out, profile_out)))
+    uvloop.run(_child_run(nats_url, pg_dsn, TimedPhase(stats_out, profile_out)))
 
 
 @dataclass
@@ -773,7 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = stack.start()
         replica = ReplicaProcess(info, tmp, choose_runner(args), args.profile)
         roots = {"nats-server": stack.nats.pid, "postgres": stack.pg.pid}
-        asyncio.run(bench(args, info, replica, roots))
+        uvloop.run(bench(args, info, replica, roots))
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -89,10 +89,12 @@ class Publisher:
         decode_command(data)  # never append what the fold would reject as malformed
         return command_subject(source, cmd.kind, cmd.id), data, {"Nats-Msg-Id": cmd.cmd_id}
 
-    async def publish(self, source: str, cmd: Command) -> Published:
+    async def publish(self, source: str, cmd: Command,
+                      sent: Callable[[], Awaitable[None]] | None = None) -> Published:
+        """Append one command; ``sent`` runs once, as soon as it is on its way."""
         subject, data, headers = self._frame(source, cmd)
         [ack] = await publish_raw(self._js, [(subject, data, headers["Nats-Msg-Id"])],
-                                  self._deadline_s)
+                                  self._deadline_s, sent)
         return Published(ack.seq, ack.duplicate)
 
     async def publish_many(self, items: Iterable[tuple[str, Command]],
@@ -108,12 +110,17 @@ class Publisher:
         return results
 
 
-async def publish_raw(js: JetStreamContext, frames: Iterable[Frame],
-                      deadline_s: float = 30.0) -> list[PubAck]:
-    """Publish encoded messages (subject, payload, msg id) in order and await every ack."""
+async def publish_raw(js: JetStreamContext, frames: Iterable[Frame], deadline_s: float = 30.0,
+                      sent: Callable[[], Awaitable[None]] | None = None) -> list[PubAck]:
+    """Publish encoded messages (subject, payload, msg id) in order and await every ack.
+
+    ``sent`` runs once, right after the first try hands the messages to the connection.
+    """
     frames = list(frames)
     pipeline = Pipeline.of(js._nc)
-    return await retried(lambda: pipeline.publish(frames), deadline_s)
+    first = [sent] if sent is not None else []
+    return await retried(lambda: pipeline.publish(frames, sent=first.pop() if first else None),
+                         deadline_s)
 
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str, *, start_seq: int = 1,

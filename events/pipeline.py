@@ -8,7 +8,7 @@ most of the cost. Here the acks arrive on one wildcard inbox and msgspec decodes
 import asyncio
 import itertools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 from nats.aio.client import Client
@@ -66,8 +66,13 @@ class Pipeline:
         else:
             future.set_result(ack)
 
-    async def publish(self, frames: Sequence[Frame], timeout_s: float = 10.0) -> list[PubAck]:
-        """Publish every frame in order; return their acks, or raise the first failure."""
+    async def publish(self, frames: Sequence[Frame], timeout_s: float = 10.0,
+                      sent: Callable[[], Awaitable[None]] | None = None) -> list[PubAck]:
+        """Publish every frame in order; return their acks, or raise the first failure.
+
+        ``sent`` runs once the frames are handed to the connection, before their acks are
+        awaited: what it publishes leaves in the same write.
+        """
         if not self._started:
             await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
             self._started = True
@@ -81,6 +86,8 @@ class Pipeline:
                 futures.append(future)
                 await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}",
                                        headers={"Nats-Msg-Id": msg_id})
+            if sent is not None:
+                await sent()
             return await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
         finally:
             for token in tokens:

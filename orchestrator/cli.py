@@ -28,6 +28,7 @@ import nats
 import nats.errors
 import prometheus_client
 import typer
+import uvloop
 from nats.aio.client import Client
 from rich.console import Console
 
@@ -114,7 +115,7 @@ def _redact(dsn: str) -> str:
 def _run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> None:
     """Run an async verb; map every expected failure to one error line and an exit code."""
     try:
-        code = asyncio.run(main())
+        code = uvloop.run(main())
     except CliError as exc:
         _fail(str(exc), exc.code)
     except CommandError as exc:

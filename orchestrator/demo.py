@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import msgspec
 import nats
+import uvloop
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from rich.console import Console
@@ -126,7 +127,7 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
                          "--libvirt", "test", "--resync", str(AGENT_RESYNC_S))
         console.print(f"  agents {', '.join(AGENT_HOSTS)} (libvirt test:///, one private"
                       f" hypervisor each; logs in {agents.workdir})")
-        asyncio.run(_scenario(info, agents, console, timeout_s))
+        uvloop.run(_scenario(info, agents, console, timeout_s))
     finally:
         with uninterruptible():
             killed = agents.stop(AGENT_STOP_GRACE_S)

@@ -173,7 +173,11 @@ class NatsServer:
         config = self.store_dir / "nats.conf"
         config.write_text(self._config())
         log_path = self.store_dir / "nats.log"
-        self._proc, offset = _spawn([_nats_binary(), "-c", str(config)], log_path)
+        # One OS thread for the Go scheduler: the embedded server shares a small machine with
+        # everything else, and handing goroutines between threads cost it a fifth of its
+        # CPU in context switches (bench/converge.py).
+        self._proc, offset = _spawn([_nats_binary(), "-c", str(config)], log_path,
+                                    env={**os.environ, "GOMAXPROCS": "1"})
         _wait_ready(
             self._proc,
             lambda: _accepts(self.port),

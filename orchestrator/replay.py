@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import msgspec
+import uvloop
 
 from events.bus import connect, read_stream
 from events.meta import delivery
@@ -110,7 +111,7 @@ async def _fold_share(share: _Share) -> _Done:
 
 
 def _work(share: _Share) -> _Done:
-    return asyncio.run(_fold_share(share))
+    return uvloop.run(_fold_share(share))
 
 
 async def replay(nats_url: str, pg_dsn: str, partitions: int, *, schema: str = "replay",

@@ -12,7 +12,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from events.bus import Publisher
-from events.subjects import inventory_subject
+from events.subjects import JOB_STREAM, inventory_subject
 from schemas.codec import command_from_dict
 from tests.conftest import Env, Processes, eventually
 
@@ -90,6 +90,10 @@ async def test_300_instances_converge_across_3_agents(env: Env, js, pg, processe
         assert {i: states[i]["observed"] for i in wanted} == wanted
     assert sum(1 for s in states.values() if s["status"] == "deleted") == 50
     assert all(s["observed"] == "absent" for s in states.values() if s["status"] == "deleted")
+    # Every job was acked (with its report), and none had to come twice.
+    for host in HOSTS:
+        info = await js.consumer_info(JOB_STREAM, f"agent-{host}")
+        assert (info.num_ack_pending, info.num_redelivered) == (0, 0), host
     # orch hosts: each host up, its live instances counted, its heartbeat recent.
     listed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "hosts", "--json"],
                             env=env.environ(), capture_output=True, text=True, timeout=30)
