@@ -66,7 +66,8 @@ class Feed:
         if not self._queue:
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):  # unlike wait_for, makes no task
+                    await self._arrived.wait()
             except TimeoutError:
                 if loop.time() - self._heard > 3 * self._heartbeat_s:
                     raise ConsumerGone("no heartbeat from the consumer") from None
