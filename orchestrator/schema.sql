@@ -52,39 +52,58 @@ CREATE TABLE IF NOT EXISTS replicas (
     seen  timestamptz NOT NULL
 );
 
+-- The rows commit_batches takes, one array per table: composite values, so that a client
+-- sends one element per row rather than one per column. `b` is the row's batch, its index
+-- in the array of batch heads.
+DO $$ BEGIN
+    IF to_regtype('batch_head') IS NULL THEN
+        CREATE TYPE batch_head AS (partition int, owner text, epoch bigint, expected bigint,
+            checkpoint bigint, relayed_after bigint, relayed_upto bigint);
+    END IF;
+    IF to_regtype('entity_row') IS NULL THEN
+        CREATE TYPE entity_row AS (b int, kind text, id text, state jsonb, last_seq bigint);
+    END IF;
+    IF to_regtype('history_row') IS NULL THEN
+        CREATE TYPE history_row AS (b int, seq bigint, kind text, id text, outcome jsonb);
+    END IF;
+    IF to_regtype('outbox_row') IS NULL THEN
+        CREATE TYPE outbox_row AS (b int, seq bigint, n int, subject text, msg_id text,
+            payload bytea);
+    END IF;
+    IF to_regtype('dead_letter_row') IS NULL THEN
+        CREATE TYPE dead_letter_row AS (b int, seq bigint, subject text, reason text,
+            payload bytea, at timestamptz);
+    END IF;
+END $$;
+
 -- Folded batches of any partitions, each all or nothing, in one round trip: a batch is
 -- fenced (and writes nothing) unless its owner holds the partition at its epoch and
 -- checkpoint. Each partition row is locked first, so a takeover waits for this commit or
--- fences it. Row arrays name their batch by its index in the b_ arrays. Callers pass
--- batches in partition order, so that two replicas' commits never deadlock. Returns, for
--- each batch, NULL or why it is fenced.
+-- fences it. Callers pass batches in partition order, so that two replicas' commits never
+-- deadlock. Returns, for each batch, NULL or why it is fenced.
 DROP FUNCTION IF EXISTS commit_batch;
 CREATE OR REPLACE FUNCTION commit_batches(
-    b_p int[], b_owner text[], b_epoch bigint[], b_expected bigint[], b_checkpoint bigint[],
-    b_relayed_after bigint[], b_relayed_upto bigint[],
-    e_b int[], e_kind text[], e_id text[], e_state jsonb[], e_seq bigint[],
-    h_b int[], h_seq bigint[], h_kind text[], h_id text[], h_outcome jsonb[],
-    o_b int[], o_seq bigint[], o_n int[], o_subject text[], o_msg_id text[], o_payload bytea[],
-    d_b int[], d_seq bigint[], d_subject text[], d_reason text[], d_payload bytea[],
-    d_at timestamptz[]
+    heads batch_head[], e entity_row[], h history_row[], o outbox_row[], d dead_letter_row[]
 ) RETURNS text[] LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    fenced text[] := array_fill(NULL::text, ARRAY[cardinality(b_p)]);
+    fenced text[] := array_fill(NULL::text, ARRAY[cardinality(heads)]);
     ok int[] := '{}';
     k int;
+    head batch_head;
     current bigint;
 BEGIN
-    FOR i IN 1 .. cardinality(b_p) LOOP
+    FOR i IN 1 .. cardinality(heads) LOOP
+        head := heads[i];
         SELECT checkpoint INTO current FROM partitions
-        WHERE partition = b_p[i] AND owner = b_owner[i] AND epoch = b_epoch[i]
+        WHERE partition = head.partition AND owner = head.owner AND epoch = head.epoch
           AND lease_until > now()
         FOR UPDATE;
         IF NOT FOUND THEN
-            fenced[i] := format('partition %s epoch %s is not ours', b_p[i], b_epoch[i]);
-        ELSIF current <> b_expected[i] THEN
+            fenced[i] := format('partition %s epoch %s is not ours', head.partition, head.epoch);
+        ELSIF current <> head.expected THEN
             fenced[i] := format('partition %s checkpoint is %s, expected %s',
-                                b_p[i], current, b_expected[i]);
+                                head.partition, current, head.expected);
         ELSE
             ok := ok || i;
         END IF;
@@ -93,36 +112,33 @@ BEGIN
         RETURN fenced;
     END IF;
     -- Small batches are the common case when load is light: skip the empty statements.
-    IF cardinality(e_b) > 0 THEN
+    IF cardinality(e) > 0 THEN
         INSERT INTO entities (kind, id, state, last_seq)
-        SELECT k, i, s, q FROM unnest(e_b, e_kind, e_id, e_state, e_seq) AS r(b, k, i, s, q)
-        WHERE b = ANY(ok)
+        SELECT r.kind, r.id, r.state, r.last_seq FROM unnest(e) AS r WHERE r.b = ANY(ok)
         ON CONFLICT (kind, id) DO UPDATE
         SET state = EXCLUDED.state, last_seq = EXCLUDED.last_seq, updated_at = now();
     END IF;
-    IF cardinality(h_b) > 0 THEN
+    IF cardinality(h) > 0 THEN
         INSERT INTO history
-        SELECT q, k, i, o FROM unnest(h_b, h_seq, h_kind, h_id, h_outcome) AS r(b, q, k, i, o)
-        WHERE b = ANY(ok);
+        SELECT r.seq, r.kind, r.id, r.outcome FROM unnest(h) AS r WHERE r.b = ANY(ok);
     END IF;
-    IF cardinality(o_b) > 0 THEN
+    IF cardinality(o) > 0 THEN
         INSERT INTO outbox
-        SELECT b_p[b], q, n, s, m, d
-        FROM unnest(o_b, o_seq, o_n, o_subject, o_msg_id, o_payload) AS r(b, q, n, s, m, d)
-        WHERE b = ANY(ok);
+        SELECT (heads[r.b]).partition, r.seq, r.n, r.subject, r.msg_id, r.payload
+        FROM unnest(o) AS r WHERE r.b = ANY(ok);
     END IF;
-    IF cardinality(d_b) > 0 THEN
+    IF cardinality(d) > 0 THEN
         INSERT INTO dead_letters
-        SELECT q, s, w, d, t
-        FROM unnest(d_b, d_seq, d_subject, d_reason, d_payload, d_at) AS r(b, q, s, w, d, t)
-        WHERE b = ANY(ok);
+        SELECT r.seq, r.subject, r.reason, r.payload, r.at FROM unnest(d) AS r
+        WHERE r.b = ANY(ok);
     END IF;
     FOREACH k IN ARRAY ok LOOP
-        IF b_relayed_upto[k] > 0 THEN
-            DELETE FROM outbox WHERE partition = b_p[k]
-              AND seq > b_relayed_after[k] AND seq <= b_relayed_upto[k];
+        head := heads[k];
+        IF head.relayed_upto > 0 THEN
+            DELETE FROM outbox WHERE partition = head.partition
+              AND seq > head.relayed_after AND seq <= head.relayed_upto;
         END IF;
-        UPDATE partitions SET checkpoint = b_checkpoint[k] WHERE partition = b_p[k];
+        UPDATE partitions SET checkpoint = head.checkpoint WHERE partition = head.partition;
     END LOOP;
     RETURN fenced;
 END $$;

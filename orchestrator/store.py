@@ -227,10 +227,7 @@ class Store:
             rows[2].extend((b, *r[1:]) for r in c.batch.outbox)
             rows[3].extend((b, *r) for r in c.batch.dead_letters)
         fenced = await self.pool.fetchval(
-            "SELECT commit_batches(" + ", ".join(f"${i}" for i in range(1, 30)) + ")",
-            *_columns(heads, 7), *_columns(rows[0], 5), *_columns(rows[1], 5),
-            *_columns(rows[2], 6), *_columns(rows[3], 6),
-        )
+            "SELECT commit_batches($1, $2, $3, $4, $5)", heads, *rows)
         reasons: list[str | None] = [None] * len(commits)
         for i, reason in zip(order, fenced, strict=True):
             reasons[i] = reason
@@ -256,11 +253,6 @@ def _settle(done: "asyncio.Future[str | None]", outcome: str | Exception | None)
         done.set_exception(outcome)
     else:
         done.set_result(outcome)
-
-
-def _columns(rows: list[Row], width: int) -> list[list[Any]]:
-    """Rows to columns, as the arrays commit_batches unnests."""
-    return [list(col) for col in zip(*rows, strict=True)] if rows else [[]] * width
 
 
 async def connect_pg(dsn: str, schema: str = "public") -> asyncpg.Connection:
