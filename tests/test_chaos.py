@@ -110,3 +110,32 @@ async def test_sigkill_a_replica_mid_run_loses_and_doubles_nothing(
     verify = subprocess.run([sys.executable, "-m", "orchestrator.cli", "replay", "--verify"],
                             env=env.environ(), capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+async def test_a_restarted_nats_server_loses_the_fold_consumers_and_the_fold_goes_on(
+        env: Env, js, store, pg, processes: Processes) -> None:
+    """The fold's consumers live in the server's memory: a restart takes them away. The
+    workers hear no more heartbeats, give their partitions up and open them again from the
+    checkpoint, so every command is still folded once."""
+    orch = ["orchestrator", "--batch", "200", "--deadline", "3600"]
+    processes.orch(*orch, "--id", "r1", env=env.environ(), name="r1")
+    await eventually(lambda: pg.fetchval(
+        "SELECT count(owner) = $1 FROM partitions", PARTITIONS))
+    creates = [("user", command_from_dict(dict(
+        type="CreateNetwork", cmd_id=f"n{n}", id=f"n{n}", vni=100 + n, cidr="10.0.0.0/24")))
+        for n in range(600)]
+    await Publisher(js).publish_many(creates[:300])
+    await eventually(lambda: pg.fetchval("SELECT count(*) = 300 FROM history"))
+    epochs = await pg.fetchval("SELECT sum(epoch) FROM partitions")
+
+    env.nats.stop()
+    env.nats.start()
+    await Publisher(js).publish_many(creates[300:])  # retried until the client is back
+    await eventually(lambda: settled(pg, js), timeout=60, interval=0.5)
+
+    assert await pg.fetchval("SELECT count(*) FROM history") == 600
+    assert await pg.fetchval("SELECT count(*) FROM entities WHERE kind = 'network'") == 600
+    # Every partition was opened again, under a new epoch, with a consumer of its own.
+    assert await pg.fetchval("SELECT sum(epoch) FROM partitions") >= epochs + PARTITIONS
+    consumers = [c for c in await js.consumers_info(CMD_STREAM) if c.name.startswith("fold-")]
+    assert len(consumers) == PARTITIONS
