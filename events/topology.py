@@ -123,13 +123,14 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
     """The consumer of one partition for one ownership epoch, pushing to deliver_subject.
 
     It starts right after the partition's checkpoint; the checkpoint, not the consumer, is
-    the position, so its state is kept in memory only. Consumers of older epochs are
-    deleted, so a stale owner stops receiving (and then hearing heartbeats).
+    the position, so its state is kept in memory only. Earlier consumers of the partition
+    (older epochs, or an earlier run of this one) are deleted first, so a stale owner
+    stops receiving (and then hearing heartbeats).
     """
     name = fold_consumer_name(partition, epoch)
     prefix = f"fold-{partition}-e"
     for info in await js.consumers_info(CMD_STREAM):
-        if info.name.startswith(prefix) and info.name != name:
+        if info.name.startswith(prefix):
             with contextlib.suppress(NotFoundError):
                 await js.delete_consumer(CMD_STREAM, info.name)
     start = (
@@ -137,8 +138,6 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
         if after_seq
         else dict(deliver_policy=DeliverPolicy.ALL)
     )
-    with contextlib.suppress(NotFoundError):  # a previous run of this very epoch
-        await js.delete_consumer(CMD_STREAM, name)
     await js.add_consumer(
         CMD_STREAM,
         ConsumerConfig(
