@@ -114,12 +114,19 @@ async def publish_raw(js: JetStreamContext, frames: Iterable[Frame], deadline_s:
                       sent: Callable[[], Awaitable[None]] | None = None) -> list[PubAck]:
     """Publish encoded messages (subject, payload, msg id) in order and await every ack.
 
-    ``sent`` runs once, right after the first try hands the messages to the connection.
+    ``sent`` runs once, right after the first try that hands the messages to the connection.
     """
     frames = list(frames)
     pipeline = Pipeline.of(js._nc)
-    first = [sent] if sent is not None else []
-    return await retried(lambda: pipeline.publish(frames, sent=first.pop() if first else None),
+    pending = sent
+
+    async def once() -> None:
+        nonlocal pending
+        if pending is not None:
+            await pending()
+            pending = None
+
+    return await retried(lambda: pipeline.publish(frames, sent=once if sent else None),
                          deadline_s)
 
 

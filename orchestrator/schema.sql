@@ -79,8 +79,9 @@ END $$;
 -- Folded batches of any partitions, each all or nothing, in one round trip: a batch is
 -- fenced (and writes nothing) unless its owner holds the partition at its epoch and
 -- checkpoint. Each partition row is locked first, so a takeover waits for this commit or
--- fences it. Callers pass batches in partition order, so that two replicas' commits never
--- deadlock. Returns, for each batch, NULL or why it is fenced.
+-- fences it. Callers pass batches in partition order: whatever else locks several
+-- partition rows (lease renewal, a replica leaving) locks them in that order too, so none
+-- of them deadlock. Returns, for each batch, NULL or why it is fenced.
 DROP FUNCTION IF EXISTS commit_batch;
 CREATE OR REPLACE FUNCTION commit_batches(
     heads batch_head[], e entity_row[], h history_row[], o outbox_row[], d dead_letter_row[]

@@ -122,7 +122,9 @@ class Store:
     async def leave(self, replica: str) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute(
-                "UPDATE partitions SET owner = NULL, lease_until = 'epoch' WHERE owner = $1",
+                "UPDATE partitions SET owner = NULL, lease_until = 'epoch' WHERE partition IN"
+                " (SELECT partition FROM partitions WHERE owner = $1"
+                "  ORDER BY partition FOR UPDATE)",
                 replica,
             )
             await conn.execute("DELETE FROM replicas WHERE id = $1", replica)
@@ -144,13 +146,20 @@ class Store:
         return sorted(Lease(r["partition"], r["epoch"], r["checkpoint"]) for r in rows)
 
     async def renew(self, replica: str, leases: Iterable[Lease], ttl_s: float) -> set[int]:
-        """Extend our leases; return the partitions we still hold."""
+        """Extend our leases; return the partitions we still hold.
+
+        Rows are locked in partition order, as commit_batches locks them: a commit of
+        several partitions and a renewal never wait for each other in a cycle.
+        """
         leases = list(leases)
         rows = await self.pool.fetch(
             """
             UPDATE partitions SET lease_until = now() + make_interval(secs => $2)
-            WHERE owner = $1 AND (partition, epoch) IN
-                  (SELECT * FROM unnest($3::int[], $4::bigint[]))
+            WHERE partition IN (
+                SELECT partition FROM partitions
+                WHERE owner = $1 AND (partition, epoch) IN
+                      (SELECT * FROM unnest($3::int[], $4::bigint[]))
+                ORDER BY partition FOR UPDATE)
             RETURNING partition
             """,
             replica, ttl_s, [le.partition for le in leases], [le.epoch for le in leases],
@@ -191,6 +200,7 @@ class Store:
             raise Fenced(reason)
 
     async def _commit_waiting(self) -> None:
+        group: list[tuple[Commit, asyncio.Future[str | None]]] = []
         try:
             while self._waiting:
                 group, self._waiting = self._waiting, []
@@ -211,8 +221,8 @@ class Store:
                     _settle(done, reason)
         finally:
             self._committing = None
-            for _, done in self._waiting:  # only when cancelled: nobody will commit these
-                done.cancel()
+            for _, done in group + self._waiting:  # cancelled: nobody will settle these
+                done.cancel()  # a no-op for the settled ones
             self._waiting = []
 
     async def _commit_group(self, commits: list["Commit"]) -> list[str | None]:

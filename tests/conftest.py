@@ -187,4 +187,4 @@ async def settled(pg: asyncpg.Connection, js: JetStreamContext) -> bool:
         "SELECT (SELECT count(*) FROM history) + (SELECT count(*) FROM dead_letters"
         " WHERE seq NOT IN (SELECT seq FROM history))")
     again = (await js.stream_info(CMD_STREAM)).state.last_seq
-    return last == again and folded == last and outbox == 0
+    return last > 0 and last == again and folded == last and outbox == 0

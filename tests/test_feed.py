@@ -7,7 +7,7 @@ from nats.js import JetStreamContext
 
 from events.feed import ConsumerGone, Feed
 from events.meta import delivery
-from events.subjects import partition_of
+from events.subjects import CMD_STREAM, partition_of
 from events.topology import open_fold_consumer
 from tests.conftest import PARTITIONS
 
@@ -57,11 +57,20 @@ async def test_a_broken_consumer_sequence_stops_the_feed(js: JetStreamContext) -
         await feed.close()
 
 
-async def test_a_silent_consumer_stops_the_feed(js: JetStreamContext) -> None:
-    """No message and no heartbeat for three intervals: the consumer is gone."""
+async def test_heartbeats_keep_an_idle_feed_open_until_its_consumer_is_deleted(
+        js: JetStreamContext) -> None:
+    """Idle, the consumer's heartbeats keep the feed open; deleted (as a newer owner does),
+    it falls silent and within three intervals the feed says it is gone."""
     feed = Feed(js._nc, heartbeat_s=0.1, ack_every=1, ack_within_s=0.0)
     await feed.open()
     try:
+        await open_fold_consumer(js, partition_of("instance", "idle", PARTITIONS), 1, 0,
+                                 feed.subject, 0.1, 100)
+        for _ in range(10):  # 1 s, over three heartbeat intervals
+            assert await feed.take(10, timeout_s=0.1) == []
+        consumers = await js.consumers_info(CMD_STREAM)
+        assert len(consumers) == 1
+        await js.delete_consumer(CMD_STREAM, consumers[0].name)
         with pytest.raises(ConsumerGone, match="heartbeat"):
             for _ in range(20):
                 assert await feed.take(10, timeout_s=0.1) == []
