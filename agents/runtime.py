@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 import structlog
@@ -21,23 +22,20 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import stop_after_attempt, wait_exponential_jitter
 
 from agents.drivers.vm import PermanentDriverError, TransientDriverError, VmDriver
 from events.bus import Publisher, connect, read_stream
 from events.heartbeats import beat
-from events.subjects import JOB_STREAM, inventory_subject, job_filter
+from events.retry import retried
+from events.subjects import HEARTBEAT_BUCKET, JOB_STREAM, inventory_subject, job_filter
 from events.topology import ensure_topology
 from schemas import commands as c
 from schemas.heartbeat import Heartbeat
 from schemas.jobs import Job
 
 log = structlog.get_logger()
+T = TypeVar("T")
 _job = msgspec.json.Decoder(Job)
 
 
@@ -90,6 +88,7 @@ class Agent:
         self._driver_factory = driver_factory
         self.driver: VmDriver
         self.applied: dict[str, int] = {}  # instance -> newest generation applied here
+        self.wanted: set[str] = set()  # instances whose newest job wants them here
         self.locks = KeyedLocks()
         self.slots = asyncio.Semaphore(config.concurrency)
         self.running: set[asyncio.Task[None]] = set()
@@ -102,7 +101,8 @@ class Agent:
         js = nc.jetstream()
         await ensure_topology(js)
         self.publisher = Publisher(js)
-        self.applied = await asyncio.to_thread(self._adopt)
+        # What an earlier run of this agent left on the hypervisor, at which generation.
+        self.applied = await asyncio.to_thread(self.driver.generations)
         inventory = await nc.subscribe(inventory_subject(self.host), cb=self._inventory)
         tasks = [
             asyncio.create_task(self._heartbeats(js, stop)),
@@ -117,22 +117,13 @@ class Agent:
                 if task in tasks and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
-            for task in tasks:
+            for task in [*tasks, *self.running]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self.running, return_exceptions=True)
             await inventory.unsubscribe()
             await nc.close()  # jobs cut short stay unacked: they come back, and apply is idempotent
             await asyncio.to_thread(self.driver.close)
             self.log.info("agent_stopped")
-
-    def _adopt(self) -> dict[str, int]:
-        """What an earlier run of this agent left on the hypervisor, and at which generation."""
-        found = {}
-        for instance_id in self.driver.observe():
-            generation = self.driver.generation(instance_id)
-            if generation is not None:
-                found[instance_id] = generation
-        return found
 
     # ---- jobs -------------------------------------------------------------------
 
@@ -180,6 +171,10 @@ class Agent:
             self.log.info("job_stale", entity=entity, generation=job.generation,
                           applied=self.applied[job.id])
             return
+        if job.spec is None:
+            self.wanted.discard(job.id)
+        else:
+            self.wanted.add(job.id)
         keepalive = KeepAlive(msg, self.config.in_progress_s) if msg else None
         try:
             observed = await self._apply(job)
@@ -205,25 +200,21 @@ class Agent:
 
     async def _apply(self, job: Job) -> str:
         """The driver's apply; transient errors retried with backoff."""
-        try:  # bare first: most applies succeed, and a retry loop costs more than they do
-            return await self._driver_apply(job)
-        except TransientDriverError:
-            if self.config.retries <= 1:
-                raise
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TransientDriverError),
-            stop=stop_after_attempt(self.config.retries - 1),
-            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.1),
-            reraise=True,
-        ):
-            with attempt:
-                return await self._driver_apply(job)
-        raise AssertionError("unreachable: tenacity reraises")
+        retries = self.config.retries
+        return await retried(
+            lambda: self._driver_apply(job),
+            transient=lambda exc: isinstance(exc, TransientDriverError) and retries > 1,
+            stop=stop_after_attempt(retries - 1),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.1))
 
     async def _driver_apply(self, job: Job) -> str:
-        if not self.driver.blocking:  # a hop to a thread and back would cost more than it
-            return self.driver.apply(job.id, job.spec, job.generation)
-        return await asyncio.to_thread(self.driver.apply, job.id, job.spec, job.generation)
+        return await self._driver_call(self.driver.apply, job.id, job.spec, job.generation)
+
+    async def _driver_call(self, call: Callable[..., T], *args: object) -> T:
+        """A driver call, in a thread unless the driver never blocks (the hop costs more)."""
+        if not self.driver.blocking:
+            return call(*args)
+        return await asyncio.to_thread(call, *args)
 
     async def _report(self, cmd: c.Command, job: Msg | None) -> None:
         """Report, and ack the job in the same write: one wake-up of the server, not two.
@@ -251,17 +242,32 @@ class Agent:
         for job in jobs:
             async with self.slots, self.locks(job.id):
                 await self._converge(job, None)
-        wanted = {job.id for job in jobs if job.spec is not None}
-        removed = await asyncio.to_thread(self.driver.remove_unwanted, wanted)
+        removed = await self._remove_unwanted()
         self.log.info("resynced", jobs=len(jobs), removed=removed,
                       seconds=round(time.perf_counter() - started, 3))
+
+    async def _remove_unwanted(self) -> list[str]:
+        """Remove the managed domains that no job wants here.
+
+        Each under its entity's lock and checked again there: a job for it may have come
+        since the domains were listed, and its domain must stay.
+        """
+        removed = []
+        for instance_id in sorted((await self._driver_call(self.driver.observe)).keys()
+                                  - self.wanted):
+            async with self.slots, self.locks(instance_id):
+                if (instance_id not in self.wanted
+                        and await self._driver_call(self.driver.remove, instance_id)):
+                    removed.append(instance_id)
+        return removed
 
     # ---- heartbeats and inventory -------------------------------------------------
 
     async def _heartbeats(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        kv = await js.key_value(HEARTBEAT_BUCKET)
         while not stop.is_set():
             now_ms = int(time.time() * 1000)
-            await beat(js, self.host, Heartbeat(boot_id=self.boot_id, at_ms=now_ms))
+            await beat(kv, self.host, Heartbeat(boot_id=self.boot_id, at_ms=now_ms))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)
 

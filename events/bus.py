@@ -3,7 +3,6 @@
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import nats
 import structlog
@@ -12,22 +11,17 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import stop_after_delay, wait_exponential_jitter
 
 from events.meta import pending as pending_of
 from events.pipeline import Frame, Pipeline, PubAck
+from events.retry import retried
 from events.subjects import command_subject
 from schemas.codec import CommandError, decode_command, encode
 from schemas.commands import FOLLOW_UP_PREFIX, Command
 from schemas.ids import SYSTEM
 
 log = structlog.get_logger()
-T = TypeVar("T")
 
 
 async def connect(url: str, name: str) -> Client:
@@ -44,27 +38,6 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
                             nats.errors.NoRespondersError, NoStreamResponseError,
                             asyncio.TimeoutError))
-
-
-async def retried(call: Callable[[], Awaitable[T]], deadline_s: float) -> T:
-    """``call()``, retried with backoff while its failures are transient.
-
-    The first try runs bare: building a retry loop costs more than a publish does.
-    """
-    try:
-        return await call()
-    except Exception as exc:
-        if not _transient(exc):
-            raise
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception(_transient),
-        wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
-        stop=stop_after_delay(deadline_s),
-        reraise=True,
-    ):
-        with attempt:
-            return await call()
-    raise AssertionError("unreachable: tenacity reraises")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +100,8 @@ async def publish_raw(js: JetStreamContext, frames: Iterable[Frame], deadline_s:
             pending = None
 
     return await retried(lambda: pipeline.publish(frames, sent=once if sent else None),
-                         deadline_s)
+                         transient=_transient, stop=stop_after_delay(deadline_s),
+                         wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05))
 
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str, *, start_seq: int = 1,

@@ -3,6 +3,7 @@
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
 
 from events.subjects import HEARTBEAT_BUCKET
 from schemas.heartbeat import Heartbeat
@@ -10,8 +11,7 @@ from schemas.heartbeat import Heartbeat
 _beat = msgspec.json.Decoder(Heartbeat)
 
 
-async def beat(js: JetStreamContext, host: str, heartbeat: Heartbeat) -> None:
-    kv = await js.key_value(HEARTBEAT_BUCKET)
+async def beat(kv: KeyValue, host: str, heartbeat: Heartbeat) -> None:
     await kv.put(host, msgspec.json.encode(heartbeat))
 
 

@@ -156,7 +156,9 @@ def test_unmanaged_domains_are_never_touched(driver: VmDriver) -> None:
     driver.apply("b", spec("stopped"), 1)
 
     assert driver.observe() == {"a": "running", "b": "stopped"}
-    assert driver.remove_unwanted({"a"}) == ["b"]
+    assert driver.remove("b")
+    assert not driver.remove("rogue")  # our prefix, not our metadata: never touched
+    assert not driver.remove("b")  # gone already
     assert driver.observe() == {"a": "running"}
     names = {d.name() for d in conn.listAllDomains(0)}
     assert names == {"other-vm", "orch-rogue", "orch-a"}

@@ -48,7 +48,6 @@ DEFAULT_CONSOLE_DIR = Path("/var/log/orch-guests")
 DEFAULT_NIC_PREFIX = 24  # Nic.ip carries no prefix length; the network's CIDR is not in the spec
 
 Observed = Literal["running", "stopped"]
-Applied = Literal["running", "stopped", "absent"]
 
 # libvirt prints every error on stderr by default, including the expected "no domain".
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -133,6 +132,8 @@ class VmDriver:
         self.host = host
         self.bridge = bridge
         self.console_dir = console_dir
+        if not uri.startswith("test:"):
+            console_dir.mkdir(parents=True, exist_ok=True)  # virtlogd will not create it
         self.shutdown_grace = shutdown_grace
         self.nic_prefix = nic_prefix
         self.is_test = uri.startswith("test:")
@@ -251,6 +252,11 @@ class VmDriver:
                     if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                         raise
         return result
+
+    def generations(self) -> dict[str, int]:
+        """The generation last applied to every managed instance on this host."""
+        with self._errors("observe"):
+            return {i: int(meta.get("generation", "0")) for i, (_, meta) in self._managed().items()}
 
     def generation(self, instance_id: str) -> int | None:
         """Generation last applied to the instance, None if it has no managed domain."""
@@ -388,13 +394,11 @@ class VmDriver:
             return "absent"
 
         xml, digest = self._desired(instance_id, spec.template)
-        if not self.is_test:
-            self.console_dir.mkdir(parents=True, exist_ok=True)  # virtlogd will not create it
         with self._errors(f"define {name}"):
             if dom is None or meta is None or meta.get("digest") != digest:
                 if dom is not None and self._is_active(dom):
                     # The definition only takes effect at boot: restart to converge.
-                    self._stop(dom, name)
+                    self._stop(dom)
                 full = self._with_metadata(xml, instance_id, generation, digest)
                 # Same UUID as the existing domain (else libvirt refuses the name), or one
                 # derived from the instance id for a new one.
@@ -408,17 +412,20 @@ class VmDriver:
             if spec.power == "running":
                 self._start(dom)
             elif self._is_active(dom):
-                self._stop(dom, name)
+                self._stop(dom)
         return self._observed(dom, name)
 
-    def remove_unwanted(self, wanted: set[str]) -> list[str]:
-        """Destroy and undefine managed domains whose instance is not wanted here."""
-        removed = []
-        for instance_id, (dom, _meta) in sorted(self._managed().items()):
-            if instance_id not in wanted:
-                self._remove(dom, domain_name(instance_id))
-                removed.append(instance_id)
-        return removed
+    def remove(self, instance_id: str) -> bool:
+        """Destroy and undefine the instance's managed domain here; False if there is none."""
+        dom = self._lookup(instance_id)
+        if dom is None:
+            return False
+        with self._errors(f"metadata of {domain_name(instance_id)}"):
+            meta = self._metadata(dom)
+        if not meta or meta.get("id") != instance_id or meta.get("host") != self.host:
+            return False  # not ours: never touched
+        self._remove(dom, domain_name(instance_id))
+        return True
 
     def _observed(self, dom: libvirt.virDomain, name: str) -> Observed:
         with self._errors(f"state of {name}"):
@@ -451,7 +458,7 @@ class VmDriver:
                 dom.destroy()
         dom.create()
 
-    def _stop(self, dom: libvirt.virDomain, name: str) -> None:
+    def _stop(self, dom: libvirt.virDomain) -> None:
         """ACPI shutdown, then destroy after the grace period (a guest may ignore it)."""
         try:
             if self.shutdown_grace > 0:
