@@ -54,20 +54,18 @@ class Publisher:
         self._deadline_s = deadline_s
 
     @staticmethod
-    def _frame(source: str, cmd: Command) -> tuple[str, bytes, dict[str, str]]:
+    def _frame(source: str, cmd: Command) -> Frame:
         if source != SYSTEM and cmd.cmd_id.startswith(FOLLOW_UP_PREFIX):
             # Its Nats-Msg-Id could shadow a follow-up command within the dedupe window.
             raise CommandError(f"cmd_id prefix {FOLLOW_UP_PREFIX!r} is reserved at `$.cmd_id`")
         data = encode(cmd)
         decode_command(data)  # never append what the fold would reject as malformed
-        return command_subject(source, cmd.kind, cmd.id), data, {"Nats-Msg-Id": cmd.cmd_id}
+        return command_subject(source, cmd.kind, cmd.id), data, cmd.cmd_id
 
     async def publish(self, source: str, cmd: Command,
                       sent: Callable[[], Awaitable[None]] | None = None) -> Published:
         """Append one command; ``sent`` runs once, as soon as it is on its way."""
-        subject, data, headers = self._frame(source, cmd)
-        [ack] = await publish_raw(self._js, [(subject, data, headers["Nats-Msg-Id"])],
-                                  self._deadline_s, sent)
+        [ack] = await publish_raw(self._js, [self._frame(source, cmd)], self._deadline_s, sent)
         return Published(ack.seq, ack.duplicate)
 
     async def publish_many(self, items: Iterable[tuple[str, Command]],
@@ -76,9 +74,7 @@ class Publisher:
         frames = [self._frame(source, cmd) for source, cmd in items]
         results: list[Published] = []
         for start in range(0, len(frames), window):
-            acks = await publish_raw(self._js, [(s, d, h["Nats-Msg-Id"])
-                                                for s, d, h in frames[start:start + window]],
-                                     self._deadline_s)
+            acks = await publish_raw(self._js, frames[start:start + window], self._deadline_s)
             results.extend(Published(a.seq, a.duplicate) for a in acks)
         return results
 

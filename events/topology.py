@@ -119,7 +119,7 @@ def fold_consumer_name(partition: int, epoch: int) -> str:
 
 async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
                              after_seq: int, deliver_subject: str, heartbeat_s: float,
-                             max_pending: int, ack_wait_s: float = 30.0) -> str:
+                             max_pending: int, ack_wait_s: float = 30.0) -> None:
     """The consumer of one partition for one ownership epoch, pushing to deliver_subject.
 
     It starts right after the partition's checkpoint; the checkpoint, not the consumer, is
@@ -154,4 +154,3 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
             **start,
         ),
     )
-    return name

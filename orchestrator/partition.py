@@ -41,15 +41,15 @@ class WorkerConfig:
     heartbeat_s: float = 1.0  # the consumer's; three missed and the worker gives up
 
 
-def _outbox_rows(partition: int, f: Folded, outcome_json: bytes) -> list[tuple]:
+def _outbox_rows(f: Folded, outcome_json: bytes) -> list[tuple]:
     """The messages a folded command sends: its outcome, its jobs, its follow-up commands."""
     assert f.outcome is not None and f.key is not None
-    rows = [(partition, f.seq, 0, event_subject(*f.key), f"evt-{f.seq}", outcome_json)]
+    rows = [(f.seq, 0, event_subject(*f.key), f"evt-{f.seq}", outcome_json)]
     for job in f.jobs:
-        rows.append((partition, f.seq, len(rows), job_subject(job),
+        rows.append((f.seq, len(rows), job_subject(job),
                      f"job-{job.kind}-{job.id}-{job.generation}-{job.attempt}", encode(job)))
     for cmd in f.commands:
-        rows.append((partition, f.seq, len(rows), command_subject(SYSTEM, cmd.kind, cmd.id),
+        rows.append((f.seq, len(rows), command_subject(SYSTEM, cmd.kind, cmd.id),
                      cmd.cmd_id, encode(cmd)))
     return rows
 
@@ -110,7 +110,7 @@ class PartitionWorker:
             await feed.close()
 
     async def _relay(self, outbox: list[tuple], span: Span) -> Span:
-        await publish_raw(self.js, ((s, d, m) for _, _, _, s, m, d in outbox))
+        await publish_raw(self.js, ((s, d, m) for _, _, s, m, d in outbox))
         return span
 
     async def _relay_leftovers(self) -> None:
@@ -136,7 +136,7 @@ class PartitionWorker:
 
     async def _fold_and_commit(self, msgs: list[Msg], relayed: Span) -> list[tuple]:
         started = time.perf_counter()
-        p, partitions = self.lease.partition, self.config.partitions
+        partitions = self.config.partitions
         await self._load(msgs)
         batch = Batch([], [], [], [], self.checkpoint, relayed=relayed)
         folded: list[Folded] = []
@@ -158,7 +158,7 @@ class PartitionWorker:
             folded.append(f)
             outcome_json = encode(f.outcome)
             batch.history.append((f.seq, f.key[0], f.key[1], outcome_json))
-            batch.outbox.extend(_outbox_rows(p, f, outcome_json))
+            batch.outbox.extend(_outbox_rows(f, outcome_json))
             if f.changed:
                 changed[f.key] = f.seq
             if not f.outcome.accepted and f.dead_letter is None:

@@ -46,7 +46,7 @@ class Batch:
 
     entities: list[Row]  # (kind, id, state json bytes, last_seq)
     history: list[Row]  # (seq, kind, id, outcome json bytes)
-    outbox: list[Row]  # (partition, seq, n, subject, msg_id, payload)
+    outbox: list[Row]  # (seq, n, subject, msg_id, payload)
     dead_letters: list[Row]  # (seq, subject, reason, payload, at)
     checkpoint: int
     relayed: Span = NOTHING  # outbox rows published since the last commit: delete them
@@ -234,7 +234,7 @@ class Store:
         for b, c in enumerate(ordered, start=1):
             rows[0].extend((b, *r) for r in c.batch.entities)
             rows[1].extend((b, *r) for r in c.batch.history)
-            rows[2].extend((b, *r[1:]) for r in c.batch.outbox)
+            rows[2].extend((b, *r) for r in c.batch.outbox)
             rows[3].extend((b, *r) for r in c.batch.dead_letters)
         fenced = await self.pool.fetchval(
             "SELECT commit_batches($1, $2, $3, $4, $5)", heads, *rows)
