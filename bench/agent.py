@@ -18,14 +18,13 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
+import harness
 import uvloop
 from nats.js import JetStreamContext
 from proctree import proc_stats, tree_cpu_seconds
@@ -33,7 +32,7 @@ from proctree import proc_stats, tree_cpu_seconds
 from events.bus import connect
 from events.subjects import CMD_STREAM
 from events.topology import ensure_topology
-from orchestrator.children import Children, uninterruptible
+from orchestrator.children import Children
 from orchestrator.embedded import NatsServer
 from orchestrator.fold import job_subject
 from schemas.codec import encode
@@ -89,37 +88,26 @@ async def bench(args: argparse.Namespace, nats: NatsServer, children: Children) 
         await nc.close()
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=170.0, help="jobs per second")
     parser.add_argument("--jobs", type=int, default=3000)
     parser.add_argument("--instances", type=int, default=100)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-agent-"))
     nats = NatsServer(tmp / "nats")
-    children: Children | None = None
-    try:
+    children = Children(tmp, dict(os.environ))
+
+    def body() -> None:
         nats.start()
-        children = Children(tmp, dict(os.environ))
         uvloop.run(bench(args, nats, children))
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        with uninterruptible():
-            if children is not None:
-                children.stop()
-            nats.stop()
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def cleanup() -> None:
+        children.stop()
+        nats.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return harness.run(body, cleanup)
 
 
 if __name__ == "__main__":

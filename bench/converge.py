@@ -24,7 +24,6 @@ import contextlib
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -33,9 +32,10 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import asyncpg
+import harness
+import libvirt
 import msgspec
 import uvloop
 from nats.aio.client import Client
@@ -44,11 +44,12 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from proctree import proc_stats, tree_cpu_seconds
 
+from agents.drivers.vm import DEFAULT_CONSOLE_DIR, READY_MARKER, domain_name
 from events.bus import Publisher, connect
 from events.heartbeats import read_heartbeats
 from events.subjects import command_subject, event_subject
 from events.topology import ensure_topology
-from orchestrator.children import Children, uninterruptible
+from orchestrator.children import Children
 from orchestrator.embedded import Stack, StackInfo
 from orchestrator.store import connect_pg
 from schemas.codec import command_from_dict, encode
@@ -60,8 +61,6 @@ TINY = {"vcpus": 1, "memory_mib": 128, "image": "tiny"}
 HOST_MEMORY_MIB = 1 << 20  # 1 TiB each: room for every tiny instance
 QEMU_HOST, QEMU_URI = "hq", "qemu:///system"
 QEMU_HOST_MEMORY_MIB = 4 << 20  # far more free memory than h1..h3: the scheduler picks hq
-CONSOLE_DIR = Path("/var/log/orch-guests")  # where the VM driver has virtlogd write consoles
-READY_MARKER = "ORCH-GUEST-READY"  # the guest prints "<marker> <id>" once up
 TARGET_P50_MS, TARGET_P99_MS = 10.0, 50.0  # (a) at 500 cmd/s
 PEAK_P99_MS = 1000.0  # (b): a rate is sustained if all converge and p99 stays under this
 DRAIN_S = 5.0  # after a phase: every Applied must be seen within this
@@ -426,11 +425,6 @@ def print_sweep(results: Sequence[PhaseResult], planned: Sequence[float],
 def qemu_unreachable(uri: str) -> str | None:
     """Why libvirtd cannot be used at uri, or None if it answers."""
     try:
-        import libvirt
-    except ImportError as exc:
-        return f"libvirt-python missing: {exc}"
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         return f"libvirtd not reachable at {uri}: {exc}"
@@ -439,8 +433,6 @@ def qemu_unreachable(uri: str) -> str | None:
 
 
 def domain_exists(name: str) -> bool:
-    import libvirt
-
     conn = libvirt.open(QEMU_URI)
     try:
         conn.lookupByName(name)
@@ -455,8 +447,6 @@ def domain_exists(name: str) -> bool:
 
 def remove_domain(name: str) -> bool:
     """Destroy and undefine a leftover domain of ours; True if there was one."""
-    import libvirt
-
     conn = libvirt.open(QEMU_URI)
     try:
         dom = conn.lookupByName(name)
@@ -478,11 +468,11 @@ class QemuGuest:
 
     @property
     def domain(self) -> str:
-        return f"orch-{self.instance}"
+        return domain_name(self.instance)
 
     @property
     def console(self) -> Path:
-        return CONSOLE_DIR / f"{self.instance}.log"
+        return DEFAULT_CONSOLE_DIR / f"{self.instance}.log"
 
     def ready(self) -> bool:
         try:
@@ -663,10 +653,6 @@ def parse_args(argv: Sequence[str] | None) -> Args:
                 [float(r) for r in ns.rates.split(",") if r], ns.step_seconds, ns.qemu)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def teardown(children: Children | None, stack: Stack, guest: QemuGuest, tmp: Path) -> None:
     if children is not None:
         killed = children.stop(CHILD_STOP_GRACE_S)
@@ -681,26 +667,19 @@ def teardown(children: Children | None, stack: Stack, guest: QemuGuest, tmp: Pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="orch-converge-"))
     stack = Stack(tmp / "stack")
     guest = QemuGuest()
     children: Children | None = None
-    try:
+
+    def body() -> None:
+        nonlocal children
         info = stack.start()
         children = Children(tmp, {**os.environ, "ORCH_NATS_URL": info.nats_url,
                                         "ORCH_PG_DSN": info.pg_dsn})
         uvloop.run(bench(args, stack, children, guest))
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        with uninterruptible():
-            teardown(children, stack, guest, tmp)
+
+    return harness.run(body, lambda: teardown(children, stack, guest, tmp))
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import asyncpg
+import harness
 import uvloop
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -47,7 +47,6 @@ from events import logs
 from events.bus import connect
 from events.subjects import CMD_STREAM, EVT_STREAM, JOB_STREAM, command_subject, partition_of
 from events.topology import ensure_topology
-from orchestrator.children import uninterruptible
 from orchestrator.embedded import Stack, StackInfo
 from orchestrator.replay import replay
 from orchestrator.store import Span, connect_pg
@@ -751,10 +750,6 @@ def choose_runner(args: argparse.Namespace) -> str:
     return "cli" if importlib.util.find_spec("orchestrator.cli") is not None else "inline"
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child_replica:
@@ -762,29 +757,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.profile and args.runner == "cli":
         raise SystemExit("--profile needs --runner inline (or auto)")
-    # Raised wherever the loop is, rather than asyncio.run's SIGINT handling, which cancels
-    # the main task: nats-py turns that cancellation into TooManyStalledMsgsError.
-    signal.signal(signal.SIGTERM, _interrupt)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     stack = Stack(tmp / "stack")
     replica: ReplicaProcess | None = None
-    try:
+
+    def body() -> None:
+        nonlocal replica
         info = stack.start()
         replica = ReplicaProcess(info, tmp, choose_runner(args), args.profile)
         roots = {"nats-server": stack.nats.pid, "postgres": stack.pg.pid}
         uvloop.run(bench(args, info, replica, roots))
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        with uninterruptible():
-            if replica is not None:
-                replica.stop()
-            stack.stop()
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def cleanup() -> None:
+        if replica is not None:
+            replica.stop()
+        stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return harness.run(body, cleanup)
 
 
 if __name__ == "__main__":
