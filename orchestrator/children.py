@@ -2,7 +2,7 @@
 
 Each child gets its own session, so a Ctrl-C aimed at the parent does not reach it: the
 parent stops its children itself, in order, SIGTERM to each group and SIGKILL after a
-grace period. Used by `orch demo` and the benchmarks.
+grace period. Used by `orch demo`, the benchmarks and the tests.
 """
 
 import contextlib
@@ -31,11 +31,16 @@ class Children:
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def start(self, name: str, *module_args: str) -> subprocess.Popen[bytes]:
-        """Run ``python -m <module_args>`` as child ``name``."""
+    def start(self, name: str, *module_args: str,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Run ``python -m <module_args>`` as child ``name`` (with ``env`` instead of the
+        children's own, if given; its temporary files still go to the workdir)."""
+        if name in self.procs:
+            raise ValueError(f"a child named {name} was started already")
+        env = {**env, "TMPDIR": self.env["TMPDIR"]} if env is not None else self.env
         with self.log_path(name).open("ab") as log:
             proc = self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", *module_args], env=self.env, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", *module_args], env=env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return proc
 

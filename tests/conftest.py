@@ -6,7 +6,6 @@ whether the test passed or not.
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -22,6 +21,7 @@ from nats.js import JetStreamContext
 from events.bus import connect
 from events.subjects import CMD_STREAM
 from events.topology import ensure_topology
+from orchestrator.children import Children
 from orchestrator.embedded import NatsServer, PostgresServer
 from orchestrator.store import Store, connect_pg, create_pool
 
@@ -122,44 +122,20 @@ async def pg(env: Env, store: Store) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-class Processes:
-    """Child processes (orchestrator replicas, agents) that are always reaped."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.procs: list[subprocess.Popen[bytes]] = []
+class Processes(Children):
+    """Orchestrator CLI processes of a test (replicas, agents), always stopped."""
 
     def orch(self, *args: str, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        # Temporary files of a child (a SIGKILLed one cannot remove them) stay in the test's.
-        tmp = self.root / "tmp"
-        tmp.mkdir(exist_ok=True)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", *args], env={**env, "TMPDIR": str(tmp)},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        return self.start(name, "orchestrator.cli", *args, env=env)
 
 
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
+    procs = Processes(tmp_path, dict(os.environ))
     try:
         yield procs
     finally:
-        procs.stop_all()
+        procs.stop(grace_s=10.0)
 
 
 async def eventually(predicate: Callable[[], Awaitable[T]], timeout: float = 30.0,
