@@ -224,15 +224,10 @@ async def _folded(js: JetStreamContext, conn: asyncpg.Connection) -> tuple[int, 
     """(messages stored in CMD, messages folded, outbox rows not yet relayed)."""
     stored = (await js.stream_info(CMD_STREAM)).state.messages
     try:
-        row = await conn.fetchrow(
-            "SELECT (SELECT count(*) FROM history)"
-            " + (SELECT count(*) FROM dead_letters d"
-            "    WHERE NOT EXISTS (SELECT 1 FROM history h WHERE h.seq = d.seq)) AS folded,"
-            " (SELECT count(*) FROM outbox) AS outbox"
-        )
+        folded, outbox = await queries.fold_progress(conn)
     except asyncpg.UndefinedTableError:  # the replica has not created its tables yet
         return stored, 0, 0
-    return stored, row["folded"], row["outbox"]
+    return stored, folded, outbox
 
 
 async def _settle(js: JetStreamContext, conn: asyncpg.Connection, watch: Watch) -> int:

@@ -110,3 +110,15 @@ async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
         """
     )
     return [AlertRow(**dict(r)) for r in rows]
+
+
+async def fold_progress(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(commands folded, outbox rows not yet relayed). A command counts once, whether it
+    made a timeline entry, a dead letter, or both."""
+    row = await conn.fetchrow(
+        "SELECT (SELECT count(*) FROM history)"
+        " + (SELECT count(*) FROM dead_letters d"
+        "    WHERE NOT EXISTS (SELECT 1 FROM history h WHERE h.seq = d.seq)) AS folded,"
+        " (SELECT count(*) FROM outbox) AS outbox"
+    )
+    return row["folded"], row["outbox"]

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS replicas (
 
 -- The rows commit_batches takes, one array per table: composite values, so that a client
 -- sends one element per row rather than one per column. `b` is the row's batch, its index
--- in the array of batch heads.
+-- in the array of batch heads. A type is only created when missing: changing its fields
+-- takes a new name.
 DO $$ BEGIN
     IF to_regtype('batch_head') IS NULL THEN
         CREATE TYPE batch_head AS (partition int, owner text, epoch bigint, expected bigint,
@@ -120,16 +121,16 @@ BEGIN
         SET state = EXCLUDED.state, last_seq = EXCLUDED.last_seq, updated_at = now();
     END IF;
     IF cardinality(h) > 0 THEN
-        INSERT INTO history
+        INSERT INTO history (seq, kind, id, outcome)
         SELECT r.seq, r.kind, r.id, r.outcome FROM unnest(h) AS r WHERE r.b = ANY(ok);
     END IF;
     IF cardinality(o) > 0 THEN
-        INSERT INTO outbox
+        INSERT INTO outbox (partition, seq, n, subject, msg_id, payload)
         SELECT (heads[r.b]).partition, r.seq, r.n, r.subject, r.msg_id, r.payload
         FROM unnest(o) AS r WHERE r.b = ANY(ok);
     END IF;
     IF cardinality(d) > 0 THEN
-        INSERT INTO dead_letters
+        INSERT INTO dead_letters (seq, subject, reason, payload, at)
         SELECT r.seq, r.subject, r.reason, r.payload, r.at FROM unnest(d) AS r
         WHERE r.b = ANY(ok);
     END IF;

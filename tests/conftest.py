@@ -23,6 +23,7 @@ from events.subjects import CMD_STREAM
 from events.topology import ensure_topology
 from orchestrator.children import Children
 from orchestrator.embedded import NatsServer, PostgresServer
+from orchestrator.queries import fold_progress
 from orchestrator.store import Store, connect_pg, create_pool
 
 PARTITIONS = 8
@@ -158,9 +159,6 @@ async def settled(pg: asyncpg.Connection, js: JetStreamContext) -> bool:
     the counts were read), the answer cannot be trusted yet.
     """
     last = (await js.stream_info(CMD_STREAM)).state.last_seq
-    outbox = await pg.fetchval("SELECT count(*) FROM outbox")
-    folded = await pg.fetchval(
-        "SELECT (SELECT count(*) FROM history) + (SELECT count(*) FROM dead_letters"
-        " WHERE seq NOT IN (SELECT seq FROM history))")
+    folded, outbox = await fold_progress(pg)
     again = (await js.stream_info(CMD_STREAM)).state.last_seq
     return last > 0 and last == again and folded == last and outbox == 0

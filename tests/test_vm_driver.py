@@ -17,6 +17,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from agents.drivers import testnode
 from agents.drivers.vm import (
     READY_MARKER,
     PermanentDriverError,
@@ -28,15 +29,6 @@ from agents.drivers.vm import (
 from agents.guest import build_guest_image
 from schemas.specs import InstanceSpec, InstanceTemplate, Nic, Power
 from tests.lan import Lan, guest_lan
-
-NODE_XML = """<node>
-  <cpu>
-    <nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads>
-    <active>4</active><mhz>2000</mhz><model>x86_64</model><vendor>orch</vendor>
-  </cpu>
-  <memory>8388608</memory>
-</node>
-"""
 
 
 def spec(
@@ -55,16 +47,14 @@ def spec(
 # -- test:/// ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def node_file(tmp_path: Path) -> Path:
-    path = tmp_path / "node.xml"
-    path.write_text(NODE_XML)
-    return path
+def small_node(host: str, directory: Path) -> str:
+    """A test:/// hypervisor with 4 vCPUs and 8 GiB."""
+    return testnode.test_node_uri(host, directory, vcpus=4, memory_mib=8192)
 
 
 @pytest.fixture
-def driver(node_file: Path) -> Iterator[VmDriver]:
-    with VmDriver(f"test://{node_file}", "h1") as drv:
+def driver(tmp_path: Path) -> Iterator[VmDriver]:
+    with VmDriver(small_node("h1", tmp_path), "h1") as drv:
         yield drv
 
 
@@ -214,9 +204,7 @@ def test_unreachable_libvirtd_is_transient(tmp_path: Path) -> None:
 def test_hosts_are_independent(tmp_path: Path) -> None:
     drivers = []
     for host in ("h1", "h2", "h3"):
-        node = tmp_path / f"{host}.xml"
-        node.write_text(NODE_XML)
-        drivers.append(VmDriver(f"test://{node}", host))
+        drivers.append(VmDriver(small_node(host, tmp_path), host))
     try:
         for i, drv in enumerate(drivers):
             for n in range(i + 1):

@@ -1,6 +1,5 @@
 """A node file for libvirt's test:/// driver: one private, in-memory hypervisor per agent."""
 
-import tempfile
 from pathlib import Path
 
 NODE_XML = """<node>
@@ -13,10 +12,9 @@ NODE_XML = """<node>
 """
 
 
-def test_node_uri(host: str, directory: Path | None = None, vcpus: int = 64,
+def test_node_uri(host: str, directory: Path, vcpus: int = 64,
                   memory_mib: int = 262144) -> str:
-    """Write a node file for ``host`` and return its test:/// URI."""
-    directory = directory or Path(tempfile.mkdtemp(prefix=f"orch-{host}-"))
+    """Write a node file for ``host`` in ``directory`` and return its test:/// URI."""
     path = directory / f"{host}.xml"
     path.write_text(NODE_XML.format(vcpus=vcpus, memory_kib=memory_mib * 1024))
     return f"test://{path.resolve()}"
