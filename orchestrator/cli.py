@@ -603,6 +603,8 @@ def orchestrator(
     partitions: Annotated[int | None, typer.Option(
         min=1, help="Partitions of a new CMD stream [default: the stream's, else 8]")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Commands folded per transaction")] = 500,
+    cached: Annotated[int, typer.Option(
+        min=1, help="Entity states a partition keeps in memory between batches")] = 50_000,
     lease: Annotated[float, typer.Option(help="Partition lease, seconds")] = 5.0,
     tick: Annotated[float, typer.Option(help="Heartbeat and rebalance period, seconds")] = 1.0,
     down_after: Annotated[float, typer.Option(
@@ -626,7 +628,7 @@ def orchestrator(
         extra = {"replica_id": replica_id} if replica_id else {}
         config = ReplicaConfig(
             opts.nats_url(), opts.pg_dsn(), partitions=partitions, lease_s=lease, tick_s=tick,
-            batch=batch, down_after_s=down_after,
+            batch=batch, cached=cached, down_after_s=down_after,
             reconcile=ReconcilerConfig(deadline_s=deadline, max_attempts=max_attempts),
             **extra)
         task = asyncio.create_task(Replica(config).run(stop))

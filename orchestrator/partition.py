@@ -8,6 +8,7 @@ room for more.
 
 import asyncio
 import datetime
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,9 @@ class WorkerConfig:
     batch: int = 500
     idle_s: float = 0.5
     heartbeat_s: float = 1.0  # the consumer's; three missed and the worker gives up
+    # Entity states kept between batches; past this, the oldest loaded half is forgotten
+    # and read back from the projection when next needed.
+    cached: int = 50_000
 
 
 def _outbox_rows(f: Folded, outcome_json: bytes) -> list[tuple]:
@@ -61,7 +65,8 @@ class PartitionWorker:
         self.config = config
         self.checkpoint = lease.checkpoint
         self.states: dict[Key, object] = {}
-        self.known: set[Key] = set()  # keys looked up in the store, present or not
+        # Keys looked up in the store, present or not, oldest first.
+        self.known: dict[Key, None] = {}
         self.log = log.bind(partition=lease.partition, epoch=lease.epoch, replica=replica)
 
     async def run(self) -> None:
@@ -129,7 +134,7 @@ class PartitionWorker:
                 key = (tokens[3], tokens[4])
                 if key not in self.known and tokens[3] in STATE_TYPES:
                     wanted.append(key)
-                    self.known.add(key)
+                    self.known[key] = None
         if wanted:
             for key, raw in (await self.store.load_states(wanted)).items():
                 self.states[key] = msgspec.json.decode(raw, type=STATE_TYPES[key[0]])
@@ -175,7 +180,15 @@ class PartitionWorker:
             raise
         self.checkpoint = batch.checkpoint
         self._account(folded, len(batch.dead_letters), time.perf_counter() - started)
+        if len(self.known) > self.config.cached:
+            self._forget(len(self.known) - self.config.cached // 2)
         return batch.outbox
+
+    def _forget(self, count: int) -> None:
+        """Drop the states loaded longest ago: the projection has them, as committed."""
+        for key in list(itertools.islice(self.known, count)):
+            del self.known[key]
+            self.states.pop(key, None)
 
     def _account(self, folded: list[Folded], dead: int, seconds: float) -> None:
         """Metrics and alerts, for what is now committed."""

@@ -35,6 +35,7 @@ class ReplicaConfig:
     lease_s: float = 5.0
     tick_s: float = 1.0
     batch: int = 500
+    cached: int = 50_000  # entity states per partition, see WorkerConfig
     down_after_s: float = 5.0  # silence after which a host is declared down
     reconcile: ReconcilerConfig = field(default_factory=ReconcilerConfig)
 
@@ -55,7 +56,8 @@ class Replica:
             js = nc.jetstream()
             topology = await ensure_topology(js, cfg.partitions)
             await store.migrate(topology.partitions)
-            worker_cfg = WorkerConfig(partitions=topology.partitions, batch=cfg.batch)
+            worker_cfg = WorkerConfig(partitions=topology.partitions, batch=cfg.batch,
+                                      cached=cfg.cached)
             log.info("replica_started", replica=self.id, partitions=topology.partitions)
             publisher = Publisher(js)
             liveness = Liveness(js, publisher, cfg.down_after_s)
