@@ -38,7 +38,6 @@ import harness
 import libvirt
 import msgspec
 import uvloop
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
@@ -47,7 +46,7 @@ from proctree import proc_stats, tree_cpu_seconds
 from agents.drivers.vm import DEFAULT_CONSOLE_DIR, READY_MARKER, domain_name
 from events.bus import Publisher, connect
 from events.heartbeats import read_heartbeats
-from events.subjects import command_subject, event_subject
+from events.subjects import command_msg_id, command_subject, event_subject
 from events.topology import ensure_topology
 from orchestrator.children import Children
 from orchestrator.embedded import Stack, StackInfo
@@ -69,7 +68,7 @@ BOOT_TIMEOUT_S = 180.0
 CHILD_STOP_GRACE_S = 10.0
 POLL_S = 0.05
 
-Frame = tuple[str, bytes, str, str]  # subject, payload, cmd_id (Nats-Msg-Id), instance
+Frame = tuple[str, bytes, str, str, str]  # subject, payload, cmd_id, Nats-Msg-Id, instance
 _outcome = msgspec.json.Decoder(Outcome)
 
 
@@ -274,8 +273,8 @@ class Workload:
             self.running[instance] = not self.running[instance]
             cls = StartInstance if self.running[instance] else StopInstance
             cmd = cls(cmd_id=f"bench-power-{self.issued}", id=instance)
-            frames.append((command_subject("user", cmd.kind, instance), encode(cmd),
-                           cmd.cmd_id, instance))
+            frames.append((command_subject("user", cmd.kind, instance), encode(cmd), cmd.cmd_id,
+                           command_msg_id("user", cmd.kind, instance, cmd.cmd_id), instance))
             self.issued += 1
         return frames
 
@@ -320,9 +319,9 @@ async def publish_paced(js: JetStreamContext, tracker: Tracker, frames: Sequence
     k = 0
     while k < len(frames):
         due = min(len(frames), int((time.perf_counter() - t0) * rate) + 1)
-        for subject, data, cmd_id, instance in frames[k:due]:
+        for subject, data, cmd_id, msg_id, instance in frames[k:due]:
             tracked.append(tracker.publish(cmd_id, instance))
-            acks.append(await js.publish_async(subject, data, headers={"Nats-Msg-Id": cmd_id}))
+            acks.append(await js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id}))
         k = due
         await asyncio.sleep(max(0.0, t0 + k / rate - time.perf_counter()))
     span = tracked[-1].published - t0 + 1 / rate if tracked else math.inf
@@ -558,6 +557,7 @@ class Args:
     rates: list[float]
     step_seconds: float
     qemu: bool
+    sync_always: bool
 
 
 async def setup(js: JetStreamContext, info: StackInfo, children: Children,
@@ -585,13 +585,6 @@ async def _at_least(count: Awaitable[int], n: int) -> bool:
     return await count >= n
 
 
-async def environment(nc: Client, conn: asyncpg.Connection) -> str:
-    pg = await conn.fetchval("SHOW server_version")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} CPUs (load average {load}), Python {sys.version.split()[0]},"
-            f" nats-server {nc.connected_server_version}, PostgreSQL {pg}")
-
-
 def cpu_meter(stack: Stack, children: Children) -> CpuMeter:
     agents = [p.pid for name, p in children.procs.items() if name.startswith("agent-")]
     return CpuMeter({"replica": [children.procs["r1"].pid], "agents": agents,
@@ -607,7 +600,7 @@ async def bench(args: Args, stack: Stack, children: Children, guest: QemuGuest) 
         ids = [f"vm{n:04d}" for n in range(args.instances)]
         conn = await setup(js, info, children, ids)
         try:
-            say(await environment(nc, conn))
+            say(await harness.environment(nc, conn, stack.sync_always))
             tracker = Tracker(await generations(conn))
             sub = await js.subscribe(event_subject("instance", ">"), cb=tracker.on_message,
                                      ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
@@ -648,9 +641,12 @@ def parse_args(argv: Sequence[str] | None) -> Args:
                         help="(b): rates to try, in increasing order")
     parser.add_argument("--step-seconds", type=float, default=10.0, help="(b): per rate")
     parser.add_argument("--no-qemu", dest="qemu", action="store_false", help="skip (c)")
+    parser.add_argument("--sync-always", action="store_true",
+                        help="nats-server fsyncs every write (as `orch up --sync-always`)")
     ns = parser.parse_args(argv)
     return Args(ns.instances, ns.rate, ns.seconds,
-                [float(r) for r in ns.rates.split(",") if r], ns.step_seconds, ns.qemu)
+                [float(r) for r in ns.rates.split(",") if r], ns.step_seconds, ns.qemu,
+                ns.sync_always)
 
 
 def teardown(children: Children | None, stack: Stack, guest: QemuGuest, tmp: Path) -> None:
@@ -668,7 +664,7 @@ def teardown(children: Children | None, stack: Stack, guest: QemuGuest, tmp: Pat
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="orch-converge-"))
-    stack = Stack(tmp / "stack")
+    stack = Stack(tmp / "stack", args.sync_always)
     guest = QemuGuest()
     children: Children | None = None
 

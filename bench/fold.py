@@ -38,14 +38,20 @@ from pathlib import Path
 import asyncpg
 import harness
 import uvloop
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from proctree import proc_stats, tree_cpu_seconds
 
 from events import logs
 from events.bus import connect
-from events.subjects import CMD_STREAM, EVT_STREAM, JOB_STREAM, command_subject, partition_of
+from events.subjects import (
+    CMD_STREAM,
+    EVT_STREAM,
+    JOB_STREAM,
+    command_msg_id,
+    command_subject,
+    partition_of,
+)
 from events.topology import ensure_topology
 from orchestrator.embedded import Stack, StackInfo
 from orchestrator.replay import replay
@@ -258,7 +264,8 @@ async def publish_frames(js: JetStreamContext, frames: Sequence[Frame]) -> list[
 def command_frames(items: Sequence[tuple[str, Command]]) -> tuple[list[Frame], list[int]]:
     """Encoded frames, ready to publish, and the partition each command lands in."""
     frames: list[Frame] = [
-        (command_subject(source, cmd.kind, cmd.id), encode(cmd), cmd.cmd_id)
+        (command_subject(source, cmd.kind, cmd.id), encode(cmd),
+         command_msg_id(source, cmd.kind, cmd.id, cmd.cmd_id))
         for source, cmd in items
     ]
     return frames, [partition_of(cmd.kind, cmd.id, PARTITIONS) for _, cmd in items]
@@ -681,12 +688,6 @@ def print_profile(what: str, source: Path | cProfile.Profile) -> None:
 # ---- the run ----------------------------------------------------------------------------
 
 
-async def environment(nc: Client, conn: asyncpg.Connection, runner: str) -> str:
-    pg = await conn.fetchval("SHOW server_version")
-    return (f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]},"
-            f" nats-server {nc.connected_server_version}, PostgreSQL {pg}, replica via {runner}")
-
-
 async def bench(args: argparse.Namespace, info: StackInfo, replica: ReplicaProcess,
                 roots: dict[str, int]) -> None:
     nc = await connect(info.nats_url, "bench")
@@ -697,7 +698,8 @@ async def bench(args: argparse.Namespace, info: StackInfo, replica: ReplicaProce
         roots["replica"] = replica.start()
         conn = await wait_replica_ready(info.pg_dsn, replica)
         try:
-            say(await environment(nc, conn, replica.runner))
+            say(await harness.environment(nc, conn, args.sync_always)
+                + f", replica via {replica.runner}")
             print_raw(raw)
             mix = PowerMix()
             await prime(js, conn, replica)
@@ -731,6 +733,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runner", choices=["auto", "cli", "inline"], default="auto",
                         help="the replica as `python -m orchestrator.cli orchestrator` or as"
                              " this script's own entry (auto: the CLI if it exists)")
+    parser.add_argument("--sync-always", action="store_true",
+                        help="nats-server fsyncs every write (as `orch up --sync-always`)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the untimed replay --verify against the live projection")
     hidden = argparse.SUPPRESS
@@ -758,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile and args.runner == "cli":
         raise SystemExit("--profile needs --runner inline (or auto)")
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
-    stack = Stack(tmp / "stack")
+    stack = Stack(tmp / "stack", args.sync_always)
     replica: ReplicaProcess | None = None
 
     def body() -> None:

@@ -1,9 +1,13 @@
-"""What every benchmark's main() does around its work: signals, exit codes, cleanup."""
+"""What every benchmark does around its work: signals, exit codes, cleanup, its header."""
 
+import os
 import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
+
+import asyncpg
+from nats.aio.client import Client
 
 from orchestrator.children import uninterruptible
 
@@ -34,3 +38,12 @@ def run(body: Callable[[], None], cleanup: Callable[[], None]) -> int:
     finally:
         with uninterruptible():
             cleanup()
+
+
+async def environment(nc: Client, conn: asyncpg.Connection, sync_always: bool) -> str:
+    """The machine and servers a benchmark ran on, for its first line."""
+    pg = await conn.fetchval("SHOW server_version")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    sync = "fsync every write" if sync_always else "default fsync interval"
+    return (f"{os.cpu_count()} CPUs (load average {load}), Python {sys.version.split()[0]},"
+            f" nats-server {nc.connected_server_version} ({sync}), PostgreSQL {pg}")

@@ -16,7 +16,7 @@ from tenacity import stop_after_delay, wait_exponential_jitter
 from events.meta import pending as pending_of
 from events.pipeline import Frame, Pipeline, PubAck
 from events.retry import retried
-from events.subjects import command_subject
+from events.subjects import command_msg_id, command_subject
 from schemas.codec import CommandError, decode_command, encode
 from schemas.commands import FOLLOW_UP_PREFIX, Command
 from schemas.ids import SYSTEM
@@ -55,12 +55,14 @@ class Publisher:
 
     @staticmethod
     def _frame(source: str, cmd: Command) -> Frame:
-        if source != SYSTEM and cmd.cmd_id.startswith(FOLLOW_UP_PREFIX):
+        if source == SYSTEM and cmd.cmd_id.startswith(FOLLOW_UP_PREFIX):
             # Its Nats-Msg-Id could shadow a follow-up command within the dedupe window.
-            raise CommandError(f"cmd_id prefix {FOLLOW_UP_PREFIX!r} is reserved at `$.cmd_id`")
+            raise CommandError(f"cmd_id prefix {FOLLOW_UP_PREFIX!r} is the fold's own on"
+                               f" source {SYSTEM!r} at `$.cmd_id`")
         data = encode(cmd)
         decode_command(data)  # never append what the fold would reject as malformed
-        return command_subject(source, cmd.kind, cmd.id), data, cmd.cmd_id
+        return (command_subject(source, cmd.kind, cmd.id), data,
+                command_msg_id(source, cmd.kind, cmd.id, cmd.cmd_id))
 
     async def publish(self, source: str, cmd: Command,
                       sent: Callable[[], Awaitable[None]] | None = None) -> Published:

@@ -31,6 +31,15 @@ def command_subject(source: str, kind: str, id_: str) -> str:
     return f"cmd.{source}.{kind}.{id_}"
 
 
+def command_msg_id(source: str, kind: str, id_: str, cmd_id: str) -> str:
+    """A command's Nats-Msg-Id: its idempotency key, scoped to its source and entity.
+
+    JetStream dedupes across the whole stream, so a bare ``cmd_id`` chosen by one client
+    (``create-1``, say) would silently drop another client's command on another entity.
+    """
+    return f"{source}.{kind}.{id_}.{cmd_id}"
+
+
 def stored_command_subject(partition: int, source: str, kind: str, id_: str) -> str:
     return f"cmd.{partition}.{source}.{kind}.{id_}"
 

@@ -374,8 +374,9 @@ class StackInfo:
 class Stack:
     """NATS (root/nats) and PostgreSQL (root/pg), advertised to other processes in stack.json."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sync_always: bool = False) -> None:
         self.root = root.absolute()
+        self.sync_always = sync_always
         self._nats: NatsServer | None = None
         self._pg: PostgresServer | None = None
         self._info: StackInfo | None = None
@@ -401,7 +402,7 @@ class Stack:
     def start(self, nats_port: int | None = None, pg_port: int | None = None) -> StackInfo:
         if self._info is not None:
             raise RuntimeError("stack already started")
-        self._nats = NatsServer(self.root / "nats", nats_port)
+        self._nats = NatsServer(self.root / "nats", nats_port, self.sync_always)
         self._pg = None
         try:
             nats_url = self._nats.start()

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from events.bus import publish_raw
 from events.feed import Feed
 from events.meta import delivery
-from events.subjects import command_subject, event_subject
+from events.subjects import command_msg_id, command_subject, event_subject
 from events.topology import open_fold_consumer
 from orchestrator.deciders import STATE_TYPES
 from orchestrator.fold import Folded, Key, fold_message, job_subject
@@ -54,7 +54,7 @@ def _outbox_rows(f: Folded, outcome_json: bytes) -> list[tuple]:
                      f"job-{job.kind}-{job.id}-{job.generation}-{job.attempt}", encode(job)))
     for cmd in f.commands:
         rows.append((f.seq, len(rows), command_subject(SYSTEM, cmd.kind, cmd.id),
-                     cmd.cmd_id, encode(cmd)))
+                     command_msg_id(SYSTEM, cmd.kind, cmd.id, cmd.cmd_id), encode(cmd)))
     return rows
 
 

@@ -1,8 +1,8 @@
 """Commands: every action, from users, admins, hosts or the orchestrator itself.
 
 A command travels on ``cmd.<source>.<kind>.<id>``. Its body names its type (``type``),
-its schema version (``v``), its idempotency key (``cmd_id``, the Nats-Msg-Id) and the
-entity it addresses (``id``, which must match the subject).
+its schema version (``v``), its idempotency key (``cmd_id``, which dedupes per source and
+entity) and the entity it addresses (``id``, which must match the subject).
 """
 
 from typing import Annotated, ClassVar, Literal

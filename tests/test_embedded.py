@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 import nats
+import pytest
 from nats.js.api import StorageType
 
 from orchestrator.embedded import NatsServer, PostgresServer, Stack, read_stack_file
@@ -66,8 +67,9 @@ async def test_stack_start_stop(tmp_path: Path) -> None:
     assert all(_port_free(port) for port in ports)
 
 
-async def test_nats_kill_and_restart_keeps_streams(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path / "nats")
+@pytest.mark.parametrize("sync_always", [False, True])
+async def test_nats_kill_and_restart_keeps_streams(tmp_path: Path, sync_always: bool) -> None:
+    server = NatsServer(tmp_path / "nats", sync_always=sync_always)
     try:
         server.start()
         async with await nats.connect(server.url) as nc:

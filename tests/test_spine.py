@@ -90,11 +90,28 @@ async def test_duplicate_publish_is_stored_once(js) -> None:
     assert (await js.stream_info(CMD_STREAM)).state.messages == 1
 
 
-async def test_follow_up_keys_are_reserved(js: JetStreamContext) -> None:
-    """A user's cmd_id must not shadow (by dedupe) a follow-up command of the fold."""
-    source, command = cmd("user", type="CreateNetwork", id="n1", vni=1, cidr="10.1.0.0/24",
-                          cmd_id="fx-1-0")
-    with pytest.raises(CommandError, match="reserved"):
+async def test_an_idempotency_key_dedupes_per_source_and_entity(js: JetStreamContext) -> None:
+    """Clients pick keys on their own: the same key elsewhere is another command."""
+    pub = Publisher(js)
+    same_key = [
+        cmd("user", type="CreateNetwork", id="n1", vni=1, cidr="10.1.0.0/24", cmd_id="k"),
+        cmd("user", type="CreateNetwork", id="n2", vni=2, cidr="10.2.0.0/24", cmd_id="k"),
+        cmd("admin", type="CreateNetwork", id="n1", vni=1, cidr="10.1.0.0/24", cmd_id="k"),
+        # What the fold sends as n1's follow-up is keyed fx-...: a user's fx- key is not it.
+        cmd("user", type="DeleteNetwork", id="n1", cmd_id="fx-1-0"),
+    ]
+    first = await pub.publish_many(same_key)
+    assert [p.duplicate for p in first] == [False] * len(same_key)
+    again = await pub.publish_many(same_key)
+    assert [p.duplicate for p in again] == [True] * len(same_key)
+    assert [p.seq for p in again] == [p.seq for p in first]
+    assert (await js.stream_info(CMD_STREAM)).state.messages == len(same_key)
+
+
+async def test_follow_up_keys_are_the_folds_own(js: JetStreamContext) -> None:
+    """Another system publisher's fx- key could shadow a follow-up command of the fold."""
+    source, command = cmd("system", type="DeleteNetwork", id="n1", cmd_id="fx-1-0")
+    with pytest.raises(CommandError, match="fold's own"):
         await Publisher(js).publish(source, command)
     assert (await js.stream_info(CMD_STREAM)).state.messages == 0
 
