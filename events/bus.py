@@ -3,13 +3,14 @@
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import nats
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError
 from tenacity import stop_after_delay, wait_exponential_jitter
 
@@ -136,3 +137,25 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str, *, start_
             yield msgs
     finally:
         await sub.unsubscribe()
+
+
+async def last_seq_at(js: JetStreamContext, stream: str, when: datetime) -> int:
+    """The sequence of the last message stored at or before ``when``; 0 if there is none.
+
+    The server finds the first message after ``when`` for a consumer that starts by time.
+    """
+    after = when.astimezone(UTC) + timedelta(microseconds=1)
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                            opt_start_time=after.isoformat().replace("+00:00", "Z"),
+                            ack_policy=AckPolicy.NONE, inactive_threshold=60.0)
+    last = (await js.stream_info(stream)).state.last_seq
+    sub = await js.pull_subscribe("", stream=stream, config=config)
+    info = await sub.consumer_info()
+    try:
+        if info.num_pending == 0:
+            return last
+        [msg] = await sub.fetch(1, timeout=5)
+        return msg.metadata.sequence.stream - 1
+    finally:
+        await sub.unsubscribe()
+        await js.delete_consumer(stream, info.name)

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -33,9 +34,9 @@ from nats.aio.client import Client
 from rich.console import Console
 
 from events import logs
-from events.bus import Publisher, read_stream
+from events.bus import Publisher, last_seq_at, read_stream
 from events.heartbeats import read_heartbeats
-from events.subjects import EVT_STREAM, event_subject
+from events.subjects import CMD_STREAM, EVT_STREAM, event_subject
 from events.topology import ensure_topology
 from orchestrator import demo as demo_mod
 from orchestrator import queries, render
@@ -532,11 +533,27 @@ async def _follow(nc: Client, kind: str, id_: str, after_seq: int,
 # ---- orch replay --------------------------------------------------------------------
 
 
+def _replay_target(text: str) -> int | datetime:
+    """``--to``: a stream sequence (digits) or an ISO-8601 time, UTC when it names no zone."""
+    if text.isdigit():
+        if int(text) < 1:
+            raise CliError("--to: a sequence starts at 1", EXIT_USAGE)
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"--to: {text!r} is neither a sequence nor an ISO-8601 time"
+                       " (2026-11-26T10:00:00Z)", EXIT_USAGE) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
 @app.command()
 def replay(
     ctx: typer.Context,
-    to: Annotated[int | None, typer.Option("--to", metavar="SEQ", min=1,
-                                           help="Stop after this CMD sequence")] = None,
+    to: Annotated[str | None, typer.Option(
+        "--to", metavar="SEQ|TIME", help="Stop after this CMD sequence, or after the last"
+        " command stored at or before this ISO-8601 time (UTC unless it names a zone)",
+    )] = None,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Compare with the live projection; exit 1 if they differ")] = False,
     schema: Annotated[str, typer.Option(help="Scratch schema, dropped and recreated")] = "replay",
@@ -551,14 +568,18 @@ def replay(
         if verify and to is not None:
             raise CliError("--verify compares with the live projection: not with --to",
                            EXIT_USAGE)
+        target = None if to is None else _replay_target(to)
         nc = await _open_nats(opts.nats_url(), "orch-replay")
         try:
-            topology = await ensure_topology(nc.jetstream())
+            js = nc.jetstream()
+            topology = await ensure_topology(js)
+            to_seq = (await last_seq_at(js, CMD_STREAM, target)
+                      if isinstance(target, datetime) else target)
         finally:
             await nc.close()
         await (await _open_pg(opts.pg_dsn())).close()  # a clear error if it is unreachable
         report = await run_replay(opts.nats_url(), opts.pg_dsn(), topology.partitions,
-                                  schema=schema, to_seq=to, verify=verify)
+                                  schema=schema, to_seq=to_seq, verify=verify)
         if as_json:
             _print_json(render.replay_json(report, verify))
         else:
