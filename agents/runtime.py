@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 from tenacity import stop_after_attempt, wait_exponential_jitter
 
 from agents.drivers.vm import PermanentDriverError, TransientDriverError, VmDriver
-from events.bus import Publisher, connect, read_stream
+from events.bus import Publisher, connect, is_transient, read_stream
 from events.heartbeats import beat
 from events.retry import retried
 from events.subjects import HEARTBEAT_BUCKET, JOB_STREAM, inventory_subject, job_filter
@@ -253,7 +253,17 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.resync_s)
             if not stop.is_set():
-                await self.resync(js)
+                await self._unless_transient("resync", self.resync(js))
+
+    async def _unless_transient(self, what: str, round_: Awaitable[None]) -> None:
+        """A round of a periodic duty: a bus that is busy, electing a stream leader or
+        reconnecting fails only this round, and the next one tries again."""
+        try:
+            await round_
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self.log.warning(f"{what}_failed", error=repr(exc))
 
     async def resync(self, js: JetStreamContext) -> None:
         """Converge every entity to its newest job and remove what nobody wants here."""
@@ -288,8 +298,8 @@ class Agent:
     async def _heartbeats(self, js: JetStreamContext, stop: asyncio.Event) -> None:
         kv = await js.key_value(HEARTBEAT_BUCKET)
         while not stop.is_set():
-            now_ms = int(time.time() * 1000)
-            await beat(kv, self.host, Heartbeat(boot_id=self.boot_id, at_ms=now_ms))
+            heartbeat = Heartbeat(boot_id=self.boot_id, at_ms=int(time.time() * 1000))
+            await self._unless_transient("heartbeat", beat(kv, self.host, heartbeat))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)
 

@@ -25,14 +25,19 @@ from schemas.ids import SYSTEM
 log = structlog.get_logger()
 
 
+def servers(url: str) -> list[str]:
+    """``nats://a:4222,nats://b:4222``: a cluster's members, any of which will do."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(url: str, name: str) -> Client:
     return await nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+        servers(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         connect_timeout=5, allow_reconnect=True,
     )
 
 
-def _transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Worth another try: the server is busy, restarting, or a stream leader is moving."""
     if isinstance(exc, APIError):
         return exc.code in (None, 503) or (exc.err_code or 0) in (10008,)
@@ -99,7 +104,7 @@ async def publish_raw(js: JetStreamContext, frames: Iterable[Frame], deadline_s:
             pending = None
 
     return await retried(lambda: pipeline.publish(frames, sent=once if sent else None),
-                         transient=_transient, stop=stop_after_delay(deadline_s),
+                         transient=is_transient, stop=stop_after_delay(deadline_s),
                          wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05))
 
 

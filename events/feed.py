@@ -44,6 +44,10 @@ class Feed:
                                              pending_msgs_limit=1_000_000,
                                              pending_bytes_limit=1024 * 1024 * 1024)
 
+    def consumer_created(self) -> None:
+        """Its heartbeats are due from now: creating it may take a while on a cluster."""
+        self._heard = asyncio.get_running_loop().time()
+
     async def _on_msg(self, msg: Msg) -> None:
         self._heard = asyncio.get_running_loop().time()
         if not msg.headers or "Status" not in msg.headers:

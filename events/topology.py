@@ -1,6 +1,7 @@
 """The JetStream topology, created idempotently at start by every process that needs it."""
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 
@@ -27,7 +28,10 @@ from events.subjects import (
     partition_filter,
 )
 
+REPLICAS_ENV = "ORCH_STREAM_REPLICAS"
 DUPLICATE_WINDOW_S = 600.0
+# A fold consumer nobody has listened to for this long is deleted by the server.
+FOLD_CONSUMER_ORPHANED_S = 30.0
 MAX_MSG_BYTES = 1024 * 1024
 _PARTITIONS_RE = re.compile(r"partition\((\d+),")
 
@@ -37,9 +41,18 @@ class Topology:
     partitions: int
 
 
-def cmd_stream_config(partitions: int) -> StreamConfig:
+def stream_replicas() -> int:
+    """Copies of each stream a new topology asks for: 3 on a cluster, where data matters."""
+    value = os.environ.get(REPLICAS_ENV, "1")
+    if value not in ("1", "3", "5"):
+        raise RuntimeError(f"{REPLICAS_ENV}={value!r}: 1, 3 or 5")
+    return int(value)
+
+
+def cmd_stream_config(partitions: int, replicas: int) -> StreamConfig:
     return StreamConfig(
         name=CMD_STREAM,
+        num_replicas=replicas,
         subjects=["cmd.*.*.*"],
         # Partition by entity (kind + id): one entity's commands always land in one partition.
         subject_transform=SubjectTransform(
@@ -58,9 +71,10 @@ def cmd_stream_config(partitions: int) -> StreamConfig:
     )
 
 
-def job_stream_config() -> StreamConfig:
+def job_stream_config(replicas: int) -> StreamConfig:
     return StreamConfig(
         name=JOB_STREAM,
+        num_replicas=replicas,
         subjects=["job.>"],
         storage=StorageType.FILE,
         duplicate_window=DUPLICATE_WINDOW_S,
@@ -70,9 +84,10 @@ def job_stream_config() -> StreamConfig:
     )
 
 
-def evt_stream_config() -> StreamConfig:
+def evt_stream_config(replicas: int) -> StreamConfig:
     return StreamConfig(
         name=EVT_STREAM,
+        num_replicas=replicas,
         subjects=["evt.>"],
         storage=StorageType.FILE,
         duplicate_window=DUPLICATE_WINDOW_S,
@@ -83,7 +98,11 @@ def evt_stream_config() -> StreamConfig:
 
 
 async def ensure_topology(js: JetStreamContext, partitions: int | None = None) -> Topology:
-    """Create the streams if missing; an existing CMD stream keeps its partition count."""
+    """Create the streams if missing; an existing CMD stream keeps its partition count.
+
+    New streams get ``stream_replicas()`` copies; existing ones keep theirs.
+    """
+    replicas = stream_replicas()
     try:
         info = await js.stream_info(CMD_STREAM)
         transform = info.config.subject_transform
@@ -98,8 +117,8 @@ async def ensure_topology(js: JetStreamContext, partitions: int | None = None) -
         partitions = existing
     except NotFoundError:
         partitions = partitions or DEFAULT_PARTITIONS
-        await js.add_stream(cmd_stream_config(partitions))
-    for config in (job_stream_config(), evt_stream_config()):
+        await js.add_stream(cmd_stream_config(partitions, replicas))
+    for config in (job_stream_config(replicas), evt_stream_config(replicas)):
         try:
             await js.stream_info(config.name)
         except NotFoundError:
@@ -109,7 +128,8 @@ async def ensure_topology(js: JetStreamContext, partitions: int | None = None) -
     except BucketNotFoundError:
         # Keys of hosts gone for a day disappear; liveness itself reads the beat times.
         await js.create_key_value(KeyValueConfig(
-            bucket=HEARTBEAT_BUCKET, history=1, ttl=24 * 3600.0, storage=StorageType.FILE))
+            bucket=HEARTBEAT_BUCKET, history=1, ttl=24 * 3600.0, storage=StorageType.FILE,
+            replicas=replicas))
     return Topology(partitions=partitions)
 
 
@@ -123,16 +143,16 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
     """The consumer of one partition for one ownership epoch, pushing to deliver_subject.
 
     It starts right after the partition's checkpoint; the checkpoint, not the consumer, is
-    the position, so its state is kept in memory only. Earlier consumers of the partition
-    (older epochs, or an earlier run of this one) are deleted first, so a stale owner
-    stops receiving (and then hearing heartbeats).
+    the position, so its state is kept in memory only. The previous epoch's consumer (and
+    an earlier run of this one) is deleted first, so a stale owner stops receiving (and
+    then hearing heartbeats); older ones were deleted by their successors, or by the server
+    once nobody listened. Deleted by name: listing consumers on a cluster waits seconds for
+    the ones still being created.
     """
     name = fold_consumer_name(partition, epoch)
-    prefix = f"fold-{partition}-e"
-    for info in await js.consumers_info(CMD_STREAM):
-        if info.name.startswith(prefix):
-            with contextlib.suppress(NotFoundError):
-                await js.delete_consumer(CMD_STREAM, info.name)
+    for stale in range(max(1, epoch - 1), epoch + 1):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(CMD_STREAM, fold_consumer_name(partition, stale))
     start = (
         dict(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
         if after_seq
@@ -150,6 +170,7 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
             max_deliver=-1,
             max_ack_pending=max_pending,
             idle_heartbeat=heartbeat_s,
+            inactive_threshold=FOLD_CONSUMER_ORPHANED_S,
             mem_storage=True,
             **start,
         ),

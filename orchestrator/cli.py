@@ -34,7 +34,7 @@ from nats.aio.client import Client
 from rich.console import Console
 
 from events import logs
-from events.bus import Publisher, last_seq_at, read_stream
+from events.bus import Publisher, last_seq_at, read_stream, servers
 from events.heartbeats import read_heartbeats
 from events.subjects import CMD_STREAM, EVT_STREAM, event_subject
 from events.topology import ensure_topology
@@ -145,7 +145,7 @@ async def _open_nats(url: str, name: str, follow: bool = False) -> Client:
 
     try:
         return await asyncio.wait_for(
-            nats.connect(url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
+            nats.connect(servers(url), name=name, connect_timeout=2, reconnect_time_wait=0.5,
                          # nats-py reads 0 as "forever": 2 is the smallest finite bound.
                          max_reconnect_attempts=-1 if follow else 2, error_cb=remember),
             NATS_CONNECT_TIMEOUT_S,

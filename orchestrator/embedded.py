@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +48,16 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1, all free a moment ago."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                 for _ in range(count)]
+        for sock in socks:  # bound together, so no port is handed out twice
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def _accepts(port: int) -> bool:
@@ -145,14 +156,26 @@ def _nats_binary() -> str:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterMember:
+    """A nats-server's place in a cluster on 127.0.0.1."""
+
+    name: str  # server_name: JetStream's peers are told apart by it
+    route_port: int
+    routes: tuple[int, ...]  # every member's route port
+    monitor_port: int  # /healthz tells when its JetStream is current
+
+
 class NatsServer:
     """nats-server with JetStream on 127.0.0.1; streams survive restarts in store_dir."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, sync_always: bool = False) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, sync_always: bool = False,
+                 member: ClusterMember | None = None) -> None:
         self.store_dir = store_dir.absolute()
         # Fixed at construction so a restart (chaos tests) comes back on the same URL.
         self.port = port or free_port()
         self.sync_always = sync_always
+        self.member = member
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -197,10 +220,25 @@ class NatsServer:
         if self._proc is not None:
             _kill(self._proc)
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def healthy(self) -> bool:
+        """JetStream is up and, in a cluster, current with its peers."""
+        if self.member is None:
+            return self.running
+        url = f"http://127.0.0.1:{self.member.monitor_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                return bool(reply.status == 200)
+        except OSError:  # connection refused, or HTTP 503 while it catches up
+            return False
+
     def _config(self) -> str:
         sync = "\n  sync_interval: always" if self.sync_always else ""
         # json.dumps gives a double-quoted string the NATS config parser accepts.
-        return (
+        config = (
             f'listen: "127.0.0.1:{self.port}"\n'
             "max_payload: 1MB\n"
             "jetstream {\n"
@@ -209,6 +247,61 @@ class NatsServer:
             f"  max_file_store: 8GB{sync}\n"
             "}\n"
         )
+        m = self.member
+        if m is None:
+            return config
+        routes = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in m.routes)
+        return config + (
+            f"server_name: {json.dumps(m.name)}\n"
+            f'http: "127.0.0.1:{m.monitor_port}"\n'
+            f'cluster {{\n  name: "orch"\n  listen: "127.0.0.1:{m.route_port}"\n'
+            f"  routes: [{routes}]\n}}\n"
+        )
+
+
+class NatsCluster:
+    """nats-servers routed into one JetStream cluster on 127.0.0.1, for replicated streams."""
+
+    def __init__(self, root: Path, size: int = 3, sync_always: bool = False) -> None:
+        ports = free_ports(3 * size)
+        routes = tuple(ports[size:2 * size])
+        self.servers = [
+            NatsServer(root / f"n{i}", ports[i], sync_always,
+                       ClusterMember(f"n{i}", routes[i], routes, ports[2 * size + i]))
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every member: a client moves to another when its server goes away."""
+        return ",".join(server.url for server in self.servers)
+
+    def server(self, name: str) -> NatsServer:
+        return next(s for s in self.servers if s.member and s.member.name == name)
+
+    def start(self) -> str:
+        try:
+            for server in self.servers:
+                server.start()
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def wait_healthy(self, timeout: float = _NATS_START_TIMEOUT) -> None:
+        """Until every running member is current (a quorum has elected the meta leader)."""
+        deadline = time.monotonic() + timeout
+        while not all(s.healthy() for s in self.servers if s.running):
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"{log}:\n{_log_tail(log, 0, 10)}" for log in
+                                  (s.store_dir / "nats.log" for s in self.servers))
+                raise RuntimeError(f"nats cluster not healthy after {timeout:.0f} s\n{logs}")
+            time.sleep(_POLL_INTERVAL)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
 
 
 def _pg_install() -> Path:

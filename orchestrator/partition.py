@@ -80,6 +80,7 @@ class PartitionWorker:
         await open_fold_consumer(self.js, p, self.lease.epoch, self.checkpoint, feed.subject,
                                  self.config.heartbeat_s, max_pending=2 * self.config.batch,
                                  ack_wait_s=ACK_WAIT_S)
+        feed.consumer_created()
         self.log.info("partition_started", checkpoint=self.checkpoint)
         # Outbox rows in this span of seqs are published, and not yet deleted.
         relayed = NOTHING

@@ -5,6 +5,7 @@ whether the test passed or not.
 """
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from events.bus import connect
 from events.subjects import CMD_STREAM
 from events.topology import ensure_topology
 from orchestrator.children import Children
-from orchestrator.embedded import NatsServer, PostgresServer
+from orchestrator.embedded import NatsCluster, NatsServer, PostgresServer
 from orchestrator.queries import fold_progress
 from orchestrator.store import Store, connect_pg, create_pool
 
@@ -60,9 +61,9 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
 
 @dataclass
 class Env:
-    """One isolated world: its own nats-server (and store) and its own database."""
+    """One isolated world: its own nats-server or cluster (and store) and its own database."""
 
-    nats: NatsServer
+    nats: NatsServer | NatsCluster
     pg_dsn: str
     root: Path
 
@@ -74,19 +75,28 @@ class Env:
         return {**os.environ, "ORCH_NATS_URL": self.nats_url, "ORCH_PG_DSN": self.pg_dsn}
 
 
-@pytest.fixture
-async def env(postgres: PostgresServer, tmp_path: Path) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def isolated(postgres: PostgresServer, nats: NatsServer | NatsCluster,
+                   root: Path) -> AsyncIterator[Env]:
+    """A world around ``nats`` with a database of its own; both gone afterwards."""
     db = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres.dsn)
-    await admin.execute(f"CREATE DATABASE {db}")
-    nats = NatsServer(tmp_path / "nats")
-    nats.start()
     try:
-        yield Env(nats=nats, pg_dsn=postgres.dsn.rsplit("/", 1)[0] + f"/{db}", root=tmp_path)
+        await admin.execute(f"CREATE DATABASE {db}")
+        try:
+            nats.start()
+            yield Env(nats=nats, pg_dsn=postgres.dsn.rsplit("/", 1)[0] + f"/{db}", root=root)
+        finally:
+            nats.stop()
+            await admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
     finally:
-        nats.stop()
-        await admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         await admin.close()
+
+
+@pytest.fixture
+async def env(postgres: PostgresServer, tmp_path: Path) -> AsyncIterator[Env]:
+    async with isolated(postgres, NatsServer(tmp_path / "nats"), tmp_path) as world:
+        yield world
 
 
 @pytest.fixture
