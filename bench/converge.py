@@ -47,7 +47,7 @@ from agents.drivers.vm import DEFAULT_CONSOLE_DIR, READY_MARKER, domain_name
 from events.bus import Publisher, connect
 from events.heartbeats import read_heartbeats
 from events.subjects import command_msg_id, command_subject, event_subject
-from events.topology import ensure_topology
+from events.topology import REPLICAS_ENV, ensure_topology
 from orchestrator.children import Children
 from orchestrator.embedded import Stack, StackInfo
 from orchestrator.store import connect_pg
@@ -558,6 +558,7 @@ class Args:
     step_seconds: float
     qemu: bool
     sync_always: bool
+    servers: int
 
 
 async def setup(js: JetStreamContext, info: StackInfo, children: Children,
@@ -588,7 +589,7 @@ async def _at_least(count: Awaitable[int], n: int) -> bool:
 def cpu_meter(stack: Stack, children: Children) -> CpuMeter:
     agents = [p.pid for name, p in children.procs.items() if name.startswith("agent-")]
     return CpuMeter({"replica": [children.procs["r1"].pid], "agents": agents,
-                     "nats-server": [stack.nats.pid], "postgres": [stack.pg.pid]})
+                     "nats-server": stack.nats.pids, "postgres": [stack.pg.pid]})
 
 
 async def bench(args: Args, stack: Stack, children: Children, guest: QemuGuest) -> None:
@@ -600,7 +601,7 @@ async def bench(args: Args, stack: Stack, children: Children, guest: QemuGuest) 
         ids = [f"vm{n:04d}" for n in range(args.instances)]
         conn = await setup(js, info, children, ids)
         try:
-            say(await harness.environment(nc, conn, stack.sync_always))
+            say(await harness.environment(nc, conn, stack.sync_always, stack.servers))
             tracker = Tracker(await generations(conn))
             sub = await js.subscribe(event_subject("instance", ">"), cb=tracker.on_message,
                                      ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
@@ -641,12 +642,14 @@ def parse_args(argv: Sequence[str] | None) -> Args:
                         help="(b): rates to try, in increasing order")
     parser.add_argument("--step-seconds", type=float, default=10.0, help="(b): per rate")
     parser.add_argument("--no-qemu", dest="qemu", action="store_false", help="skip (c)")
+    parser.add_argument("--servers", type=int, choices=(1, 3), default=1,
+                        help="3: a NATS cluster, every stream replicated three times")
     parser.add_argument("--sync-always", action="store_true",
                         help="nats-server fsyncs every write (as `orch up --sync-always`)")
     ns = parser.parse_args(argv)
     return Args(ns.instances, ns.rate, ns.seconds,
                 [float(r) for r in ns.rates.split(",") if r], ns.step_seconds, ns.qemu,
-                ns.sync_always)
+                ns.sync_always, ns.servers)
 
 
 def teardown(children: Children | None, stack: Stack, guest: QemuGuest, tmp: Path) -> None:
@@ -664,7 +667,9 @@ def teardown(children: Children | None, stack: Stack, guest: QemuGuest, tmp: Pat
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="orch-converge-"))
-    stack = Stack(tmp / "stack", args.sync_always)
+    stack = Stack(tmp / "stack", args.sync_always, args.servers)
+    if args.servers > 1:  # for this process's topology and every child's
+        os.environ[REPLICAS_ENV] = "3"
     guest = QemuGuest()
     children: Children | None = None
 

@@ -40,10 +40,12 @@ def run(body: Callable[[], None], cleanup: Callable[[], None]) -> int:
             cleanup()
 
 
-async def environment(nc: Client, conn: asyncpg.Connection, sync_always: bool) -> str:
+async def environment(nc: Client, conn: asyncpg.Connection, sync_always: bool,
+                      servers: int = 1) -> str:
     """The machine and servers a benchmark ran on, for its first line."""
     pg = await conn.fetchval("SHOW server_version")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     sync = "fsync every write" if sync_always else "default fsync interval"
+    nats = "1 server" if servers == 1 else f"a cluster of {servers}, streams replicated 3 times"
     return (f"{os.cpu_count()} CPUs (load average {load}), Python {sys.version.split()[0]},"
-            f" nats-server {nc.connected_server_version} ({sync}), PostgreSQL {pg}")
+            f" nats-server {nc.connected_server_version} ({nats}, {sync}), PostgreSQL {pg}")

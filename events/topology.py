@@ -97,12 +97,14 @@ def evt_stream_config(replicas: int) -> StreamConfig:
     )
 
 
-async def ensure_topology(js: JetStreamContext, partitions: int | None = None) -> Topology:
+async def ensure_topology(js: JetStreamContext, partitions: int | None = None,
+                          replicas: int | None = None) -> Topology:
     """Create the streams if missing; an existing CMD stream keeps its partition count.
 
-    New streams get ``stream_replicas()`` copies; existing ones keep theirs.
+    New streams get ``replicas`` copies (default: ``stream_replicas()``); existing ones
+    keep theirs.
     """
-    replicas = stream_replicas()
+    replicas = replicas or stream_replicas()
     try:
         info = await js.stream_info(CMD_STREAM)
         transform = info.config.subject_transform

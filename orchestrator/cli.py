@@ -229,6 +229,14 @@ def main(
 # ---- orch up ------------------------------------------------------------------------
 
 
+async def _create_topology(url: str, replicas: int) -> None:
+    nc = await _open_nats(url, "orch-up")
+    try:
+        await ensure_topology(nc.jetstream(), replicas=replicas)
+    finally:
+        await nc.close()
+
+
 @app.command()
 def up(
     directory: Annotated[Path | None, typer.Option(
@@ -237,8 +245,12 @@ def up(
     sync_always: Annotated[bool, typer.Option(
         "--sync-always", help="fsync every JetStream write: acked commands survive a power"
         " loss, at about 3x the latency (bench/converge.py --sync-always)")] = False,
+    servers: Annotated[int, typer.Option(
+        help="nats-servers: 3 makes a cluster whose streams are replicated three times")] = 1,
 ) -> None:
     """Run the embedded development stack (nats-server + PostgreSQL) until Ctrl-C."""
+    if servers not in (1, 3):
+        _fail("--servers: 1, or 3 for a cluster", EXIT_USAGE)
     root = directory or stack_dir()
     live = read_stack_file(root)
     if live is not None:
@@ -251,11 +263,13 @@ def up(
     # Set before starting: a SIGTERM during start-up must still stop the servers.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    stack = Stack(root, sync_always)
+    stack = Stack(root, sync_always, servers)
     try:
         try:
             info = stack.start()
-        except (RuntimeError, OSError) as exc:
+            if servers > 1:  # created here: whichever process comes first, they are replicated
+                uvloop.run(_create_topology(info.nats_url, servers))
+        except (RuntimeError, OSError, nats.errors.Error) as exc:
             # The first line says what failed; the server log it quotes stays in its file.
             _fail(f"the stack did not start: {exc}".splitlines()[0], EXIT_FAILURE)
         console = _console()

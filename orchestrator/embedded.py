@@ -221,6 +221,10 @@ class NatsServer:
             _kill(self._proc)
 
     @property
+    def pids(self) -> list[int]:
+        return [self.pid]
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -275,6 +279,10 @@ class NatsCluster:
     def url(self) -> str:
         """Every member: a client moves to another when its server goes away."""
         return ",".join(server.url for server in self.servers)
+
+    @property
+    def pids(self) -> list[int]:
+        return [server.pid for server in self.servers]
 
     def server(self, name: str) -> NatsServer:
         return next(s for s in self.servers if s.member and s.member.name == name)
@@ -467,15 +475,16 @@ class StackInfo:
 class Stack:
     """NATS (root/nats) and PostgreSQL (root/pg), advertised to other processes in stack.json."""
 
-    def __init__(self, root: Path, sync_always: bool = False) -> None:
+    def __init__(self, root: Path, sync_always: bool = False, servers: int = 1) -> None:
         self.root = root.absolute()
         self.sync_always = sync_always
-        self._nats: NatsServer | None = None
+        self.servers = servers  # more than one: a NATS cluster
+        self._nats: NatsServer | NatsCluster | None = None
         self._pg: PostgresServer | None = None
         self._info: StackInfo | None = None
 
     @property
-    def nats(self) -> NatsServer:
+    def nats(self) -> NatsServer | NatsCluster:
         if self._nats is None:
             raise RuntimeError("stack not started")
         return self._nats
@@ -492,20 +501,22 @@ class Stack:
             raise RuntimeError("stack not started")
         return self._info
 
-    def start(self, nats_port: int | None = None, pg_port: int | None = None) -> StackInfo:
+    def start(self) -> StackInfo:
         if self._info is not None:
             raise RuntimeError("stack already started")
-        self._nats = NatsServer(self.root / "nats", nats_port, self.sync_always)
+        self._nats = (NatsServer(self.root / "nats", sync_always=self.sync_always)
+                      if self.servers == 1 else
+                      NatsCluster(self.root / "nats", self.servers, self.sync_always))
         self._pg = None
         try:
             nats_url = self._nats.start()
             # Created once NATS holds its port, so free_port() cannot hand the same one out.
-            self._pg = PostgresServer(self.root / "pg", pg_port)
+            self._pg = PostgresServer(self.root / "pg")
             info = StackInfo(nats_url=nats_url, pg_dsn=self._pg.start())
             record = {
                 "nats_url": info.nats_url,
                 "pg_dsn": info.pg_dsn,
-                "nats_pid": self._nats.pid,
+                "nats_pids": self._nats.pids,
                 "pg_pid": self._pg.pid,
                 "started_at": datetime.now(UTC).isoformat(),
             }
@@ -560,7 +571,7 @@ def read_stack_file(root: Path) -> StackInfo | None:
     try:
         record = json.loads((root / "stack.json").read_text())
         info = StackInfo(nats_url=record["nats_url"], pg_dsn=record["pg_dsn"])
-        pids = (int(record["nats_pid"]), int(record["pg_pid"]))
+        pids = [*map(int, record["nats_pids"]), int(record["pg_pid"])]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return info if all(_alive(pid) for pid in pids) else None

@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import pytest
 from conftest import Env, Processes, eventually
 from nats.js import JetStreamContext
 
+from events.bus import connect
 from events.subjects import CMD_STREAM
 from orchestrator import queries
 
@@ -253,11 +255,13 @@ async def test_no_stack_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.startswith("error: cannot connect to NATS at nats://127.0.0.1:1")
 
 
-async def test_up_then_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("servers", [1, 3])
+async def test_up_then_stop(tmp_path: Path, servers: int) -> None:
     root = tmp_path / "stack"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
     up = await asyncio.create_subprocess_exec(
-        *ORCH, "up", "--dir", str(root), env=environ, stdout=asyncio.subprocess.PIPE,
+        *ORCH, "up", "--dir", str(root), "--servers", str(servers), env=environ,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )
     try:
@@ -274,6 +278,13 @@ async def test_up_then_stop(tmp_path: Path) -> None:
         # The stack file is enough for the other verbs.
         done = await orch({**environ, "ORCH_HOME": str(root)}, "publish", "StopInstance", "vm1")
         assert done.returncode == 0, done.stderr
+        url = exports.split("ORCH_NATS_URL=")[1].split()[0]
+        nc = await connect(url, "test")
+        try:
+            info = await nc.jetstream().stream_info(CMD_STREAM)
+            assert (info.config.num_replicas, info.state.messages) == (servers, 1)
+        finally:
+            await nc.close()
 
         up.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(up.wait(), 60) == 0

@@ -12,6 +12,7 @@ import nats
 import pytest
 from nats.js.api import StorageType
 
+from events.bus import servers as bus_servers
 from orchestrator.embedded import NatsServer, PostgresServer, Stack, read_stack_file
 
 
@@ -42,23 +43,26 @@ async def _select_one(dsn: str) -> int:
         await conn.close()
 
 
-async def test_stack_start_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("servers", [1, 3])
+async def test_stack_start_stop(tmp_path: Path, servers: int) -> None:
     root = tmp_path / ".orch"
-    stack = Stack(root)
+    stack = Stack(root, servers=servers)
     try:
         info = stack.start()
-        async with await nats.connect(info.nats_url) as nc:
+        urls = bus_servers(info.nats_url)
+        assert len(urls) == servers
+        async with await nats.connect(urls) as nc:
             await nc.jetstream().account_info()
         assert await _select_one(info.pg_dsn) == 1
 
         record = json.loads((root / "stack.json").read_text())
         assert record["nats_url"] == info.nats_url
         assert record["pg_dsn"] == info.pg_dsn
-        assert (record["nats_pid"], record["pg_pid"]) == (stack.nats.pid, stack.pg.pid)
+        assert (record["nats_pids"], record["pg_pid"]) == (stack.nats.pids, stack.pg.pid)
         assert record["started_at"]
         assert read_stack_file(root) == info
-        pids = (stack.nats.pid, stack.pg.pid)
-        ports = (stack.nats.port, stack.pg.port)
+        pids = [*stack.nats.pids, stack.pg.pid]
+        ports = [*(int(url.rsplit(":", 1)[1]) for url in urls), stack.pg.port]
     finally:
         stack.stop()
     assert not (root / "stack.json").exists()
