@@ -88,6 +88,15 @@ def test_lifecycle_create_start_stop_delete(driver: VmDriver) -> None:
     assert driver.apply("a", None, 4) == "absent"
 
 
+def test_mac_addresses_are_unicast_local_and_do_not_collide_in_a_big_segment() -> None:
+    """100,000 NICs: 24 bits of hash would give some 300 pairs of equal MACs."""
+    macs = [mac_address(f"vm{n}", n % 4) for n in range(100_000)]
+    assert len(set(macs)) == len(macs)
+    first = {int(mac[:2], 16) for mac in macs}
+    assert all(octet & 0b11 == 0b10 for octet in first)  # locally administered, unicast
+    assert len(first) == 64  # and the other 6 bits of that octet are used too
+
+
 def test_apply_is_idempotent(driver: VmDriver) -> None:
     driver.apply("a", spec(), 1)
     dom = dom_of(driver, "a")
