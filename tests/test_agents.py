@@ -1,6 +1,7 @@
 """Agents and convergence, end to end: agent processes on libvirt's test:/// driver,
 orchestrator replicas, real nats-server and PostgreSQL."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -170,3 +171,29 @@ async def test_a_job_that_always_fails_degrades_and_alerts_while_others_converge
     assert listed.returncode == 1  # alerts present
     [alert] = [msgspec.json.decode(line) for line in listed.stdout.splitlines()]
     assert (alert["kind"], alert["id"], alert["attempts"]) == ("instance", "broken", 2)
+
+
+async def test_agents_ride_out_a_nats_server_restart(env: Env, js, pg, processes) -> None:
+    """Heartbeats and resyncs that fail while the server is away are skipped, not fatal:
+    the same agent processes converge what is asked once it is back."""
+    start(processes, env)
+    agents = {host: agent(processes, env, host) for host in HOSTS}
+    await register(js, pg)
+    pub = Publisher(js)
+
+    def creates(numbers: range) -> list[tuple[str, object]]:
+        return [("user", command_from_dict(dict(type="CreateInstance", cmd_id=f"c-{n}",
+                                                id=f"vm{n}", template=TINY))) for n in numbers]
+
+    await pub.publish_many(creates(range(30)))
+    await eventually(lambda: converged(pg, 30), timeout=60, interval=0.5)
+    env.nats.stop()
+    await asyncio.sleep(7)  # longer than a publish waits for its ack: heartbeats fail
+    env.nats.start()
+    assert all(proc.poll() is None for proc in agents.values()), "an agent died"
+    await pub.publish_many(creates(range(30, 60)))
+    await eventually(lambda: converged(pg, 60), timeout=90, interval=0.5)
+    states = await instances(pg)
+    for host in HOSTS:
+        assert await inventory(js, host) == {
+            i: s["power"] for i, s in states.items() if s["host"] == host}
