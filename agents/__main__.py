@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import prometheus_client
 import typer
 import uvloop
 
@@ -31,6 +32,8 @@ def main(
     heartbeat: Annotated[float, typer.Option(help="Heartbeat period, seconds")] = 1.0,
     resync: Annotated[float, typer.Option(help="Full resync period, seconds")] = 30.0,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs applied at once")] = 8,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on 127.0.0.1:PORT")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run the agent of one host until SIGTERM or Ctrl-C (JSON logs on stderr)."""
@@ -38,6 +41,8 @@ def main(
         typer.echo(f"error: invalid host name {host!r}: must match {ID_PATTERN}", err=True)
         raise typer.Exit(2)
     logs.configure(log_level, json=True)
+    if metrics_port is not None:
+        prometheus_client.start_http_server(metrics_port, addr="127.0.0.1")
     with contextlib.ExitStack() as cleanup:
         uri = libvirt_uri
         if libvirt_uri == "test":  # its node file lives as long as the agent

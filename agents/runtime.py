@@ -25,6 +25,7 @@ from nats.js.errors import NotFoundError
 from tenacity import stop_after_attempt, wait_exponential_jitter
 
 from agents.drivers.vm import PermanentDriverError, TransientDriverError, VmDriver
+from agents.metrics import APPLY_SECONDS, JOBS, REMOVED, RESYNC_SECONDS, ROUNDS_SKIPPED
 from events.bus import Publisher, connect, is_transient, read_stream
 from events.heartbeats import beat
 from events.retry import retried
@@ -169,7 +170,14 @@ class Agent:
         await self.slots.acquire()  # holding deliveries back while every slot is busy
         task = asyncio.create_task(self._handle(msg))
         self.running.add(task)
-        task.add_done_callback(self.running.discard)
+        task.add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its report could not be sent (the bus away past the publish deadline, say):
+            # the job stays unacked and comes again after ack_wait.
+            self.log.error("job_failed", error=repr(exc))
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -189,9 +197,11 @@ class Agent:
     async def _converge(self, job: Job, msg: Msg | None) -> None:
         """Apply one job (from the bus, or from a resync when ``msg`` is None) and report."""
         entity = f"{job.kind}/{job.id}"
+        source = "job" if msg else "resync"
         if job.generation < self.applied.get(job.id, 0):
             self.log.info("job_stale", entity=entity, generation=job.generation,
                           applied=self.applied[job.id])
+            JOBS.labels(source, "stale").inc()
             return
         if job.spec is None:
             self.wanted.discard(job.id)
@@ -199,10 +209,12 @@ class Agent:
             self.wanted.add(job.id)
         keepalive = KeepAlive(msg, self.config.in_progress_s) if msg else None
         try:
-            observed = await self._apply(job)
+            with APPLY_SECONDS.time():
+                observed = await self._apply(job)
         except (TransientDriverError, PermanentDriverError) as exc:
             self.log.warning("apply_failed", entity=entity, generation=job.generation,
                              attempt=job.attempt, error=str(exc))
+            JOBS.labels(source, "failed").inc()
             await self._report(c.Failed(
                 cmd_id=f"failed-{self.host}-{job.id}-{job.generation}-{job.attempt}",
                 id=job.id, generation=job.generation, error=str(exc), attempt=job.attempt + 1),
@@ -211,6 +223,7 @@ class Agent:
         finally:
             if keepalive:
                 keepalive.cancel()
+        JOBS.labels(source, "applied").inc()
         fresh = job.generation > self.applied.get(job.id, 0) or msg is not None
         self.applied[job.id] = job.generation
         if fresh:
@@ -264,6 +277,7 @@ class Agent:
             if not is_transient(exc):
                 raise
             self.log.warning(f"{what}_failed", error=repr(exc))
+            ROUNDS_SKIPPED.labels(what).inc()
 
     async def resync(self, js: JetStreamContext) -> None:
         """Converge every entity to its newest job and remove what nobody wants here."""
@@ -275,6 +289,8 @@ class Agent:
             async with self.slots, self.locks(job.id):
                 await self._converge(job, None)
         removed = await self._remove_unwanted()
+        REMOVED.inc(len(removed))
+        RESYNC_SECONDS.observe(time.perf_counter() - started)
         self.log.info("resynced", jobs=len(jobs), removed=removed,
                       seconds=round(time.perf_counter() - started, 3))
 

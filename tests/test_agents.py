@@ -7,13 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import asyncpg
 import msgspec
 from nats.js import JetStreamContext
+from prometheus_client.parser import text_string_to_metric_families
 
 from events.bus import Publisher
 from events.subjects import JOB_STREAM, inventory_subject
+from orchestrator.embedded import free_ports
 from schemas.codec import command_from_dict
 from tests.conftest import Env, Processes, eventually
 
@@ -140,11 +143,22 @@ async def test_killed_agent_is_marked_down_then_resyncs(env: Env, js, pg, proces
         "RegisterHost", "HostUp", "HostDown", "HostUp"]
 
 
+def scrape(port: int) -> dict[tuple[str, str], float]:
+    """An agent's job counters: (source, outcome) -> count."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {(s.labels["source"], s.labels["outcome"]): s.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "orch_agent_jobs" for s in family.samples
+            if s.name == "orch_agent_jobs_total"}
+
+
 async def test_a_job_that_always_fails_degrades_and_alerts_while_others_converge(
         env: Env, js, pg, processes) -> None:
     start(processes, env)
-    for host in HOSTS:
-        agent(processes, env, host)
+    ports = free_ports(len(HOSTS))
+    for host, port in zip(HOSTS, ports, strict=True):
+        agent(processes, env, host, "--metrics-port", str(port))
     await register(js, pg)
     pub = Publisher(js)
     await pub.publish_many(
@@ -171,6 +185,13 @@ async def test_a_job_that_always_fails_degrades_and_alerts_while_others_converge
     assert listed.returncode == 1  # alerts present
     [alert] = [msgspec.json.decode(line) for line in listed.stdout.splitlines()]
     assert (alert["kind"], alert["id"], alert["attempts"]) == ("instance", "broken", 2)
+    # The agents' metrics count the same: every job applied, and each failure reported.
+    counts: dict[tuple[str, str], float] = {}
+    for port in ports:
+        for key, value in (await asyncio.to_thread(scrape, port)).items():
+            counts[key] = counts.get(key, 0) + value
+    assert counts[("job", "applied")] >= 20
+    assert counts[("job", "failed")] == sum(1 for o in outcomes if o["type"] == "Failed")
 
 
 async def test_agents_ride_out_a_nats_server_restart(env: Env, js, pg, processes) -> None:
