@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 from tenacity import stop_after_attempt, wait_exponential_jitter
 
 from agents.drivers.vm import PermanentDriverError, TransientDriverError, VmDriver
-from agents.metrics import APPLY_SECONDS, JOBS, REMOVED, RESYNC_SECONDS, ROUNDS_SKIPPED
+from agents.metrics import APPLY_SECONDS, JOB_ENDS, REMOVED, RESYNC_SECONDS, ROUNDS_SKIPPED
 from events.bus import Publisher, connect, is_transient, read_stream
 from events.heartbeats import beat
 from events.retry import retried
@@ -201,7 +201,7 @@ class Agent:
         if job.generation < self.applied.get(job.id, 0):
             self.log.info("job_stale", entity=entity, generation=job.generation,
                           applied=self.applied[job.id])
-            JOBS.labels(source, "stale").inc()
+            JOB_ENDS[source, "stale"].inc()
             return
         if job.spec is None:
             self.wanted.discard(job.id)
@@ -214,7 +214,7 @@ class Agent:
         except (TransientDriverError, PermanentDriverError) as exc:
             self.log.warning("apply_failed", entity=entity, generation=job.generation,
                              attempt=job.attempt, error=str(exc))
-            JOBS.labels(source, "failed").inc()
+            JOB_ENDS[source, "failed"].inc()
             await self._report(c.Failed(
                 cmd_id=f"failed-{self.host}-{job.id}-{job.generation}-{job.attempt}",
                 id=job.id, generation=job.generation, error=str(exc), attempt=job.attempt + 1),
@@ -223,7 +223,7 @@ class Agent:
         finally:
             if keepalive:
                 keepalive.cancel()
-        JOBS.labels(source, "applied").inc()
+        JOB_ENDS[source, "applied"].inc()
         fresh = job.generation > self.applied.get(job.id, 0) or msg is not None
         self.applied[job.id] = job.generation
         if fresh:
