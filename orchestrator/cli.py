@@ -758,7 +758,7 @@ def alerts(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="One object per line")] = False,
 ) -> None:
-    """Entities degraded after their retries ran out (exit 1 when there is any)."""
+    """Entities degraded after their retries ran out, and hosts down (exit 1 if any)."""
     opts: Options = ctx.obj
 
     async def run() -> int:

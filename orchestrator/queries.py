@@ -96,17 +96,22 @@ class AlertRow:
     kind: str
     id: str
     reason: str
-    attempts: int
+    attempts: int | None  # of the job that ran out of retries; None for a host down
     since_ms: int
 
 
 async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
-    """Entities degraded after their retries ran out, newest first."""
+    """Entities degraded after their retries ran out, and hosts down; newest first."""
     rows = await conn.fetch(
         """
         SELECT kind, id, coalesce(state->>'error', '') AS reason,
                (state->>'attempts')::int AS attempts, (state->>'updated_at')::bigint AS since_ms
-        FROM entities WHERE state->>'status' = 'degraded' ORDER BY since_ms DESC, kind, id
+        FROM entities WHERE state->>'status' = 'degraded'
+        UNION ALL
+        SELECT kind, id, 'host down: its heartbeats stopped', NULL,
+               (state->>'updated_at')::bigint
+        FROM entities WHERE kind = 'host' AND state->>'condition' = 'down'
+        ORDER BY since_ms DESC, kind, id
         """
     )
     return [AlertRow(**dict(r)) for r in rows]

@@ -2,6 +2,8 @@
 
 Whether to re-issue the job or to degrade the instance is the fold's decision (pure and
 replayable); this loop only notices lateness, with exponential backoff per attempt.
+Instances on a host that is down are left alone: re-issuing to nobody would only degrade
+them, one alert each, and the host's return brings a full resync anyway.
 """
 
 from dataclasses import dataclass
@@ -41,13 +43,15 @@ class Reconciler:
     async def tick(self, conn: asyncpg.Connection, now_ms: int) -> list[c.Reconcile]:
         rows = await conn.fetch(
             """
-            SELECT id, (state->>'generation')::int AS generation,
-                   (state->>'attempts')::int AS attempts,
-                   (state->>'issued_at')::bigint AS issued_at
-            FROM entities
-            WHERE kind = 'instance' AND state->>'host' IS NOT NULL
-              AND state->>'status' IN ('placed', 'deleted')
-              AND (state->>'observed_generation')::int < (state->>'generation')::int
+            SELECT i.id, (i.state->>'generation')::int AS generation,
+                   (i.state->>'attempts')::int AS attempts,
+                   (i.state->>'issued_at')::bigint AS issued_at
+            FROM entities i
+            LEFT JOIN entities h ON h.kind = 'host' AND h.id = i.state->>'host'
+            WHERE i.kind = 'instance' AND i.state->>'host' IS NOT NULL
+              AND i.state->>'status' IN ('placed', 'deleted')
+              AND (i.state->>'observed_generation')::int < (i.state->>'generation')::int
+              AND h.state->>'condition' IS DISTINCT FROM 'down'
             """
         )
         cfg = self.config

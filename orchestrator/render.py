@@ -243,6 +243,6 @@ def hosts_table(rows: Iterable[HostRow], beats: Mapping[str, Heartbeat], now_ms:
 def alerts_table(rows: Iterable[AlertRow]) -> Table:
     table = Table("entity", "since", "attempts", "reason")
     for row in rows:
-        table.add_row(f"{row.kind}/{row.id}", format_ms(row.since_ms), str(row.attempts),
-                      row.reason)
+        table.add_row(f"{row.kind}/{row.id}", format_ms(row.since_ms),
+                      "" if row.attempts is None else str(row.attempts), row.reason)
     return table

@@ -110,6 +110,15 @@ async def test_300_instances_converge_across_3_agents(env: Env, js, pg, processe
     assert all(now_ms - r["last_heartbeat_ms"] < 5_000 for r in rows)
 
 
+async def alerted(env: Env) -> set[tuple[str, str]]:
+    """What `orch alerts` lists: (kind, id)."""
+    listed = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "orchestrator.cli", "alerts", "--json"],
+        env=env.environ(), capture_output=True, text=True, timeout=30)
+    assert listed.returncode in (0, 1), listed.stderr
+    return {(a["kind"], a["id"]) for a in map(msgspec.json.decode, listed.stdout.splitlines())}
+
+
 async def test_killed_agent_is_marked_down_then_resyncs(env: Env, js, pg, processes) -> None:
     start(processes, env)
     agents = {host: agent(processes, env, host) for host in HOSTS}
@@ -127,6 +136,7 @@ async def test_killed_agent_is_marked_down_then_resyncs(env: Env, js, pg, proces
     await eventually(lambda: pg.fetchval(
         "SELECT state->>'condition' = 'down' FROM entities WHERE kind='host' AND id='h1'"),
         timeout=30)
+    assert ("host", "h1") in await alerted(env)
     # Its hypervisor (test:///, in the agent's memory) is gone with it: the new boot must
     # rebuild everything placed there from the jobs, and say so in the host's timeline.
     agent(processes, env, "h1", name="agent-h1-again")
@@ -134,6 +144,7 @@ async def test_killed_agent_is_marked_down_then_resyncs(env: Env, js, pg, proces
         "SELECT state->>'condition' = 'up' FROM entities WHERE kind='host' AND id='h1'"),
         timeout=30)
     await eventually(lambda: converged(pg, 60), timeout=60, interval=0.5)
+    assert ("host", "h1") not in await alerted(env)
     states = await instances(pg)
     on_h1 = {i: s["power"] for i, s in states.items() if s["host"] == "h1"}
     assert on_h1 and await inventory(js, "h1") == on_h1

@@ -1,9 +1,13 @@
-"""Re-issue and degrade decisions in the fold, driven by Reconcile commands."""
+"""Re-issue and degrade decisions in the fold, driven by Reconcile commands; and which
+instances the reconciler sends them for."""
 
 from typing import Any
 
-from events.subjects import partition_of, stored_command_subject
+from events.bus import Publisher
+from events.subjects import CMD_STREAM, partition_of, stored_command_subject
+from orchestrator import queries
 from orchestrator.fold import Folded, fold_message
+from orchestrator.reconciler import Reconciler, ReconcilerConfig
 from schemas.codec import encode
 
 N = 8
@@ -68,3 +72,25 @@ def test_only_the_system_may_reconcile() -> None:
     out = log.fold("user", "instance", "vm1", type="Reconcile", generation=1, max_attempts=1)
     assert out.outcome and not out.outcome.accepted
     assert "may not come from source 'user'" in (out.outcome.reason or "")
+
+
+async def test_the_reconciler_leaves_instances_on_a_down_host_alone(js, pg) -> None:
+    """Re-issuing to a host that is down would only degrade its instances, one alert each:
+    the host is the alert, and its return resyncs them."""
+    log = Log()
+    for host in ("h1", "h2"):
+        log.fold("admin", "host", host, type="RegisterHost", vcpus=8, memory_mib=8192)
+    for vm, host in (("vm1", "h1"), ("vm2", "h2"), ("vm3", "h9")):  # h9: never registered
+        log.fold("user", "instance", vm, type="CreateInstance",
+                 template={"vcpus": 1, "memory_mib": 256, "image": "tiny"})
+        log.fold("system", "instance", vm, type="Placed", host=host)
+    log.fold("system", "host", "h1", type="HostDown")
+    await pg.copy_records_to_table(
+        "entities", columns=["kind", "id", "state", "last_seq"],
+        records=[(kind, id_, encode(state), 0) for (kind, id_), state in log.states.items()])
+
+    issued = await Reconciler(Publisher(js), ReconcilerConfig()).tick(pg, now_ms=10**13)
+    assert sorted(cmd.id for cmd in issued) == ["vm2", "vm3"]
+    assert (await js.stream_info(CMD_STREAM)).state.messages == 2
+    alerts = await queries.alerts(pg)
+    assert [(a.kind, a.id, a.attempts) for a in alerts] == [("host", "h1", None)]
