@@ -170,14 +170,7 @@ class Agent:
         await self.slots.acquire()  # holding deliveries back while every slot is busy
         task = asyncio.create_task(self._handle(msg))
         self.running.add(task)
-        task.add_done_callback(self._handled)
-
-    def _handled(self, task: asyncio.Task[None]) -> None:
-        self.running.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            # Its report could not be sent (the bus away past the publish deadline, say):
-            # the job stays unacked and comes again after ack_wait.
-            self.log.error("job_failed", error=repr(exc))
+        task.add_done_callback(self.running.discard)
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -191,6 +184,11 @@ class Agent:
                 await self._converge(job, msg)
             if not msg.is_acked:  # a stale job: nothing was reported
                 await msg.ack()
+        except Exception:
+            # The report could not be sent (the bus away past the publish deadline, say).
+            # Unacked, the job comes again after ack_wait; acked with a report that was
+            # lost, it is re-issued by the reconciler.
+            self.log.exception("job_failed", subject=msg.subject)
         finally:
             self.slots.release()
 
@@ -277,7 +275,7 @@ class Agent:
             if not is_transient(exc):
                 raise
             self.log.warning(f"{what}_failed", error=repr(exc))
-            ROUNDS_SKIPPED.labels(what).inc()
+            ROUNDS_SKIPPED[what].inc()
 
     async def resync(self, js: JetStreamContext) -> None:
         """Converge every entity to its newest job and remove what nobody wants here."""

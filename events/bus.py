@@ -1,6 +1,7 @@
 """Connecting to the bus, publishing commands, and reading a stream in order."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,14 +26,14 @@ from schemas.ids import SYSTEM
 log = structlog.get_logger()
 
 
-def servers(url: str) -> list[str]:
+def server_urls(url: str) -> list[str]:
     """``nats://a:4222,nats://b:4222``: a cluster's members, any of which will do."""
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
 async def connect(url: str, name: str) -> Client:
     return await nats.connect(
-        servers(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+        server_urls(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         connect_timeout=5, allow_reconnect=True,
     )
 
@@ -149,18 +150,24 @@ async def last_seq_at(js: JetStreamContext, stream: str, when: datetime) -> int:
 
     The server finds the first message after ``when`` for a consumer that starts by time.
     """
-    after = when.astimezone(UTC) + timedelta(microseconds=1)
+    # A time with no zone is UTC, as everywhere on the bus.
+    utc = when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    after = utc + timedelta(microseconds=1)
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
                             opt_start_time=after.isoformat().replace("+00:00", "Z"),
                             ack_policy=AckPolicy.NONE, inactive_threshold=60.0)
     last = (await js.stream_info(stream)).state.last_seq
     sub = await js.pull_subscribe("", stream=stream, config=config)
-    info = await sub.consumer_info()
+    name = None
     try:
+        info = await sub.consumer_info()
+        name = info.name
         if info.num_pending == 0:
             return last
         [msg] = await sub.fetch(1, timeout=5)
         return msg.metadata.sequence.stream - 1
     finally:
         await sub.unsubscribe()
-        await js.delete_consumer(stream, info.name)
+        if name is not None:  # else its inactive_threshold removes it
+            with contextlib.suppress(nats.errors.Error):  # must not hide the answer
+                await js.delete_consumer(stream, name)

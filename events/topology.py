@@ -5,6 +5,7 @@ import os
 import re
 from dataclasses import dataclass
 
+import structlog
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -15,9 +16,10 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
     SubjectTransform,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
 from events.subjects import (
     CMD_STREAM,
@@ -34,6 +36,8 @@ DUPLICATE_WINDOW_S = 600.0
 FOLD_CONSUMER_ORPHANED_S = 30.0
 MAX_MSG_BYTES = 1024 * 1024
 _PARTITIONS_RE = re.compile(r"partition\((\d+),")
+_STREAM_NAME_IN_USE = 10058  # JetStream's code: that name is taken, configured otherwise
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +45,13 @@ class Topology:
     partitions: int
 
 
-def stream_replicas() -> int:
-    """Copies of each stream a new topology asks for: 3 on a cluster, where data matters."""
-    value = os.environ.get(REPLICAS_ENV, "1")
-    if value not in ("1", "3", "5"):
+def stream_replicas() -> int | None:
+    """Copies of each stream asked for in the environment: 3 on a cluster, where data
+    matters; None when not asked (a new stream then has one)."""
+    value = os.environ.get(REPLICAS_ENV)
+    if value not in (None, "1", "3", "5"):
         raise RuntimeError(f"{REPLICAS_ENV}={value!r}: 1, 3 or 5")
-    return int(value)
+    return None if value is None else int(value)
 
 
 def cmd_stream_config(partitions: int, replicas: int) -> StreamConfig:
@@ -101,30 +106,31 @@ async def ensure_topology(js: JetStreamContext, partitions: int | None = None,
                           replicas: int | None = None) -> Topology:
     """Create the streams if missing; an existing CMD stream keeps its partition count.
 
-    New streams get ``replicas`` copies (default: ``stream_replicas()``); existing ones
-    keep theirs.
+    New streams get ``replicas`` copies (default: ``stream_replicas()``, else 1); existing
+    ones keep theirs, with a warning when that is not what was asked.
     """
-    replicas = replicas or stream_replicas()
+    asked = replicas or stream_replicas()
+    replicas = asked or 1
     try:
         info = await js.stream_info(CMD_STREAM)
-        transform = info.config.subject_transform
-        found = _PARTITIONS_RE.search(transform.dest if transform else "")
-        if found is None:
-            raise RuntimeError(f"stream {CMD_STREAM} exists without a partition transform")
-        existing = int(found.group(1))
-        if partitions is not None and partitions != existing:
-            raise RuntimeError(
-                f"stream {CMD_STREAM} has {existing} partitions, not {partitions}"
-            )
-        partitions = existing
     except NotFoundError:
-        partitions = partitions or DEFAULT_PARTITIONS
-        await js.add_stream(cmd_stream_config(partitions, replicas))
+        info = await _add_stream(js, cmd_stream_config(partitions or DEFAULT_PARTITIONS,
+                                                      replicas))
+    transform = info.config.subject_transform
+    found = _PARTITIONS_RE.search(transform.dest if transform else "")
+    if found is None:
+        raise RuntimeError(f"stream {CMD_STREAM} exists without a partition transform")
+    existing = int(found.group(1))
+    if partitions is not None and partitions != existing:
+        raise RuntimeError(f"stream {CMD_STREAM} has {existing} partitions, not {partitions}")
+    if asked is not None and info.config.num_replicas != asked:
+        log.warning("stream_replicas_differ", stream=CMD_STREAM,
+                    replicas=info.config.num_replicas, asked=asked)
     for config in (job_stream_config(replicas), evt_stream_config(replicas)):
         try:
             await js.stream_info(config.name)
         except NotFoundError:
-            await js.add_stream(config)
+            await _add_stream(js, config)
     try:
         await js.key_value(HEARTBEAT_BUCKET)
     except BucketNotFoundError:
@@ -132,7 +138,18 @@ async def ensure_topology(js: JetStreamContext, partitions: int | None = None,
         await js.create_key_value(KeyValueConfig(
             bucket=HEARTBEAT_BUCKET, history=1, ttl=24 * 3600.0, storage=StorageType.FILE,
             replicas=replicas))
-    return Topology(partitions=partitions)
+    return Topology(partitions=existing)
+
+
+async def _add_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    """Create a stream; if another process just created it, take theirs."""
+    try:
+        return await js.add_stream(config)
+    except BadRequestError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        assert config.name is not None
+        return await js.stream_info(config.name)
 
 
 def fold_consumer_name(partition: int, epoch: int) -> str:
@@ -146,10 +163,11 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
 
     It starts right after the partition's checkpoint; the checkpoint, not the consumer, is
     the position, so its state is kept in memory only. The previous epoch's consumer (and
-    an earlier run of this one) is deleted first, so a stale owner stops receiving (and
-    then hearing heartbeats); older ones were deleted by their successors, or by the server
-    once nobody listened. Deleted by name: listing consumers on a cluster waits seconds for
-    the ones still being created.
+    an earlier run of this one) is deleted first, so a stale owner usually stops receiving
+    (and then hearing heartbeats) at once. One more epochs behind keeps its consumer until
+    its replica, unable to renew the lease, stops it; the server then deletes the consumer
+    nobody listens to. Either way PostgreSQL fences its commits. Deleted by name: listing
+    consumers on a cluster waits seconds for the ones still being created.
     """
     name = fold_consumer_name(partition, epoch)
     for stale in range(max(1, epoch - 1), epoch + 1):

@@ -34,7 +34,7 @@ from nats.aio.client import Client
 from rich.console import Console
 
 from events import logs
-from events.bus import Publisher, last_seq_at, read_stream, servers
+from events.bus import Publisher, last_seq_at, read_stream, server_urls
 from events.heartbeats import read_heartbeats
 from events.subjects import CMD_STREAM, EVT_STREAM, event_subject
 from events.topology import ensure_topology
@@ -145,7 +145,7 @@ async def _open_nats(url: str, name: str, follow: bool = False) -> Client:
 
     try:
         return await asyncio.wait_for(
-            nats.connect(servers(url), name=name, connect_timeout=2, reconnect_time_wait=0.5,
+            nats.connect(server_urls(url), name=name, connect_timeout=2, reconnect_time_wait=0.5,
                          # nats-py reads 0 as "forever": 2 is the smallest finite bound.
                          max_reconnect_attempts=-1 if follow else 2, error_cb=remember),
             NATS_CONNECT_TIMEOUT_S,
@@ -229,10 +229,10 @@ def main(
 # ---- orch up ------------------------------------------------------------------------
 
 
-async def _create_topology(url: str, replicas: int) -> None:
+async def _create_topology(url: str, partitions: int, replicas: int) -> None:
     nc = await _open_nats(url, "orch-up")
     try:
-        await ensure_topology(nc.jetstream(), replicas=replicas)
+        await ensure_topology(nc.jetstream(), partitions, replicas)
     finally:
         await nc.close()
 
@@ -247,6 +247,8 @@ def up(
         " loss, at about 3x the latency (bench/converge.py --sync-always)")] = False,
     servers: Annotated[int, typer.Option(
         help="nats-servers: 3 makes a cluster whose streams are replicated three times")] = 1,
+    partitions: Annotated[int, typer.Option(
+        min=1, help="Partitions of the CMD stream a cluster is created with")] = 8,
 ) -> None:
     """Run the embedded development stack (nats-server + PostgreSQL) until Ctrl-C."""
     if servers not in (1, 3):
@@ -263,13 +265,16 @@ def up(
     # Set before starting: a SIGTERM during start-up must still stop the servers.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    def replicate(nats_url: str) -> None:
+        # Before any other process can find the cluster: none can create a stream first,
+        # with one replica.
+        uvloop.run(_create_topology(nats_url, partitions, replicas=servers))
+
     stack = Stack(root, sync_always, servers)
     try:
         try:
-            info = stack.start()
-            if servers > 1:  # created here: whichever process comes first, they are replicated
-                uvloop.run(_create_topology(info.nats_url, servers))
-        except (RuntimeError, OSError, nats.errors.Error) as exc:
+            info = stack.start(prepare=replicate if servers > 1 else None)
+        except (RuntimeError, OSError, nats.errors.Error, CliError) as exc:
             # The first line says what failed; the server log it quotes stays in its file.
             _fail(f"the stack did not start: {exc}".splitlines()[0], EXIT_FAILURE)
         console = _console()

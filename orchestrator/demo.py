@@ -32,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from events.bus import Publisher, publish_raw
-from events.subjects import CMD_STREAM, command_subject, inventory_subject
+from events.subjects import CMD_STREAM, command_msg_id, command_subject, inventory_subject
 from events.topology import ensure_topology
 from orchestrator import queries, render
 from orchestrator.children import ChildExited, Children, uninterruptible
@@ -210,7 +210,8 @@ async def _publish(js: JetStreamContext, publisher: Publisher, step: Step, cmd_i
     type_, id_ = doc["type"], doc["id"]
     if step.raw_kind is not None:
         subject = command_subject(step.source, step.raw_kind, id_)
-        await publish_raw(js, [(subject, msgspec.json.encode(doc), cmd_id)])
+        msg_id = command_msg_id(step.source, step.raw_kind, id_, cmd_id)
+        await publish_raw(js, [(subject, msgspec.json.encode(doc), msg_id)])
         console.print(f"  sent raw {type_} {step.raw_kind}/{id_} (unvalidated: no template)",
                       style="yellow")
         return

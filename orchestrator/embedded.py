@@ -300,7 +300,8 @@ class NatsCluster:
     def wait_healthy(self, timeout: float = _NATS_START_TIMEOUT) -> None:
         """Until every running member is current (a quorum has elected the meta leader)."""
         deadline = time.monotonic() + timeout
-        while not all(s.healthy() for s in self.servers if s.running):
+        while not all(s.healthy() for s in self.servers if s.running) or not any(
+                s.running for s in self.servers):
             if time.monotonic() > deadline:
                 logs = "\n".join(f"{log}:\n{_log_tail(log, 0, 10)}" for log in
                                   (s.store_dir / "nats.log" for s in self.servers))
@@ -501,9 +502,17 @@ class Stack:
             raise RuntimeError("stack not started")
         return self._info
 
-    def start(self) -> StackInfo:
+    def start(self, prepare: Callable[[str], None] | None = None) -> StackInfo:
+        """Start both servers; ``prepare(nats_url)`` runs before other processes can see
+        the stack (in stack.json)."""
         if self._info is not None:
             raise RuntimeError("stack already started")
+        # The projection in root/pg was folded from one of these stores: never the other.
+        layouts = {1: self.root / "nats" / "jetstream", 3: self.root / "nats" / "n0"}
+        for servers, store in layouts.items():
+            if servers != self.servers and store.exists():
+                raise RuntimeError(f"{self.root} holds the store of a {servers}-server stack:"
+                                   f" start it with --servers {servers}, or use another --dir")
         self._nats = (NatsServer(self.root / "nats", sync_always=self.sync_always)
                       if self.servers == 1 else
                       NatsCluster(self.root / "nats", self.servers, self.sync_always))
@@ -513,6 +522,8 @@ class Stack:
             # Created once NATS holds its port, so free_port() cannot hand the same one out.
             self._pg = PostgresServer(self.root / "pg")
             info = StackInfo(nats_url=nats_url, pg_dsn=self._pg.start())
+            if prepare is not None:
+                prepare(nats_url)
             record = {
                 "nats_url": info.nats_url,
                 "pg_dsn": info.pg_dsn,
@@ -567,11 +578,14 @@ def _alive(pid: int) -> bool:
 
 
 def read_stack_file(root: Path) -> StackInfo | None:
-    """The stack recorded under root, or None if there is none or one of its servers died."""
+    """The stack recorded under root, or None if there is none, or PostgreSQL or every
+    nats-server of it died (a cluster outlives one of its servers)."""
     try:
         record = json.loads((root / "stack.json").read_text())
         info = StackInfo(nats_url=record["nats_url"], pg_dsn=record["pg_dsn"])
-        pids = [*map(int, record["nats_pids"]), int(record["pg_pid"])]
+        # nats_pid: as a stack started by an earlier version recorded it
+        nats_pids = [int(p) for p in record.get("nats_pids") or [record["nats_pid"]]]
+        pg_pid = int(record["pg_pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return info if all(_alive(pid) for pid in pids) else None
+    return info if _alive(pg_pid) and any(map(_alive, nats_pids)) else None

@@ -76,17 +76,19 @@ class PartitionWorker:
         # free to come. Acks come well within ack_wait even when commands trickle in.
         feed = Feed(self.js._nc, self.config.heartbeat_s, ack_every=self.config.batch,
                     ack_within_s=ACK_WAIT_S / 6)
-        await feed.open()
-        await open_fold_consumer(self.js, p, self.lease.epoch, self.checkpoint, feed.subject,
-                                 self.config.heartbeat_s, max_pending=2 * self.config.batch,
-                                 ack_wait_s=ACK_WAIT_S)
-        feed.consumer_created()
-        self.log.info("partition_started", checkpoint=self.checkpoint)
         # Outbox rows in this span of seqs are published, and not yet deleted.
         relayed = NOTHING
         # The previous batch's outbox, still being published while this one is folded.
         relaying: asyncio.Task[Span] | None = None
         try:
+            # Inside the try: a consumer that fails to open (a cluster electing its leader,
+            # say) must not leave the feed's subscription, and its interest, behind.
+            await feed.open()
+            await open_fold_consumer(self.js, p, self.lease.epoch, self.checkpoint,
+                                     feed.subject, self.config.heartbeat_s,
+                                     max_pending=2 * self.config.batch, ack_wait_s=ACK_WAIT_S)
+            feed.consumer_created()
+            self.log.info("partition_started", checkpoint=self.checkpoint)
             while True:
                 # Relayed rows wait for the next commit to delete them, unless nothing
                 # comes for a moment (then they are deleted by themselves).

@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 import structlog
+from nats.js import JetStreamContext
 
 from events.bus import Publisher, connect
+from events.subjects import CMD_STREAM
 from events.topology import ensure_topology
 from orchestrator.leader import Leadership
 from orchestrator.liveness import Liveness
@@ -40,6 +42,18 @@ class ReplicaConfig:
     reconcile: ReconcilerConfig = field(default_factory=ReconcilerConfig)
 
 
+async def _same_history(js: JetStreamContext, store: Store) -> None:
+    """Refuse a projection folded from another CMD stream (a store lost or swapped): each
+    partition would go on from a checkpoint that means nothing here, skipping commands."""
+    folded = await store.folded_upto()
+    stored = (await js.stream_info(CMD_STREAM)).state.last_seq
+    if folded > stored:
+        raise RuntimeError(
+            f"the projection has folded {CMD_STREAM} up to seq {folded}, but the stream ends"
+            f" at {stored}: it was folded from another store. Restore that store, or fold"
+            " this one into a new database")
+
+
 class Replica:
     def __init__(self, config: ReplicaConfig) -> None:
         self.config = config
@@ -56,6 +70,7 @@ class Replica:
             js = nc.jetstream()
             topology = await ensure_topology(js, cfg.partitions)
             await store.migrate(topology.partitions)
+            await _same_history(js, store)
             worker_cfg = WorkerConfig(partitions=topology.partitions, batch=cfg.batch,
                                       cached=cfg.cached)
             log.info("replica_started", replica=self.id, partitions=topology.partitions)

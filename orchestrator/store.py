@@ -106,6 +106,11 @@ class Store:
 
     # ---- ownership --------------------------------------------------------------
 
+    async def folded_upto(self) -> int:
+        """The highest CMD sequence any partition has committed."""
+        return int(await self.pool.fetchval(
+            "SELECT coalesce(max(checkpoint), 0) FROM partitions"))
+
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
         """Record this replica as alive; return how many replicas are alive."""
         async with self.pool.acquire() as conn:

@@ -84,10 +84,13 @@ async def isolated(postgres: PostgresServer, nats: NatsServer | NatsCluster,
     try:
         await admin.execute(f"CREATE DATABASE {db}")
         try:
-            nats.start()
-            yield Env(nats=nats, pg_dsn=postgres.dsn.rsplit("/", 1)[0] + f"/{db}", root=root)
+            try:
+                nats.start()
+                yield Env(nats=nats, pg_dsn=postgres.dsn.rsplit("/", 1)[0] + f"/{db}",
+                          root=root)
+            finally:
+                nats.stop()
         finally:
-            nats.stop()
             await admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
     finally:
         await admin.close()

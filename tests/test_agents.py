@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -154,14 +155,17 @@ async def test_killed_agent_is_marked_down_then_resyncs(env: Env, js, pg, proces
         "RegisterHost", "HostUp", "HostDown", "HostUp"]
 
 
-def scrape(port: int) -> dict[tuple[str, str], float]:
-    """An agent's job counters: (source, outcome) -> count."""
+def scrape(port: int, counter: str, *labels: str) -> dict:
+    """An agent's counter, by its labels' values (one label: the value alone)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    return {(s.labels["source"], s.labels["outcome"]): s.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "orch_agent_jobs" for s in family.samples
-            if s.name == "orch_agent_jobs_total"}
+
+    def key(sample: Any) -> Any:
+        values = tuple(sample.labels[label] for label in labels)
+        return values[0] if len(values) == 1 else values
+
+    return {key(s): s.value for family in text_string_to_metric_families(text)
+            if family.name == counter for s in family.samples if s.name == f"{counter}_total"}
 
 
 async def test_a_job_that_always_fails_degrades_and_alerts_while_others_converge(
@@ -199,7 +203,8 @@ async def test_a_job_that_always_fails_degrades_and_alerts_while_others_converge
     # The agents' metrics count the same: every job applied, and each failure reported.
     counts: dict[tuple[str, str], float] = {}
     for port in ports:
-        for key, value in (await asyncio.to_thread(scrape, port)).items():
+        jobs = await asyncio.to_thread(scrape, port, "orch_agent_jobs", "source", "outcome")
+        for key, value in jobs.items():
             counts[key] = counts.get(key, 0) + value
     assert counts[("job", "applied")] >= 20
     assert counts[("job", "failed")] == sum(1 for o in outcomes if o["type"] == "Failed")
@@ -209,7 +214,9 @@ async def test_agents_ride_out_a_nats_server_restart(env: Env, js, pg, processes
     """Heartbeats and resyncs that fail while the server is away are skipped, not fatal:
     the same agent processes converge what is asked once it is back."""
     start(processes, env)
-    agents = {host: agent(processes, env, host) for host in HOSTS}
+    ports = dict(zip(HOSTS, free_ports(len(HOSTS)), strict=True))
+    agents = {host: agent(processes, env, host, "--metrics-port", str(ports[host]))
+              for host in HOSTS}
     await register(js, pg)
     pub = Publisher(js)
 
@@ -229,3 +236,6 @@ async def test_agents_ride_out_a_nats_server_restart(env: Env, js, pg, processes
     for host in HOSTS:
         assert await inventory(js, host) == {
             i: s["power"] for i, s in states.items() if s["host"] == host}
+        # The outage really failed heartbeats, which the agent skipped.
+        assert (await asyncio.to_thread(scrape, ports[host], "orch_agent_rounds_skipped",
+                                        "duty"))["heartbeat"] >= 1

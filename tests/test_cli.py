@@ -1,6 +1,7 @@
 """`orch` end to end: the CLI as a subprocess against a real nats-server and PostgreSQL."""
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -290,6 +291,11 @@ async def test_up_then_stop(tmp_path: Path, servers: int) -> None:
         assert await asyncio.wait_for(up.wait(), 60) == 0
         assert not (root / "stack.json").exists()
     finally:
+        # The servers run in sessions of their own: a failed test stops them through `up`.
+        if up.returncode is None:
+            up.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(up.wait(), 60)
         stop(up)
         await up.wait()
 

@@ -70,10 +70,10 @@ async def test_losing_a_server_loses_no_command(cluster: Env, processes: Process
         second = [f"vm{n}" for n in range(100, 200)]
         stops = [("user", command_from_dict(dict(type="StopInstance", cmd_id=f"s-{i}", id=i)))
                  for i in first[:50]]
-        published = await pub.publish_many(creates(second) + stops)
-        assert not any(p.duplicate for p in published)
+        await pub.publish_many(creates(second) + stops)
         await eventually(lambda: converged(pg, 200), timeout=120, interval=0.5)
-        assert (await js.stream_info(CMD_STREAM)).cluster.leader != victim.member.name
+        new_leader = (await js.stream_info(CMD_STREAM)).cluster.leader
+        assert new_leader not in (None, victim.member.name)
 
         # Every command folded once: no loss, and no duplicate from the retried publishes.
         twice = await pg.fetch("SELECT outcome->>'cmd_id' AS k FROM history"

@@ -12,7 +12,7 @@ import nats
 import pytest
 from nats.js.api import StorageType
 
-from events.bus import servers as bus_servers
+from events.bus import server_urls
 from orchestrator.embedded import NatsServer, PostgresServer, Stack, read_stack_file
 
 
@@ -49,7 +49,7 @@ async def test_stack_start_stop(tmp_path: Path, servers: int) -> None:
     stack = Stack(root, servers=servers)
     try:
         info = stack.start()
-        urls = bus_servers(info.nats_url)
+        urls = server_urls(info.nats_url)
         assert len(urls) == servers
         async with await nats.connect(urls) as nc:
             await nc.jetstream().account_info()
@@ -71,6 +71,8 @@ async def test_stack_start_stop(tmp_path: Path, servers: int) -> None:
     assert all(_port_free(port) for port in ports)
 
 
+# With sync_always: the server accepts the setting and keeps its streams (whether it
+# fsyncs each write only a power cut would show).
 @pytest.mark.parametrize("sync_always", [False, True])
 async def test_nats_kill_and_restart_keeps_streams(tmp_path: Path, sync_always: bool) -> None:
     server = NatsServer(tmp_path / "nats", sync_always=sync_always)
@@ -108,3 +110,13 @@ async def test_postgres_long_path_restart(tmp_path: Path) -> None:
             assert not socket_dir.exists()
     finally:
         server.stop()
+
+
+def test_a_stack_directory_keeps_its_number_of_servers(tmp_path: Path) -> None:
+    """Its projection was folded from one store: a cluster must not start beside it empty."""
+    root = tmp_path / ".orch"
+    with Stack(root):
+        pass
+    with pytest.raises(RuntimeError, match="holds the store of a 1-server stack"):
+        Stack(root, servers=3).start()
+    assert not (root / "nats" / "n0").exists()

@@ -301,3 +301,17 @@ async def test_a_bounded_state_cache_folds_what_it_forgot_from_the_projection(
         by_net.setdefault(r["id"], []).append((o["type"], o["accepted"]))
     assert by_net == {n: [("CreateNetwork", True), ("CreateNetwork", False),
                           ("DeleteNetwork", True)] for n in nets}
+
+
+async def test_a_replica_refuses_a_projection_folded_from_another_stream(
+        env: Env, js, store: Store) -> None:
+    """The bus's store was lost or swapped: going on from the old checkpoints would skip
+    the new stream's first commands without a word."""
+    lease = (await store.claim("a", 30.0, 1))[0]
+    await store.commit("a", lease, 0, Batch([], [(5, "network", "x", b"{}")], [], [], 5))
+    await store.release("a", lease)
+    await Publisher(js).publish(*cmd("user", type="CreateNetwork", id="n1", vni=1,
+                                     cidr="10.1.0.0/24"))
+    config = ReplicaConfig(env.nats_url, env.pg_dsn, replica_id="r1", tick_s=0.2)
+    with pytest.raises(RuntimeError, match="up to seq 5, but the stream ends at 1"):
+        await asyncio.wait_for(Replica(config).run(asyncio.Event()), 20)

@@ -17,7 +17,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from agents.drivers import testnode
+from agents.drivers import testnode, vm
 from agents.drivers.vm import (
     READY_MARKER,
     PermanentDriverError,
@@ -361,3 +361,22 @@ def test_qemu_unknown_image_is_permanent(qemu_host: QemuHost) -> None:
     with pytest.raises(PermanentDriverError, match="image centos does not exist"):
         qemu_host.driver.apply(instance_id, spec(image="centos"), 1)
     assert qemu_host.driver.generation(instance_id) is None
+
+
+def test_a_new_rendering_leaves_running_guests_alone_until_their_template_changes(
+        driver: VmDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgraded agent that renders domains differently (here: another MAC scheme) must
+    not restart every guest it finds; a changed template still takes the new rendering."""
+    driver.apply("a", spec(), 1)
+    first = dom_of(driver, "a")
+    old_mac = mac_address("a", 0)
+    monkeypatch.setattr(vm, "mac_address", lambda instance_id, index: "02:00:00:00:00:01")
+    driver._desired.cache_clear()  # the upgraded agent starts with nothing rendered
+
+    assert driver.apply("a", spec(), 2) == "running"
+    dom = dom_of(driver, "a")
+    assert dom.ID() == first.ID() and f"address='{old_mac}'" in dom.XMLDesc()
+
+    assert driver.apply("a", spec(memory_mib=256), 3) == "running"
+    dom = dom_of(driver, "a")
+    assert dom.ID() != first.ID() and "address='02:00:00:00:00:01'" in dom.XMLDesc()

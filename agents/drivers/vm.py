@@ -33,6 +33,7 @@ from typing import Literal
 from xml.sax.saxutils import quoteattr
 
 import libvirt
+import msgspec
 
 from agents.guest import READY_MARKER, GuestImage, build_guest_image
 from schemas.specs import InstanceSpec, InstanceTemplate
@@ -350,9 +351,17 @@ class VmDriver:
         return ET.tostring(dom, encoding="unicode")
 
     def _render(self, instance_id: str, template: InstanceTemplate) -> tuple[str, str]:
-        """The definition of an instance and its digest."""
+        """The definition of an instance, and the digest of what it is made from.
+
+        The digest covers the template and this agent's settings, not the XML: an agent
+        that renders differently after an upgrade (another MAC scheme, another device)
+        leaves running guests alone until their template changes, instead of restarting
+        every one of them.
+        """
         xml = self._definition(instance_id, template)
-        return xml, hashlib.sha256(xml.encode()).hexdigest()[:32]
+        guest = (str(self._guest.kernel), str(self._guest.initrd)) if self._guest else None
+        inputs = msgspec.json.encode((template, self.bridge, self.nic_prefix, guest))
+        return xml, hashlib.sha256(inputs).hexdigest()[:32]
 
     def _with_metadata(self, xml: str, instance_id: str, generation: int, digest: str) -> str:
         attrs = self._metadata_attrs(instance_id, generation, digest)
