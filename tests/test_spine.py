@@ -11,9 +11,10 @@ import nats.errors
 import pytest
 from nats.js import JetStreamContext
 
-from events.bus import Publisher, read_stream
+from events.bus import Publisher, connect, read_stream
 from events.feed import ConsumerGone
 from events.subjects import CMD_STREAM, EVT_STREAM, JOB_STREAM, partition_of
+from events.topology import Topology, ensure_topology
 from orchestrator.fold import fold_message
 from orchestrator.partition import PartitionWorker, WorkerConfig
 from orchestrator.replica import Replica, ReplicaConfig
@@ -315,3 +316,22 @@ async def test_a_replica_refuses_a_projection_folded_from_another_stream(
     config = ReplicaConfig(env.nats_url, env.pg_dsn, replica_id="r1", tick_s=0.2)
     with pytest.raises(RuntimeError, match="up to seq 5, but the stream ends at 1"):
         await asyncio.wait_for(Replica(config).run(asyncio.Event()), 20)
+
+
+async def test_processes_racing_to_create_the_streams_agree_on_one(env: Env) -> None:
+    """Two processes start on an empty bus at once: the second takes the first's stream,
+    and says so clearly if it asked for another shape."""
+    conns = [await connect(env.nats_url, f"racer-{n}") for n in range(2)]
+    try:
+        results = await asyncio.gather(
+            *(ensure_topology(nc.jetstream(), partitions)
+              for nc, partitions in zip(conns, (4, 16), strict=True)),
+            return_exceptions=True)
+    finally:
+        for nc in conns:
+            await nc.close()
+    [made] = [r for r in results if isinstance(r, Topology)]
+    [refused] = [r for r in results if not isinstance(r, Topology)]
+    assert isinstance(refused, RuntimeError), refused
+    assert str(refused) == (f"stream CMD has {made.partitions} partitions,"
+                            f" not {20 - made.partitions}")
