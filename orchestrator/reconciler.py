@@ -3,7 +3,8 @@
 Whether to re-issue the job or to degrade the instance is the fold's decision (pure and
 replayable); this loop only notices lateness, with exponential backoff per attempt.
 Instances on a host that is down are left alone: re-issuing to nobody would only degrade
-them, one alert each, and the host's return brings a full resync anyway.
+them, one alert each, and the host's return brings a full resync anyway. Their deadline
+counts from that return, so a host that flaps does not use up their retries.
 """
 
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ class Reconciler:
             """
             SELECT i.id, (i.state->>'generation')::int AS generation,
                    (i.state->>'attempts')::int AS attempts,
-                   (i.state->>'issued_at')::bigint AS issued_at
+                   greatest((i.state->>'issued_at')::bigint,
+                            (h.state->>'updated_at')::bigint) AS issued_at
             FROM entities i
             LEFT JOIN entities h ON h.kind = 'host' AND h.id = i.state->>'host'
             WHERE i.kind = 'instance' AND i.state->>'host' IS NOT NULL

@@ -94,3 +94,25 @@ async def test_the_reconciler_leaves_instances_on_a_down_host_alone(js, pg) -> N
     assert (await js.stream_info(CMD_STREAM)).state.messages == 2
     alerts = await queries.alerts(pg)
     assert [(a.kind, a.id, a.attempts) for a in alerts] == [("host", "h1", None)]
+
+
+async def test_a_host_that_comes_back_restarts_its_instances_deadlines(js, pg) -> None:
+    """A flapping host must not use up its instances' retries: their deadline counts from
+    its return (the resync it brings converges them)."""
+    log = Log()
+    log.fold("admin", "host", "h1", type="RegisterHost", vcpus=8, memory_mib=8192)
+    for vm in ("vm1", "vm2"):
+        log.fold("user", "instance", vm, type="CreateInstance",
+                 template={"vcpus": 1, "memory_mib": 256, "image": "tiny"})
+        log.fold("system", "instance", vm, type="Placed", host="h1")
+    log.fold("system", "host", "h1", type="HostDown")
+    back = log.fold("system", "host", "h1", type="HostUp", boot_id="b2")
+    await pg.copy_records_to_table(
+        "entities", columns=["kind", "id", "state", "last_seq"],
+        records=[(kind, id_, encode(state), 0) for (kind, id_), state in log.states.items()])
+    config = ReconcilerConfig(deadline_s=10.0)
+    reconciler = Reconciler(Publisher(js), config)
+    back_at = 1_000 * back.seq
+    assert await reconciler.tick(pg, now_ms=back_at + 9_999) == []
+    issued = await reconciler.tick(pg, now_ms=back_at + 10_000)
+    assert sorted(cmd.id for cmd in issued) == ["vm1", "vm2"]
