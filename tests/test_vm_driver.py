@@ -7,6 +7,7 @@ console marker and ping it over the bridge.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
@@ -380,3 +381,26 @@ def test_a_new_rendering_leaves_running_guests_alone_until_their_template_change
     assert driver.apply("a", spec(memory_mib=256), 3) == "running"
     dom = dom_of(driver, "a")
     assert dom.ID() != first.ID() and "address='02:00:00:00:00:01'" in dom.XMLDesc()
+
+
+def test_a_domain_an_older_agent_defined_the_same_way_is_adopted_without_a_restart(
+        driver: VmDriver) -> None:
+    """Older agents stored the digest of the XML: where the XML is still the same (no NIC),
+    upgrading must restart nothing; where it differs (a NIC's MAC), the guest restarts."""
+    for instance_id, ips in (("plain", ()), ("nic", ("10.0.0.5",))):
+        driver.apply(instance_id, spec(ips=ips), 1)
+        dom = dom_of(driver, instance_id)
+        xml, _, xml_digest = driver._desired(instance_id, spec(ips=ips).template)
+        if ips:  # what the older agent rendered: QEMU's 52:54:00 MAC
+            xml = xml.replace(mac_address(instance_id, 0), "52:54:00:12:34:56")
+            xml_digest = hashlib.sha256(xml.encode()).hexdigest()[:32]
+        driver._set_metadata(dom, instance_id, 1, xml_digest)
+    started = {i: dom_of(driver, i).ID() for i in ("plain", "nic")}
+
+    for instance_id, ips in (("plain", ()), ("nic", ("10.0.0.5",))):
+        assert driver.apply(instance_id, spec(ips=ips), 2) == "running"
+    assert dom_of(driver, "plain").ID() == started["plain"]
+    assert dom_of(driver, "nic").ID() != started["nic"]
+    # Adopted: the new digest is stored, so the next apply compares against it.
+    digest = driver._desired("plain", spec(ips=()).template)[1]
+    assert driver._metadata(dom_of(driver, "plain"))["digest"] == digest

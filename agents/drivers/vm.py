@@ -350,8 +350,9 @@ class VmDriver:
             ET.SubElement(devices, "memballoon", model="none")
         return ET.tostring(dom, encoding="unicode")
 
-    def _render(self, instance_id: str, template: InstanceTemplate) -> tuple[str, str]:
-        """The definition of an instance, and the digest of what it is made from.
+    def _render(self, instance_id: str, template: InstanceTemplate) -> tuple[str, str, str]:
+        """The definition of an instance, the digest of what it is made from, and the
+        digest agents before 2026-11 stored (of the XML itself).
 
         The digest covers the template and this agent's settings, not the XML: an agent
         that renders differently after an upgrade (another MAC scheme, another device)
@@ -361,7 +362,8 @@ class VmDriver:
         xml = self._definition(instance_id, template)
         guest = (str(self._guest.kernel), str(self._guest.initrd)) if self._guest else None
         inputs = msgspec.json.encode((template, self.bridge, self.nic_prefix, guest))
-        return xml, hashlib.sha256(inputs).hexdigest()[:32]
+        return (xml, hashlib.sha256(inputs).hexdigest()[:32],
+                hashlib.sha256(xml.encode()).hexdigest()[:32])
 
     def _with_metadata(self, xml: str, instance_id: str, generation: int, digest: str) -> str:
         attrs = self._metadata_attrs(instance_id, generation, digest)
@@ -406,9 +408,11 @@ class VmDriver:
                 self._remove(dom, name)
             return "absent"
 
-        xml, digest = self._desired(instance_id, spec.template)
+        xml, digest, xml_digest = self._desired(instance_id, spec.template)
         with self._errors(f"define {name}"):
-            if dom is None or meta is None or meta.get("digest") != digest:
+            # A domain an older agent defined, exactly as this one would (no NIC, whose MAC
+            # scheme changed), is adopted as it is: upgrading restarts no such guest.
+            if dom is None or meta is None or meta.get("digest") not in (digest, xml_digest):
                 if dom is not None and self._is_active(dom):
                     # The definition only takes effect at boot: restart to converge.
                     self._stop(dom)
@@ -418,7 +422,7 @@ class VmDriver:
                 uid = dom.UUIDString() if dom is not None else str(domain_uuid(instance_id))
                 full = full.replace("<metadata>", f"<uuid>{uid}</uuid><metadata>", 1)
                 dom = self._connection().defineXML(full)
-            elif meta.get("generation") != str(generation):
+            elif (meta.get("generation"), meta.get("digest")) != (str(generation), digest):
                 self._set_metadata(dom, instance_id, generation, digest)
 
         with self._errors(f"power {name} {spec.power}"):
