@@ -287,10 +287,10 @@ class Agent:
             async with self.slots, self.locks(job.id):
                 await self._converge(job, None)
         removed = await self._remove_unwanted()
+        seconds = time.perf_counter() - started
         REMOVED.inc(len(removed))
-        RESYNC_SECONDS.observe(time.perf_counter() - started)
-        self.log.info("resynced", jobs=len(jobs), removed=removed,
-                      seconds=round(time.perf_counter() - started, 3))
+        RESYNC_SECONDS.observe(seconds)
+        self.log.info("resynced", jobs=len(jobs), removed=removed, seconds=round(seconds, 3))
 
     async def _remove_unwanted(self) -> list[str]:
         """Remove the managed domains that no job wants here.
@@ -318,5 +318,5 @@ class Agent:
                 await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)
 
     async def _inventory(self, msg: Msg) -> None:
-        observed = await asyncio.to_thread(self.driver.observe)
+        observed = await self._driver_call(self.driver.observe)
         await msg.respond(msgspec.json.encode(observed))

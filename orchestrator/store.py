@@ -230,7 +230,7 @@ class Store:
                 done.cancel()  # a no-op for the settled ones
             self._waiting = []
 
-    async def _commit_group(self, commits: list["Commit"]) -> list[str | None]:
+    async def _commit_group(self, commits: list[Commit]) -> list[str | None]:
         order = sorted(range(len(commits)), key=lambda i: commits[i].lease.partition)
         ordered = [commits[i] for i in order]
         heads = [(c.lease.partition, c.replica, c.lease.epoch, c.expected, c.batch.checkpoint,
