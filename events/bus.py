@@ -18,7 +18,7 @@ from tenacity import stop_after_delay, wait_exponential_jitter
 from events.meta import pending as pending_of
 from events.pipeline import Frame, Pipeline, PubAck
 from events.retry import retried
-from events.subjects import command_msg_id, command_subject
+from events.subjects import CMD_STREAM, command_msg_id, command_subject
 from schemas.codec import CommandError, decode_command, encode
 from schemas.commands import FOLLOW_UP_PREFIX, Command
 from schemas.ids import SYSTEM
@@ -32,10 +32,30 @@ def server_urls(url: str) -> list[str]:
 
 
 async def connect(url: str, name: str) -> Client:
-    return await nats.connect(
+    """A daemon's connection: reconnects forever, and says so in structured log events.
+
+    Without callbacks nats-py prints every reconnect's traceback into the JSON logs.
+    """
+    conn = log.bind(connection=name)
+    nc: Client
+
+    async def error(exc: Exception) -> None:
+        conn.warning("nats_error", error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+
+    async def disconnected() -> None:
+        if not nc.is_closed:  # a close of our own also calls this
+            conn.warning("nats_disconnected")
+
+    async def reconnected() -> None:
+        conn.info("nats_reconnected", server=str(nc.connected_url.netloc)
+                  if nc.connected_url else None)
+
+    nc = await nats.connect(
         server_urls(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-        connect_timeout=5, allow_reconnect=True,
+        connect_timeout=5, allow_reconnect=True, error_cb=error,
+        disconnected_cb=disconnected, reconnected_cb=reconnected,
     )
+    return nc
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -86,6 +106,16 @@ class Publisher:
             acks = await publish_raw(self._js, frames[start:start + window], self._deadline_s)
             results.extend(Published(a.seq, a.duplicate) for a in acks)
         return results
+
+
+async def same_as_stored(js: JetStreamContext, seq: int, cmd: Command) -> bool:
+    """Whether the command stored at ``seq`` is ``cmd``: a duplicate of a retry, and not
+    an idempotency key reused for another command (which the server drops all the same)."""
+    stored = await js.get_msg(CMD_STREAM, seq)
+    try:
+        return decode_command(stored.data) == cmd
+    except CommandError:
+        return False
 
 
 async def publish_raw(js: JetStreamContext, frames: Iterable[Frame], deadline_s: float = 30.0,

@@ -34,7 +34,7 @@ from nats.aio.client import Client
 from rich.console import Console
 
 from events import logs
-from events.bus import Publisher, last_seq_at, read_stream, server_urls
+from events.bus import Publisher, last_seq_at, read_stream, same_as_stored, server_urls
 from events.heartbeats import read_heartbeats
 from events.subjects import CMD_STREAM, EVT_STREAM, event_subject
 from events.topology import ensure_topology
@@ -59,6 +59,8 @@ NATS_CONNECT_TIMEOUT_S = 5.0
 PG_CONNECT_TIMEOUT_S = 10.0
 # A replica gets this long to stop its workers after SIGTERM before it is cancelled.
 REPLICA_STOP_GRACE_S = 8.0
+# `orch up` restarts a server that exits, unless they keep exiting: then it gives up.
+UP_MAX_RESTARTS, UP_RESTART_WINDOW_S = 3, 60.0
 # Same rule as orchestrator.replay; checked here so a bad name is a usage error (exit 2).
 _SCRATCH_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _KIND_ALIASES = {f"{k}s": k for k in KINDS}
@@ -224,6 +226,9 @@ def main(
     )] = None,
 ) -> None:
     ctx.obj = Options(nats_url, pg_dsn)
+    # Verbs that run daemons log JSON at their own level; the others keep stdout for their
+    # output and say only what goes wrong (a lost connection, say) on stderr.
+    logs.configure("warning", json=False)
 
 
 # ---- orch up ------------------------------------------------------------------------
@@ -283,10 +288,21 @@ def up(
         console.print(f"stack file  {root / 'stack.json'} (other `orch` commands here use it)")
         console.print(f"export ORCH_NATS_URL={info.nats_url} ORCH_PG_DSN={info.pg_dsn}")
         console.print("running; Ctrl-C to stop", style="dim")
+        restarts: list[float] = []
         while not stop.wait(0.5):
-            if read_stack_file(root) is None:  # a server died under us
-                _fail("a server of the stack exited; see the logs in " + str(root),
-                      EXIT_FAILURE)
+            try:
+                revived = stack.revive()
+            except (RuntimeError, OSError) as exc:
+                _fail(f"a server of the stack exited and did not start again: {exc}"
+                      .splitlines()[0], EXIT_FAILURE)
+            for line in revived:
+                print(f"warning: {line}", file=sys.stderr, flush=True)
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < UP_RESTART_WINDOW_S]
+            restarts += [now] * len(revived)
+            if len(restarts) > UP_MAX_RESTARTS:
+                _fail(f"servers of the stack exited {len(restarts)} times in"
+                      f" {UP_RESTART_WINDOW_S:.0f} s; see the logs in {root}", EXIT_FAILURE)
     finally:
         stack.stop()
     print("stack stopped", flush=True)
@@ -298,8 +314,19 @@ def up(
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
+
+
+def _parse_json(text: str, what: str = "") -> Any:
+    """JSON input, or CommandError (a usage error) saying why not."""
+    where = f"{what}: " if what else ""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CommandError(f"{where}not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CommandError(f"{where}JSON nested too deeply") from None
 
 
 def _apply_set(doc: dict[str, Any], assignment: str) -> None:
@@ -338,19 +365,20 @@ def _build(doc: Any, default_source: str, key: str | None = None) -> tuple[str, 
 def _read_lines(file: str, default_source: str) -> list[tuple[str, Command]]:
     """Every command of a JSON-lines file, or CommandError naming the first bad line."""
     try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text()
+        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read {file}: {exc.strerror}", EXIT_USAGE) from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{file} is not UTF-8: byte {exc.start} is {raw[exc.start]:#04x}",
+                       EXIT_USAGE) from None
     items: list[tuple[str, Command]] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            try:
-                doc = json.loads(line)
-            except ValueError as exc:
-                raise CommandError(f"not valid JSON: {exc}") from None
-            items.append(_build(doc, default_source))
+            items.append(_build(_parse_json(line), default_source))
         except CommandError as exc:
             raise CommandError(f"line {number}: {exc}") from None
     return items
@@ -393,10 +421,7 @@ def publish(
             raise CliError("nothing to publish: give TYPE ID, --json or --file", EXIT_USAGE)
         doc: dict[str, Any] = {}
         if fields is not None:
-            try:
-                doc = json.loads(fields)
-            except ValueError as exc:
-                raise CommandError(f"--json: not valid JSON: {exc}") from None
+            doc = _parse_json(fields, "--json")
             if not isinstance(doc, dict):
                 raise CommandError("--json: expected a JSON object")
         for assignment in sets or ():
@@ -420,17 +445,26 @@ def publish(
                 results = [await publisher.publish(*items[0])]
             else:
                 results = await publisher.publish_many(items)
+            # The server drops a duplicate key whatever the command: a reused key is not a retry.
+            conflicts = {n for n, ((_, cmd), result) in enumerate(zip(items, results, strict=True))
+                         if result.duplicate and not await same_as_stored(js, result.seq, cmd)}
         finally:
             await nc.close()
         console = _console()
-        for (_, cmd), result in zip(items, results, strict=True):
+        for n, ((_, cmd), result) in enumerate(zip(items, results, strict=True)):
             if json_out:
                 _print_json({"seq": result.seq, "duplicate": result.duplicate,
-                             "cmd_id": cmd.cmd_id, "type": type(cmd).__name__,
-                             "kind": cmd.kind, "id": cmd.id})
+                             "conflict": n in conflicts, "cmd_id": cmd.cmd_id,
+                             "type": type(cmd).__name__, "kind": cmd.kind, "id": cmd.id})
             else:
                 console.print(render.published_line(type(cmd).__name__, cmd.kind, cmd.id,
                                                     result.seq, result.duplicate))
+        if conflicts:
+            first = items[min(conflicts)][1]
+            raise CliError(
+                f"{len(conflicts)} command(s) not published: idempotency key {first.cmd_id!r}"
+                f" of {first.kind}/{first.id} was already used for a different command"
+                f" (seq {results[min(conflicts)].seq}); use a new --key")
 
     _run(run)
 

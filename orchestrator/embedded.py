@@ -228,6 +228,11 @@ class NatsServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        """How it exited, once it has (reaped here: no zombie passes for alive by its pid)."""
+        return None if self._proc is None else self._proc.poll()
+
     def healthy(self) -> bool:
         """JetStream is up and, in a cluster, current with its peers."""
         if self.member is None:
@@ -393,6 +398,16 @@ class PostgresServer:
     def pid(self) -> int:
         return _require(self._proc, "postgres").pid
 
+    @property
+    def exit_code(self) -> int | None:
+        """How it exited, once it has (reaped here: no zombie passes for alive by its pid)."""
+        return None if self._proc is None else self._proc.poll()
+
+    def kill(self) -> None:
+        """Crash the postmaster, for chaos tests (its backends then exit by themselves)."""
+        if self._proc is not None:
+            _kill(self._proc)
+
     def start(self) -> str:
         if self._proc is not None and self._proc.poll() is None:
             raise RuntimeError(f"postgres already running (pid {self._proc.pid})")
@@ -524,22 +539,43 @@ class Stack:
             info = StackInfo(nats_url=nats_url, pg_dsn=self._pg.start())
             if prepare is not None:
                 prepare(nats_url)
-            record = {
-                "nats_url": info.nats_url,
-                "pg_dsn": info.pg_dsn,
-                "nats_pids": self._nats.pids,
-                "pg_pid": self._pg.pid,
-                "started_at": datetime.now(UTC).isoformat(),
-            }
-            # Written atomically: other processes may read it at any moment.
-            tmp = self.root / "stack.json.tmp"
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            tmp.replace(self.root / "stack.json")
+            self._info = info
+            self._advertise()
         except BaseException:
             self.stop()
             raise
-        self._info = info
         return info
+
+    def _advertise(self) -> None:
+        record = {
+            "nats_url": self.info.nats_url,
+            "pg_dsn": self.info.pg_dsn,
+            "nats_pids": self.nats.pids,
+            "pg_pid": self.pg.pid,
+            "started_at": datetime.now(UTC).isoformat(),
+        }
+        # Written atomically: other processes may read it at any moment.
+        tmp = self.root / "stack.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(self.root / "stack.json")
+
+    def revive(self) -> list[str]:
+        """Start again every server of the stack that has exited; one line on each."""
+        nats_servers = self.nats.servers if isinstance(self.nats, NatsCluster) else [self.nats]
+        servers: list[tuple[str, NatsServer | PostgresServer]] = [
+            (f"nats-server {s.url}", s) for s in nats_servers]
+        servers.append((f"postgres 127.0.0.1:{self.pg.port}", self.pg))
+        revived = []
+        for name, server in servers:
+            code = server.exit_code
+            if code is not None:
+                server.start()  # on its port and store: clients reconnect to it
+                revived.append(f"{name} exited with code {code}; restarted as pid {server.pid}")
+        if revived and isinstance(self.nats, NatsCluster):
+            self.nats.wait_healthy()  # caught up with its peers before anyone is told
+        if revived:
+            self._advertise()
+        return revived
 
     def stop(self) -> None:
         (self.root / "stack.json").unlink(missing_ok=True)

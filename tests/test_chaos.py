@@ -1,6 +1,7 @@
 """Crash under load: 10,000 commands, 4 publishers, 2 replicas, one SIGKILLed mid-run."""
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -139,3 +140,8 @@ async def test_a_restarted_nats_server_loses_the_fold_consumers_and_the_fold_goe
     assert await pg.fetchval("SELECT sum(epoch) FROM partitions") >= epochs + PARTITIONS
     consumers = [c for c in await js.consumers_info(CMD_STREAM) if c.name.startswith("fold-")]
     assert len(consumers) == PARTITIONS
+    # The replica's log stays JSON lines through it: the connection's loss and return are
+    # structured events, not nats-py's tracebacks.
+    lines = processes.log_path("r1").read_text().splitlines()
+    events = [json.loads(line)["event"] for line in lines]  # a traceback line fails here
+    assert "nats_disconnected" in events and "nats_reconnected" in events

@@ -67,7 +67,9 @@ def stop(proc: asyncio.subprocess.Process) -> None:
 async def test_publish_get_tail_replay(env: Env, js: JetStreamContext, pg: asyncpg.Connection,
                                        processes: Processes) -> None:
     environ = env.environ()
-    replica = processes.orch("orchestrator", "--id", "r1", env=environ, name="replica")
+    # No agent here: the reconciler must not re-issue jobs into the timelines read below.
+    replica = processes.orch("orchestrator", "--id", "r1", "--deadline", "3600", env=environ,
+                             name="replica")
 
     done = await orch(environ, "publish", "RegisterHost", "h1", "--source", "admin",
                       "--set", "vcpus=8", "--set", "memory_mib=16384")
@@ -94,6 +96,14 @@ async def test_publish_get_tail_replay(env: Env, js: JetStreamContext, pg: async
     done = await orch(environ, "publish", "StopInstance", "vm1", "--key", "stop-vm1")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"duplicate StopInstance instance/vm1 seq={seqs[3]}\n"
+    # The same key for another command is dropped by the server too: that is an error.
+    done = await orch(environ, "publish", "StartInstance", "vm1", "--key", "stop-vm1",
+                      "--json-out")
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["conflict"] is True
+    assert done.stderr == (f"error: 1 command(s) not published: idempotency key 'stop-vm1' of"
+                           f" instance/vm1 was already used for a different command"
+                           f" (seq {seqs[3]}); use a new --key\n")
 
     async def settled() -> bool:
         state = await entity(pg, "instance", "vm1")
@@ -175,6 +185,17 @@ async def test_invalid_input_publishes_nothing(env: Env, js: JetStreamContext) -
 
     done = await orch(environ, "publish", "-f", "-", stdin='{"type": "StopInstance"\n')
     assert done.returncode == 2 and done.stderr.startswith("error: line 1: not valid JSON")
+
+    not_utf8 = env.root / "latin1.jsonl"
+    not_utf8.write_bytes(b'{"type": "StopInstance", "id": "caf\xe9"}\n')
+    done = await orch(environ, "publish", "-f", str(not_utf8))
+    assert (done.returncode, done.stderr) == (
+        2, f"error: {not_utf8} is not UTF-8: byte 35 is 0xe9\n")
+    deep = "[" * 5000 + "]" * 5000
+    done = await orch(environ, "publish", "-f", "-", stdin=deep + "\n")
+    assert (done.returncode, done.stderr) == (2, "error: line 1: JSON nested too deeply\n")
+    done = await orch(environ, "publish", "StopInstance", "vm1", "--json", f'{{"x": {deep}}}')
+    assert (done.returncode, done.stderr) == (2, "error: --json: JSON nested too deeply\n")
 
     done = await orch(environ, "publish", "CreateInstance", "vm1", "--json",
                       json.dumps({"template": VM_TEMPLATE}), "--set", "template.memory_mib=1")
@@ -286,6 +307,19 @@ async def test_up_then_stop(tmp_path: Path, servers: int) -> None:
             assert (info.config.num_replicas, info.state.messages) == (servers, 1)
         finally:
             await nc.close()
+
+        # A server of the stack dies: `up` reaps it, says so, and starts it again.
+        killed = json.loads((root / "stack.json").read_text())["nats_pids"][0]
+        os.kill(killed, signal.SIGKILL)
+        assert up.stderr is not None
+        warning = (await asyncio.wait_for(up.stderr.readline(), 30)).decode()
+        assert re.fullmatch(r"warning: nats-server nats://127\.0\.0\.1:\d+ exited with code -9;"
+                            r" restarted as pid \d+\n", warning), warning
+        record = json.loads((root / "stack.json").read_text())
+        assert killed not in record["nats_pids"] and record["nats_pids"][0] == int(
+            warning.split()[-1])
+        done = await orch({**environ, "ORCH_HOME": str(root)}, "publish", "StopInstance", "vm1")
+        assert done.returncode == 0, done.stderr
 
         up.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(up.wait(), 60) == 0
