@@ -34,10 +34,11 @@ from events.topology import ensure_topology
 from schemas import commands as c
 from schemas.heartbeat import Heartbeat
 from schemas.jobs import Job
+from schemas.specs import InstanceSpec
 
 log = structlog.get_logger()
 T = TypeVar("T")
-_job = msgspec.json.Decoder(Job)
+_job = msgspec.json.Decoder(Job[InstanceSpec])
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,11 @@ HostVcpus = Annotated[int, msgspec.Meta(ge=1, le=16384)]
 MemoryMiB = Annotated[int, msgspec.Meta(ge=64, le=4 * 1024 * 1024)]
 Cidr = Annotated[str, msgspec.Meta(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")]
 IPv4 = Annotated[str, msgspec.Meta(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
+# Decided by the fold: locally administered, unicast, lower case.
+Mac = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f][26ae](:[0-9a-f]{2}){5}$")]
+Vni = Annotated[int, msgspec.Meta(ge=1, le=16_777_215)]
+# The segment's MTU as its guests see it; the underlay needs 50 bytes more (VXLAN over IPv4).
+Mtu = Annotated[int, msgspec.Meta(ge=576, le=8950)]
 Image = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}$")]
 
 
@@ -54,9 +59,43 @@ class Service(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     health: HealthCheck = HealthCheck()
 
 
+class NicSpec(msgspec.Struct, frozen=True):
+    """A NIC as its host must plug it: the fold resolved its network, MAC and address."""
+
+    network: EntityId
+    vni: Vni
+    mac: Mac
+    ip: IPv4
+    prefix: Annotated[int, msgspec.Meta(ge=8, le=30)]  # of the network's CIDR
+    mtu: Mtu = 1500
+
+
 class InstanceSpec(msgspec.Struct, frozen=True):
     """Everything an agent needs to converge one instance, never a delta."""
 
     template: InstanceTemplate
     power: Power
     host: EntityId
+    # Resolved, in the order of template.nics; inbound rules are template.rules.
+    nics: tuple[NicSpec, ...] = ()
+
+
+class RemotePort(msgspec.Struct, frozen=True, array_like=True):
+    """A port of the segment on another host: its MAC and address live behind ``vtep``."""
+
+    mac: Mac
+    ip: IPv4
+    vtep: IPv4
+
+
+class NetworkSpec(msgspec.Struct, frozen=True):
+    """One network's segment as one host must hold it, in full (never a delta).
+
+    The host's own ports are not here: each comes with its instance's job.
+    """
+
+    vni: Vni
+    cidr: Cidr
+    mtu: Mtu
+    vteps: tuple[IPv4, ...]  # every other host with a port on it: one flood entry each
+    ports: tuple[RemotePort, ...]  # every port on those hosts, sorted by MAC

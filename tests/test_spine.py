@@ -21,6 +21,7 @@ from orchestrator.replica import Replica, ReplicaConfig
 from orchestrator.store import Batch, Fenced, Store
 from schemas.codec import CommandError, command_from_dict
 from schemas.jobs import Job
+from schemas.specs import InstanceSpec
 from tests.conftest import PARTITIONS, Env, eventually, settled
 
 HOSTS = [("admin", dict(type="RegisterHost", cmd_id=f"reg-h{i}", id=f"h{i}", vcpus=64,
@@ -72,7 +73,7 @@ async def test_fold_places_instance_and_emits_job_and_timeline(env: Env, js, pg)
         # The job carries the full desired spec to the chosen host.
         jobs = [m async for batch in read_stream(js, JOB_STREAM, "job.>") for m in batch]
         assert [m.subject for m in jobs] == [f"job.{vm['host']}.instance.vm1"]
-        job = msgspec.json.decode(jobs[0].data, type=Job)
+        job = msgspec.json.decode(jobs[0].data, type=Job[InstanceSpec])
         assert job.generation == 1 and job.spec is not None
         assert job.spec.template.memory_mib == 2048 and job.spec.power == "running"
         # Its timeline: created by the user, then placed by the scheduler's answer.
