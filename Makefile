@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed
 .PHONY: venv demo test lint bench clean
 
 $(STAMP): pyproject.toml
-	@# libvirt-python builds against the system's libvirt: install it (and QEMU) if missing.
-	@pkg-config --exists libvirt 2>/dev/null || bash .ci/setup-libvirt.sh
+	@# libvirt-python builds against the system's libvirt, pip-nftables against libnftables:
+	@# install them (and QEMU, nft, conntrack) if missing.
+	@(pkg-config --exists libvirt && command -v nft && command -v conntrack) >/dev/null 2>&1 || bash .ci/setup-libvirt.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

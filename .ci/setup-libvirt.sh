@@ -16,6 +16,9 @@ PKGS=(
     busybox-static             # the guest's userland (agents/guest.py packs it into an initrd)
     iproute2                   # the tests create a bridge and read addresses
     iputils-ping               # the tests ping the guests
+    nftables                   # nft, and libnftables1 that pip-nftables binds to
+    conntrack                  # the network driver cuts connections a removed rule allowed
+    netcat-openbsd             # the tests open TCP and UDP connections between guests
 )
 
 missing=()
