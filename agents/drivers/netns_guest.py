@@ -1,0 +1,535 @@
+"""Namespace guests (`--guests netns`): each instance is a network namespace, not a VM.
+
+For broad and fast tests. The networking is real (a veth per NIC into the host's segment
+bridge, the fold's MAC and address on it), and each guest answers with its instance id on
+TCP and UDP port 8080 (`agents.guest_service`, one process per host serving every guest).
+There is no CPU, memory, disk or image: the template's sizes are not enforced.
+
+Names (what teardown and the network driver rely on):
+
+- a guest's namespace is `<base>.<instance id>`, where `<base>` is the host's namespace
+  (`host_netns`) or `orch-<host>` when the agent manages its own namespace; ids and host
+  names carry no dot, so the prefix `<base>.` is this host's guests and nothing else.
+  Whoever deletes the host's namespaces with the prefix `<host netns>` removes its guests;
+- NIC i is a veth pair: `port_name(id, i)` in the host's namespace (the name a QEMU tap
+  would have), `eth<i>` in the guest's;
+- the host's state directory is `/run/orch-guests/<base>/` (the service's records, its
+  control socket, pid file and log).
+
+The generation last applied, with the instance id and host, is stored on the guest's own
+kernel object: the alias (IFLA_IFALIAS) of the `lo` of its namespace. It lives exactly as
+long as the guest, so a restarted agent adopts guests through `generations()`, and applying
+the same spec again deletes or recreates nothing. The service runs detached (own session,
+pid file), so it outlives the agent too.
+
+Power: "running" is every link up and the service answering for the guest; "stopped" is
+the service no longer answering for it and its links down; a spec of None removes the
+namespace and its veths ("absent").
+
+All calls are blocking netlink and file operations: the agent runs them in a thread. Two
+calls for the same instance must not run concurrently (the agent's work queue guarantees
+it); calls for different instances may.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import netns as pyroute2_netns
+
+from agents import guest_service
+from agents.drivers.vm import PermanentDriverError, TransientDriverError
+from agents.guest_service import in_netns, netns_socket
+from schemas.ids import is_valid_id
+from schemas.specs import InstanceSpec, NicSpec, SecurityRule
+
+try:
+    from agents.net.names import port_name
+except ImportError:  # until agents.net lands: the same names as QEMU taps
+    from agents.drivers.vm import tap_name as port_name
+
+RUN_DIR = Path("/run/orch-guests")
+NETNS_DIR = Path("/run/netns")
+ALIAS_TAG = "orch-guest"
+MAX_NETNS_NAME = 80  # longer names get a hashed tail
+SERVICE_PORT = guest_service.PORT
+SERVICE_START_S = 5.0
+NETLINK_ROUTE = 0
+IFF_UP = 0x1
+
+Observed = Literal["running", "stopped"]
+
+_ALIAS_RE = re.compile(rf"^{ALIAS_TAG} id=(\S+) host=(\S+) gen=(\d+)$")
+# Errors that retrying the same request cannot fix; the rest may be races with the kernel.
+_PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ERANGE, errno.EOPNOTSUPP, errno.EPERM})
+
+
+class Ports(Protocol):
+    """Attaches a guest's port to its segment (bridge, firewall) and detaches it."""
+
+    def plug(self, port: str, nic: NicSpec, rules: tuple[SecurityRule, ...]) -> None: ...
+
+    def unplug(self, port: str) -> None: ...
+
+
+class _NetPorts:
+    """`agents.net.ports` for one host: the network driver's own plumbing of a port."""
+
+    def __init__(self, underlay_ip: str) -> None:
+        self.underlay_ip = underlay_ip
+
+    def plug(self, port: str, nic: NicSpec, rules: tuple[SecurityRule, ...]) -> None:
+        try:
+            from agents.net import ports
+        except ImportError as exc:
+            raise PermanentDriverError(f"cannot plug {port}: no agents.net.ports") from exc
+        ports.plug(port, nic, rules, self.underlay_ip)
+
+    def unplug(self, port: str) -> None:
+        try:
+            from agents.net import ports
+        except ImportError:
+            return  # nothing can have been plugged
+        ports.unplug(port)
+
+
+def guest_base(host_netns: str | None, host: str) -> str:
+    """The prefix of a host's guest namespaces and the name of its state directory."""
+    return host_netns or f"orch-{host}"
+
+
+def guest_netns(base: str, instance_id: str) -> str:
+    name = f"{base}.{instance_id}"
+    if len(name) <= MAX_NETNS_NAME:
+        return name
+    return f"{base}.{instance_id[:24]}~{hashlib.sha256(instance_id.encode()).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class _Guest:
+    """A managed guest as the kernel holds it."""
+
+    id: str
+    netns: str
+    generation: int
+
+
+def _ipr(netns: str | None) -> IPRoute:
+    """Netlink in a namespace, its socket opened by this thread there (no fork, ~2 ms)."""
+    sock = netns_socket(netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+    return IPRoute(fileno=sock.detach())
+
+
+def _link(ipr: IPRoute, ifname: str) -> Any | None:
+    """The link named `ifname`, None if there is none (one request, no dump)."""
+    try:
+        return ipr.link("get", ifname=ifname)[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+
+
+def _links(ipr: IPRoute) -> dict[str, Any]:
+    """Every link of a namespace by name (a guest's namespace has two or three)."""
+    return {link.get("IFLA_IFNAME"): link for link in ipr.get_links()}
+
+
+def _is_eth(ifname: str) -> bool:
+    return ifname.startswith("eth") and ifname[3:].isdigit()
+
+
+class NetnsGuestDriver:
+    # Netlink and service round trips: run in a thread.
+    blocking = True
+
+    def __init__(self, host_netns: str | None, host: str, underlay_ip: str, *,
+                 ports: Ports | None = None, run_dir: Path | None = None,
+                 port: int = SERVICE_PORT) -> None:
+        self.host_netns = host_netns
+        self.host = host
+        self.underlay_ip = underlay_ip
+        self.ports: Ports = ports if ports is not None else _NetPorts(underlay_ip)
+        self.base = guest_base(host_netns, host)
+        self.run_dir = run_dir if run_dir is not None else RUN_DIR / self.base
+        self.records = self.run_dir / "guests"
+        self.service_port = port
+        self._spawn_lock = threading.Lock()
+
+    def netns_name(self, instance_id: str) -> str:
+        return guest_netns(self.base, instance_id)
+
+    def close(self) -> None:
+        """Nothing to release: netlink sockets live for one call. Guests keep running."""
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (TransientDriverError, PermanentDriverError):
+            raise
+        except NetlinkError as exc:
+            cls = PermanentDriverError if exc.code in _PERMANENT_ERRNOS else TransientDriverError
+            raise cls(f"{what}: {exc}") from exc
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise TransientDriverError(f"{what}: {exc}") from exc
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _alias(self, instance_id: str, generation: int) -> str:
+        return f"{ALIAS_TAG} id={instance_id} host={self.host} gen={generation}"
+
+    @staticmethod
+    def _read(links: dict[str, Any]) -> tuple[str | None, str | None, int]:
+        """(id, host, generation) from the alias of the namespace's lo; Nones if unset."""
+        lo = links.get("lo")
+        match = _ALIAS_RE.match((lo.get("IFLA_IFALIAS") or "") if lo is not None else "")
+        if match is None:
+            return None, None, 0
+        return match[1], match[2], int(match[3])
+
+    def _guests(self) -> dict[str, _Guest]:
+        """Managed guests of this host, by instance id."""
+        out: dict[str, _Guest] = {}
+        prefix = self.base + "."
+        for name in sorted(os.listdir(NETNS_DIR) if NETNS_DIR.exists() else ()):
+            if not name.startswith(prefix):
+                continue
+            try:
+                with contextlib.closing(_ipr(name)) as g:
+                    guest_id, host, generation = self._read(_links(g))
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            if guest_id is None:
+                # Made but never finished (a crash between the namespace and its alias):
+                # ours by name, at generation 0, so a job or the sweep converges it.
+                guest_id = name[len(prefix):]
+                if not is_valid_id(guest_id) or self.netns_name(guest_id) != name:
+                    continue
+            elif host != self.host or self.netns_name(guest_id) != name:
+                continue
+            out[guest_id] = _Guest(guest_id, name, generation)
+        return out
+
+    def generations(self) -> dict[str, int]:
+        """The generation last applied to every managed guest on this host."""
+        with self._errors("list guests"):
+            return {i: g.generation for i, g in self._guests().items()}
+
+    def observe(self) -> dict[str, str]:
+        """Power state of every managed guest on this host."""
+        with self._errors("observe guests"):
+            guests = self._guests()
+            serving = self._serving(start=False) if guests else {}
+            out: dict[str, str] = {}
+            with contextlib.closing(_ipr(self.host_netns)) as h:
+                for guest_id, guest in guests.items():
+                    try:
+                        with contextlib.closing(_ipr(guest.netns)) as g:
+                            out[guest_id] = self._power(guest_id, guest.netns, g, h, serving)
+                    except FileNotFoundError:
+                        continue  # removed meanwhile
+            return out
+
+    @staticmethod
+    def _power(instance_id: str, name: str, g: IPRoute, h: IPRoute,
+               serving: dict[str, str]) -> Observed:
+        """Running: the service answers for the guest and every link of it is up."""
+        if serving.get(instance_id) != name:
+            return "stopped"
+        for link in g.get_links():
+            ifname = link.get("IFLA_IFNAME")
+            if ifname != "lo" and not _is_eth(ifname):
+                continue
+            if not link["flags"] & IFF_UP:
+                return "stopped"
+            if ifname != "lo":
+                port = _link(h, port_name(instance_id, int(ifname[3:])))
+                if port is None or not port["flags"] & IFF_UP:
+                    return "stopped"
+        return "running"
+
+    # -- converging -------------------------------------------------------------------------
+
+    def apply(self, instance_id: str, spec: InstanceSpec | None, generation: int) -> str:
+        """Converge one guest to `spec` (None: absent); returns the observed power state.
+
+        Idempotent: what already matches is left alone (no link deleted and recreated, the
+        service untouched). A job older than the generation applied changes nothing.
+        """
+        name = self.netns_name(instance_id)
+        with self._errors(f"guest {instance_id}"), contextlib.ExitStack() as stack:
+            g = self._open(name, stack)
+            h = stack.enter_context(contextlib.closing(_ipr(self.host_netns)))
+            links = _links(g) if g is not None else {}
+            if g is not None and self._applied(instance_id, name, links) > generation:
+                # A stale job: leave the newer state alone.
+                return self._power(instance_id, name, g, h, self._serving(start=False))
+            if spec is None:
+                if g is not None:
+                    stack.close()  # no socket of ours may keep the namespace alive
+                    self._remove(instance_id, name)
+                return "absent"
+            if g is None:
+                self._create_netns(name)
+                g = self._open(name, stack)
+                if g is None:
+                    raise TransientDriverError(f"namespace {name} vanished after creation")
+                links = _links(g)
+            running = spec.power == "running"
+            serving: dict[str, str] = {}
+            if not running:
+                serving = self._serve(instance_id, name, False)  # the service goes first
+            self._converge_links(instance_id, spec, running, g, h, links)
+            alias = self._alias(instance_id, generation)
+            if links["lo"].get("IFLA_IFALIAS") != alias:
+                g.link("set", index=links["lo"]["index"], ifalias=alias)
+            if running:
+                serving = self._serve(instance_id, name, True)
+            # Every link is as wanted now (errors raised otherwise): the service decides.
+            return "running" if running and serving.get(instance_id) == name else "stopped"
+
+    def remove(self, instance_id: str) -> bool:
+        """Remove the guest's namespace, veths and service here; False if there is none."""
+        name = self.netns_name(instance_id)
+        with self._errors(f"remove guest {instance_id}"):
+            with contextlib.ExitStack() as stack:
+                g = self._open(name, stack)
+                if g is None:
+                    return False
+                guest_id, host, _ = self._read(_links(g))
+                if guest_id is not None and (guest_id, host) != (instance_id, self.host):
+                    return False  # not ours: never touched
+            self._remove(instance_id, name)
+            return True
+
+    @staticmethod
+    def _open(name: str, stack: contextlib.ExitStack) -> IPRoute | None:
+        """Netlink in the guest's namespace, None if there is no such namespace."""
+        try:
+            return stack.enter_context(contextlib.closing(_ipr(name)))
+        except FileNotFoundError:
+            return None
+
+    def _applied(self, instance_id: str, name: str, links: dict[str, Any]) -> int:
+        """The generation applied to the guest in this namespace; an error if not ours."""
+        guest_id, host, generation = self._read(links)
+        if guest_id is not None and (guest_id, host) != (instance_id, self.host):
+            raise PermanentDriverError(
+                f"namespace {name} exists but belongs to {guest_id} on {host}")
+        return generation
+
+    def _create_netns(self, name: str) -> None:
+        done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True,
+                              timeout=10)
+        if done.returncode != 0 and not (NETNS_DIR / name).exists():
+            raise TransientDriverError(f"ip netns add {name}: {done.stderr.strip()}")
+        with in_netns(name):
+            # An IPv4-only guest, as the model has it: no link-local chatter on the segment.
+            for conf in ("all", "default"):
+                Path(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6").write_text("1")
+
+    def _converge_links(self, instance_id: str, spec: InstanceSpec, running: bool,
+                        g: IPRoute, h: IPRoute, links: dict[str, Any]) -> None:
+        lo = links["lo"]
+        if not lo["flags"] & IFF_UP:
+            g.link("set", index=lo["index"], state="up")
+        for i, nic in enumerate(spec.nics):
+            self._converge_nic(instance_id, i, nic, spec, running, g, h, links.get(f"eth{i}"))
+        for ifname, link in links.items():
+            if _is_eth(ifname) and int(ifname[3:]) >= len(spec.nics):  # a NIC removed
+                self.ports.unplug(port_name(instance_id, int(ifname[3:])))
+                g.link("del", index=link["index"])  # and its peer on the host
+
+    def _converge_nic(self, instance_id: str, i: int, nic: NicSpec, spec: InstanceSpec,
+                      running: bool, g: IPRoute, h: IPRoute, inner: Any | None) -> None:
+        port, eth = port_name(instance_id, i), f"eth{i}"
+        outer = _link(h, port)
+        paired = (outer is not None and inner is not None
+                  and inner.get("IFLA_LINK") == outer["index"]
+                  and outer.get("IFLA_LINK") == inner["index"])
+        if not paired:
+            if inner is not None:
+                g.link("del", index=inner["index"])
+            if outer is not None and _link(h, port) is not None:  # not gone with its peer
+                self.ports.unplug(port)
+                h.link("del", index=outer["index"])
+            # Both ends where they belong, the guest's with its MAC, in one call; both down.
+            h.link("add", ifname=port, kind="veth", mtu=nic.mtu,
+                   peer={"ifname": eth, "net_ns_fd": self.netns_name(instance_id),
+                         "address": nic.mac, "mtu": nic.mtu})
+            outer = h.link("get", ifname=port)[0]
+            inner = g.link("get", ifname=eth)[0]
+        index = inner["index"]
+        if inner.get("IFLA_ADDRESS") != nic.mac:
+            self._set_mac(g, index, nic.mac)
+        if inner.get("IFLA_MTU") != nic.mtu:
+            g.link("set", index=index, mtu=nic.mtu)
+        if outer.get("IFLA_MTU") != nic.mtu:
+            h.link("set", index=outer["index"], mtu=nic.mtu)
+        have = {(a.get("IFA_ADDRESS"), a["prefixlen"])
+                for a in g.get_addr(family=socket.AF_INET, index=index)}
+        want = (nic.ip, nic.prefix)
+        for address, prefixlen in have - {want}:
+            g.addr("del", index=index, address=address, prefixlen=prefixlen)
+        if want not in have:
+            g.addr("add", index=index, address=nic.ip, prefixlen=nic.prefix)
+        # Attached and filtered before it carries a frame.
+        self.ports.plug(port, nic, spec.template.rules)
+        state = "up" if running else "down"
+        for ipr, link in ((g, inner), (h, outer)):
+            if bool(link["flags"] & IFF_UP) != running:
+                ipr.link("set", index=link["index"], state=state)
+
+    @staticmethod
+    def _set_mac(g: IPRoute, index: int, mac: str) -> None:
+        try:
+            g.link("set", index=index, address=mac)
+        except NetlinkError as exc:
+            if exc.code != errno.EBUSY:
+                raise
+            up = bool(g.link("get", index=index)[0]["flags"] & IFF_UP)
+            g.link("set", index=index, state="down")
+            g.link("set", index=index, address=mac)
+            if up:
+                g.link("set", index=index, state="up")
+
+    def _remove(self, instance_id: str, name: str) -> None:
+        # The service first: its sockets would keep the namespace (and the veths) alive.
+        self._serve(instance_id, name, False)
+        try:
+            with contextlib.closing(_ipr(name)) as g:
+                for link in g.get_links():
+                    ifname = link.get("IFLA_IFNAME")
+                    if _is_eth(ifname):
+                        self.ports.unplug(port_name(instance_id, int(ifname[3:])))
+                        g.link("del", index=link["index"])  # the host's end goes with it
+        except FileNotFoundError:
+            pass
+        with contextlib.suppress(FileNotFoundError):
+            pyroute2_netns.remove(name)
+
+    # -- the service ------------------------------------------------------------------------
+
+    def _serve(self, instance_id: str, name: str, serve: bool) -> dict[str, str]:
+        """Make the host's service answer for the guest (or not), check that it does, and
+        return what it serves now."""
+        record = self.records / instance_id
+        if serve:
+            content = json.dumps({"id": instance_id, "netns": name})
+            if not record.exists() or record.read_text() != content:
+                self.records.mkdir(parents=True, exist_ok=True)
+                scratch = self.records / f".{instance_id}.tmp"
+                scratch.write_text(content)
+                scratch.replace(record)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                record.unlink()
+        # Asked even when the record was gone: a failed call may have left it serving.
+        serving = self._serving(start=serve, only=instance_id)
+        if serve and serving.get(instance_id) != name:
+            raise TransientDriverError(
+                f"the guest service does not answer for {instance_id} (see "
+                f"{self.run_dir / 'service.log'})")
+        if not serve and instance_id in serving:
+            raise TransientDriverError(f"the guest service still answers for {instance_id}")
+        return serving
+
+    def _ask(self, request: str) -> dict[str, object]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.run_dir / "control.sock"))
+            sock.sendall(request.encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        answer = json.loads(reply)
+        if "error" in answer:
+            raise TransientDriverError(f"guest service: {answer['error']}")
+        return answer  # type: ignore[no-any-return]
+
+    def _serving(self, *, start: bool, only: str | None = None) -> dict[str, str]:
+        """What the service serves after reading its records (all, or one); {} when it is
+        not running and `start` is False, else it is started first."""
+        request = "sync" if only is None else f"sync {only}"
+        try:
+            return self._ask(request)["serving"]  # type: ignore[return-value]
+        except (ConnectionRefusedError, FileNotFoundError):
+            if not start:
+                return {}
+        with self._spawn_lock:
+            try:
+                return self._ask(request)["serving"]  # type: ignore[return-value]
+            except (ConnectionRefusedError, FileNotFoundError):
+                self._start_service()
+            deadline = time.monotonic() + SERVICE_START_S
+            while True:
+                try:
+                    return self._ask(request)["serving"]  # type: ignore[return-value]
+                except (ConnectionRefusedError, FileNotFoundError):
+                    if time.monotonic() > deadline:
+                        raise TransientDriverError(
+                            f"the guest service of {self.base} did not start (see "
+                            f"{self.run_dir / 'service.log'})") from None
+                    time.sleep(0.02)
+
+    def _start_service(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-S", guest_service.__file__, "--dir", str(self.run_dir),
+                "--port", str(self.service_port), "--daemonize"]
+        if self.host_netns:
+            argv += ["--netns", self.host_netns]
+        # It forks and this child exits at once: the service is no child of the agent.
+        done = subprocess.run(argv, start_new_session=True, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=10)
+        if done.returncode != 0:
+            raise TransientDriverError(f"cannot start the guest service: {done.stderr[-500:]}")
+
+    def service_pid(self) -> int | None:
+        """The pid of this host's guest service, None if it is not running."""
+        try:
+            pid = int((self.run_dir / "service.pid").read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def stop_service(self, timeout_s: float = 5.0) -> None:
+        """Stop this host's guest service (its guests stop answering until the next apply)."""
+        pid = self.service_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.01)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+__all__ = ["ALIAS_TAG", "RUN_DIR", "SERVICE_PORT", "NetnsGuestDriver", "Ports", "guest_base",
+           "guest_netns", "port_name"]
