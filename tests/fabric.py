@@ -19,7 +19,7 @@ Probes run inside namespaces and use real packets: `ping` (the ping binary), `tc
 process per probe, exact timeouts).
 
 The standard library and the `ip` command, plus the setns helper of
-`agents.guest_service` (`netns_socket`). To serve `orch demo` it must move where
+`agents.guest_service` (`in_netns`, `netns_socket`). To serve `orch demo` it must move where
 the CLI may import it (`orchestrator/`, next to the embedded stack), taking that 20-line
 helper along: the orchestrator never imports an agent.
 """
@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.guest_service import netns_socket
+from agents.guest_service import in_netns, netns_socket
 
 NETNS_DIR = Path("/run/netns")
 GUEST_RUN_DIR = Path("/run/orch-guests")  # agents.drivers.netns_guest.RUN_DIR
@@ -177,6 +177,12 @@ class Fabric:
                   f"peer name ul{h.index} netns {self.fabric_netns} mtu {self.mtu}"
                   for h in self.hosts]
         self._ip_batch(None, batch)
+        # An IPv4 underlay: no link-local addresses, router solicitations or MLD on it.
+        for netns, links in [(self.fabric_netns, ["all", "default"]),
+                             *((h.netns, ["ul0"]) for h in self.hosts)]:
+            with in_netns(netns):
+                for link in links:
+                    Path(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6").write_text("1")
         fabric = [f"link add {self.bridge} mtu {self.mtu} type bridge",
                   "link set lo up", f"link set {self.bridge} up"]
         fabric += [f"link set ul{h.index} master {self.bridge} up" for h in self.hosts]

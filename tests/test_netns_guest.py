@@ -6,6 +6,7 @@ bridge `obr<vni>` in the host's namespace and a real `ip link set master` (no fi
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import socket
@@ -64,6 +65,7 @@ def fabric() -> Iterator[Fabric]:
     with Fabric(2) as fab:
         for host in fab.hosts:  # the segment's bridge, as the network driver would make it
             fab.exec(host.netns, "ip", "link", "add", f"obr{VNI}", "type", "bridge")
+            fab.exec(host.netns, "sysctl", "-qw", f"net.ipv6.conf.obr{VNI}.disable_ipv6=1")
             fab.exec(host.netns, "ip", "link", "set", f"obr{VNI}", "up")
         yield fab
     services = [int(p.read_text()) for p in GUEST_RUN_DIR.glob(f"{fab.prefix}-*/service.pid")]
@@ -175,11 +177,22 @@ def test_applying_the_same_spec_again_changes_nothing(fabric: Fabric) -> None:
     drv.apply("a", spec(2), 1)
     drv.apply("b", spec(3), 1)
     before = snapshot(fabric, drv, "a")
+    # Every netlink change in the host's and the guest's namespace is printed by a monitor.
+    monitors = [subprocess.Popen(["ip", "-n", ns, "monitor", "link", "address", "neigh"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                for ns in (fabric.host("h1").netns, drv.netns_name("a"))]
     times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        assert drv.apply("a", spec(2), 1) == "running"
-        times.append(time.perf_counter() - started)
+    try:
+        time.sleep(0.3)  # the monitors are listening
+        for _ in range(3):
+            started = time.perf_counter()
+            assert drv.apply("a", spec(2), 1) == "running"
+            times.append(time.perf_counter() - started)
+        time.sleep(0.3)
+    finally:
+        for monitor in monitors:
+            monitor.terminate()
+    assert [m.communicate()[0] for m in monitors] == [b"", b""]
     assert snapshot(fabric, drv, "a") == before
     # A newer generation of the same spec: recorded, nothing else touched.
     assert drv.apply("a", spec(2), 2) == "running"
@@ -394,3 +407,39 @@ def test_ten_guests_create_time_and_service_memory(fabric: Fabric) -> None:
           f"with 11 guests {rss_kib / 1024:.1f} MiB")
     assert subprocess.run(["ip", "netns", "list"], capture_output=True,
                           text=True).stdout.count(drv.base + ".") == 1
+
+
+def test_guests_applied_concurrently(fabric: Fabric) -> None:
+    """The agent applies up to 8 jobs at once, each in its own thread: namespaces entered
+    by one thread must not leak into another's calls."""
+    drv = driver(fabric)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda n: drv.apply(f"c-{n}", spec(n), 1), range(2, 18)))
+    assert results == ["running"] * 16
+    assert drv.observe() == {f"c-{n}": "running" for n in range(2, 18)}
+    assert fabric.tcp(drv.netns_name("c-2"), ip_of(17), PORT) == "c-17\n"
+    assert fabric.udp(drv.netns_name("c-17"), ip_of(2), PORT) == "c-2\n"
+    # Nothing was made in the wrong namespace: the ports are all on the host, none in root.
+    host_links = set(fabric.links(fabric.host("h1").netns))
+    assert {port_name(f"c-{n}", 0) for n in range(2, 18)} <= host_links
+    assert not any(link.startswith("ot") for link in fabric.root_links() + _root_links())
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(lambda n: drv.remove(f"c-{n}"), range(2, 18)))
+    assert drv.observe() == {}
+
+
+def _root_links() -> list[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+
+def test_a_port_deleted_by_hand_comes_back(fabric: Fabric) -> None:
+    drv = driver(fabric)
+    drv.apply("a", spec(2), 1)
+    drv.apply("b", spec(3), 1)
+    fabric.exec(fabric.host("h1").netns, "ip", "link", "del", port_name("a", 0))
+    assert "eth0" not in fabric.links(drv.netns_name("a"))  # a veth dies as a pair
+    assert drv.observe()["a"] == "stopped"
+    assert drv.apply("a", spec(2), 1) == "running"  # what a resync does
+    fabric.wait_ping(drv.netns_name("b"), ip_of(2))
+    assert fabric.tcp(drv.netns_name("b"), ip_of(2), PORT) == "a\n"

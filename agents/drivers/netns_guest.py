@@ -16,8 +16,9 @@ Names (what teardown and the network driver rely on):
 - the host's state directory is `/run/orch-guests/<base>/` (the service's records, its
   control socket, pid file and log).
 
-The generation last applied, with the instance id and host, is stored on the guest's own
-kernel object: the alias (IFLA_IFALIAS) of the `lo` of its namespace. It lives exactly as
+The generation last applied, with the instance id, host and number of NICs, is stored on
+the guest's own kernel object: the alias (IFLA_IFALIAS) of the `lo` of its namespace,
+`orch-guest id=<id> host=<host> gen=<generation> nics=<n>`. It lives exactly as
 long as the guest, so a restarted agent adopts guests through `generations()`, and applying
 the same spec again deletes or recreates nothing. The service runs detached (own session,
 pid file), so it outlives the agent too.
@@ -75,7 +76,7 @@ IFF_UP = 0x1
 
 Observed = Literal["running", "stopped"]
 
-_ALIAS_RE = re.compile(rf"^{ALIAS_TAG} id=(\S+) host=(\S+) gen=(\d+)$")
+_ALIAS_RE = re.compile(rf"^{ALIAS_TAG} id=(\S+) host=(\S+) gen=(\d+) nics=(\d+)$")
 # Errors that retrying the same request cannot fix; the rest may be races with the kernel.
 _PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ERANGE, errno.EOPNOTSUPP, errno.EPERM})
 
@@ -192,30 +193,32 @@ class NetnsGuestDriver:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _alias(self, instance_id: str, generation: int) -> str:
-        return f"{ALIAS_TAG} id={instance_id} host={self.host} gen={generation}"
+    def _alias(self, instance_id: str, generation: int, nics: int) -> str:
+        return f"{ALIAS_TAG} id={instance_id} host={self.host} gen={generation} nics={nics}"
 
     @staticmethod
-    def _read(links: dict[str, Any]) -> tuple[str | None, str | None, int]:
-        """(id, host, generation) from the alias of the namespace's lo; Nones if unset."""
+    def _read(links: dict[str, Any]) -> tuple[str | None, str | None, int, int]:
+        """(id, host, generation, NICs) from the alias of the namespace's lo; Nones and
+        zeros if unset."""
         lo = links.get("lo")
         match = _ALIAS_RE.match((lo.get("IFLA_IFALIAS") or "") if lo is not None else "")
         if match is None:
-            return None, None, 0
-        return match[1], match[2], int(match[3])
+            return None, None, 0, 0
+        return match[1], match[2], int(match[3]), int(match[4])
 
-    def _guests(self) -> dict[str, _Guest]:
-        """Managed guests of this host, by instance id."""
-        out: dict[str, _Guest] = {}
+    def _guests(self) -> dict[str, tuple[_Guest, dict[str, Any]]]:
+        """Managed guests of this host, by instance id, with their namespace's links."""
+        out: dict[str, tuple[_Guest, dict[str, Any]]] = {}
         prefix = self.base + "."
         for name in sorted(os.listdir(NETNS_DIR) if NETNS_DIR.exists() else ()):
             if not name.startswith(prefix):
                 continue
             try:
                 with contextlib.closing(_ipr(name)) as g:
-                    guest_id, host, generation = self._read(_links(g))
+                    links = _links(g)
             except FileNotFoundError:
                 continue  # removed meanwhile
+            guest_id, host, generation, _ = self._read(links)
             if guest_id is None:
                 # Made but never finished (a crash between the namespace and its alias):
                 # ours by name, at generation 0, so a job or the sweep converges it.
@@ -224,46 +227,37 @@ class NetnsGuestDriver:
                     continue
             elif host != self.host or self.netns_name(guest_id) != name:
                 continue
-            out[guest_id] = _Guest(guest_id, name, generation)
+            out[guest_id] = (_Guest(guest_id, name, generation), links)
         return out
 
     def generations(self) -> dict[str, int]:
         """The generation last applied to every managed guest on this host."""
         with self._errors("list guests"):
-            return {i: g.generation for i, g in self._guests().items()}
+            return {i: g.generation for i, (g, _) in self._guests().items()}
 
     def observe(self) -> dict[str, str]:
         """Power state of every managed guest on this host."""
         with self._errors("observe guests"):
             guests = self._guests()
-            serving = self._serving(start=False) if guests else {}
-            out: dict[str, str] = {}
+            if not guests:
+                return {}
+            serving = self._serving(start=False)
             with contextlib.closing(_ipr(self.host_netns)) as h:
-                for guest_id, guest in guests.items():
-                    try:
-                        with contextlib.closing(_ipr(guest.netns)) as g:
-                            out[guest_id] = self._power(guest_id, guest.netns, g, h, serving)
-                    except FileNotFoundError:
-                        continue  # removed meanwhile
-            return out
+                host_links = _links(h)
+            return {i: self._power(i, g.netns, links, host_links, serving)
+                    for i, (g, links) in guests.items()}
 
-    @staticmethod
-    def _power(instance_id: str, name: str, g: IPRoute, h: IPRoute,
-               serving: dict[str, str]) -> Observed:
-        """Running: the service answers for the guest and every link of it is up."""
+    def _power(self, instance_id: str, name: str, links: dict[str, Any],
+               host_links: dict[str, Any], serving: dict[str, str]) -> Observed:
+        """Running: the service answers for the guest, and lo and every NIC it was given
+        are there and up at both ends."""
         if serving.get(instance_id) != name:
             return "stopped"
-        for link in g.get_links():
-            ifname = link.get("IFLA_IFNAME")
-            if ifname != "lo" and not _is_eth(ifname):
-                continue
-            if not link["flags"] & IFF_UP:
-                return "stopped"
-            if ifname != "lo":
-                port = _link(h, port_name(instance_id, int(ifname[3:])))
-                if port is None or not port["flags"] & IFF_UP:
-                    return "stopped"
-        return "running"
+        nics = self._read(links)[3]
+        ends = [links.get(ifname) for ifname in ("lo", *(f"eth{i}" for i in range(nics)))]
+        ends += [host_links.get(port_name(instance_id, i)) for i in range(nics)]
+        return "running" if all(e is not None and e["flags"] & IFF_UP for e in ends) \
+            else "stopped"
 
     # -- converging -------------------------------------------------------------------------
 
@@ -280,7 +274,8 @@ class NetnsGuestDriver:
             links = _links(g) if g is not None else {}
             if g is not None and self._applied(instance_id, name, links) > generation:
                 # A stale job: leave the newer state alone.
-                return self._power(instance_id, name, g, h, self._serving(start=False))
+                return self._power(instance_id, name, links, _links(h),
+                                   self._serving(start=False))
             if spec is None:
                 if g is not None:
                     stack.close()  # no socket of ours may keep the namespace alive
@@ -297,7 +292,7 @@ class NetnsGuestDriver:
             if not running:
                 serving = self._serve(instance_id, name, False)  # the service goes first
             self._converge_links(instance_id, spec, running, g, h, links)
-            alias = self._alias(instance_id, generation)
+            alias = self._alias(instance_id, generation, len(spec.nics))
             if links["lo"].get("IFLA_IFALIAS") != alias:
                 g.link("set", index=links["lo"]["index"], ifalias=alias)
             if running:
@@ -313,7 +308,7 @@ class NetnsGuestDriver:
                 g = self._open(name, stack)
                 if g is None:
                     return False
-                guest_id, host, _ = self._read(_links(g))
+                guest_id, host, _, _ = self._read(_links(g))
                 if guest_id is not None and (guest_id, host) != (instance_id, self.host):
                     return False  # not ours: never touched
             self._remove(instance_id, name)
@@ -329,7 +324,7 @@ class NetnsGuestDriver:
 
     def _applied(self, instance_id: str, name: str, links: dict[str, Any]) -> int:
         """The generation applied to the guest in this namespace; an error if not ours."""
-        guest_id, host, generation = self._read(links)
+        guest_id, host, generation, _ = self._read(links)
         if guest_id is not None and (guest_id, host) != (instance_id, self.host):
             raise PermanentDriverError(
                 f"namespace {name} exists but belongs to {guest_id} on {host}")
@@ -376,6 +371,9 @@ class NetnsGuestDriver:
                          "address": nic.mac, "mtu": nic.mtu})
             outer = h.link("get", ifname=port)[0]
             inner = g.link("get", ifname=eth)[0]
+            with in_netns(self.host_netns) if self.host_netns else contextlib.nullcontext():
+                # A bridge port has no address of its own: no IPv6 link-local chatter.
+                Path(f"/proc/sys/net/ipv6/conf/{port}/disable_ipv6").write_text("1")
         index = inner["index"]
         if inner.get("IFLA_ADDRESS") != nic.mac:
             self._set_mac(g, index, nic.mac)
