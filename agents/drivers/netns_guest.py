@@ -23,9 +23,13 @@ long as the guest, so a restarted agent adopts guests through `generations()`, a
 the same spec again deletes or recreates nothing. The service runs detached (own session,
 pid file), so it outlives the agent too.
 
-Power: "running" is every link up and the service answering for the guest; "stopped" is
-the service no longer answering for it and its links down; a spec of None removes the
+Power: "running" is every link up (both ends) and the service answering for the guest;
+"stopped" is the service no longer answering for it and the guest's ends down (its ports
+then have no carrier; their admin state is the plumbing's); a spec of None removes the
 namespace and its veths ("absent").
+
+Ports are plugged by `agents.net.ports.PortPlumbing` of the host's namespace (the network
+driver's: segment, firewall, master, up), or by any `Ports` given.
 
 All calls are blocking netlink and file operations: the agent runs them in a thread. Two
 calls for the same instance must not run concurrently (the agent's work queue guarantees
@@ -82,32 +86,55 @@ _PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ERANGE, errno.EOPNOTSUPP, err
 
 
 class Ports(Protocol):
-    """Attaches a guest's port to its segment (bridge, firewall) and detaches it."""
+    """Plugs a guest's port into its segment (bridge, firewall) and brings it up; unplugs.
+
+    The host's end of a veth is the plumbing's from its creation on: its master, firewall
+    and admin state. The driver owns the guest's end.
+    """
 
     def plug(self, port: str, nic: NicSpec, rules: tuple[SecurityRule, ...]) -> None: ...
 
-    def unplug(self, port: str) -> None: ...
+    def unplug(self, port: str) -> object: ...
 
 
 class _NetPorts:
-    """`agents.net.ports` for one host: the network driver's own plumbing of a port."""
+    """The network driver's plumbing (`agents.net.ports.PortPlumbing`) of the host's
+    namespace, opened at first use; its errors become this driver's."""
 
-    def __init__(self, underlay_ip: str) -> None:
-        self.underlay_ip = underlay_ip
+    def __init__(self, host_netns: str | None, underlay_ip: str) -> None:
+        self.host_netns, self.underlay_ip = host_netns, underlay_ip
+        self._plumbing: Any = None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _net(self, what: str) -> Iterator[Any]:
+        try:
+            from agents.net.errors import NetError
+            from agents.net.ports import PortPlumbing
+        except ImportError as exc:
+            raise PermanentDriverError(f"{what}: agents.net.ports is not available") from exc
+        try:
+            with self._lock:
+                if self._plumbing is None:
+                    self._plumbing = PortPlumbing(self.host_netns)
+            yield self._plumbing
+        except NetError as exc:
+            cls = TransientDriverError if exc.transient else PermanentDriverError
+            raise cls(f"{what}: {exc}") from exc
 
     def plug(self, port: str, nic: NicSpec, rules: tuple[SecurityRule, ...]) -> None:
-        try:
-            from agents.net import ports
-        except ImportError as exc:
-            raise PermanentDriverError(f"cannot plug {port}: no agents.net.ports") from exc
-        ports.plug(port, nic, rules, self.underlay_ip)
+        with self._net(f"plug {port}") as plumbing:
+            plumbing.plug(port, nic, rules, self.underlay_ip)
 
-    def unplug(self, port: str) -> None:
-        try:
-            from agents.net import ports
-        except ImportError:
-            return  # nothing can have been plugged
-        ports.unplug(port)
+    def unplug(self, port: str) -> object:
+        with self._net(f"unplug {port}") as plumbing:
+            return plumbing.unplug(port)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._plumbing is not None:
+                self._plumbing.close()
+                self._plumbing = None
 
 
 def guest_base(host_netns: str | None, host: str) -> str:
@@ -166,7 +193,7 @@ class NetnsGuestDriver:
         self.host_netns = host_netns
         self.host = host
         self.underlay_ip = underlay_ip
-        self.ports: Ports = ports if ports is not None else _NetPorts(underlay_ip)
+        self.ports: Ports = ports if ports is not None else _NetPorts(host_netns, underlay_ip)
         self.base = guest_base(host_netns, host)
         self.run_dir = run_dir if run_dir is not None else RUN_DIR / self.base
         self.records = self.run_dir / "guests"
@@ -177,7 +204,11 @@ class NetnsGuestDriver:
         return guest_netns(self.base, instance_id)
 
     def close(self) -> None:
-        """Nothing to release: netlink sockets live for one call. Guests keep running."""
+        """Release the plumbing (this driver's netlink sockets live for one call only).
+        Guests keep running."""
+        close = getattr(self.ports, "close", None)
+        if close is not None:
+            close()
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -388,12 +419,11 @@ class NetnsGuestDriver:
             g.addr("del", index=index, address=address, prefixlen=prefixlen)
         if want not in have:
             g.addr("add", index=index, address=nic.ip, prefixlen=nic.prefix)
-        # Attached and filtered before it carries a frame.
+        # Attached, filtered and up (the plumbing's) before the guest's end can carry a
+        # frame: a veth has carrier only with both ends up.
         self.ports.plug(port, nic, spec.template.rules)
-        state = "up" if running else "down"
-        for ipr, link in ((g, inner), (h, outer)):
-            if bool(link["flags"] & IFF_UP) != running:
-                ipr.link("set", index=link["index"], state=state)
+        if bool(inner["flags"] & IFF_UP) != running:
+            g.link("set", index=index, state="up" if running else "down")
 
     @staticmethod
     def _set_mac(g: IPRoute, index: int, mac: str) -> None:
