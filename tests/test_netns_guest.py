@@ -480,3 +480,17 @@ def test_guests_plugged_by_the_network_plumbing(fabric: Fabric) -> None:
         assert f"obr{VNI}" not in fabric.links(host.netns)  # the last port took its segment
     finally:
         drv.close()
+
+
+def test_a_port_the_plumbing_left_down_is_reported_stopped(fabric: Fabric) -> None:
+    class AttachOnly(BridgePorts):
+        def plug(self, port: str, nic: NicSpec, rules: tuple[SecurityRule, ...]) -> None:
+            self.fabric.exec(self.host.netns, "ip", "link", "set", port, "master",
+                             f"obr{nic.vni}")
+
+    host = fabric.host("h1")
+    drv = NetnsGuestDriver(host.netns, host.name, host.underlay_ip,
+                           ports=AttachOnly(fabric, host))
+    assert drv.apply("a", spec(2), 1) == "stopped"  # honest: its port carries nothing
+    assert drv.observe() == {"a": "stopped"}
+    assert driver(fabric).apply("a", spec(2), 1) == "running"  # once the plumbing does

@@ -328,8 +328,12 @@ class NetnsGuestDriver:
                 g.link("set", index=links["lo"]["index"], ifalias=alias)
             if running:
                 serving = self._serve(instance_id, name, True)
-            # Every link is as wanted now (errors raised otherwise): the service decides.
-            return "running" if running and serving.get(instance_id) == name else "stopped"
+            if not running or serving.get(instance_id) != name:
+                return "stopped"
+            # Read back as observe() reads it: the host's ends are the plumbing's to bring up.
+            ports = {p: _link(h, p) for p in (port_name(instance_id, i)
+                                               for i in range(len(spec.nics)))}
+            return self._power(instance_id, name, _links(g), ports, serving)
 
     def remove(self, instance_id: str) -> bool:
         """Remove the guest's namespace, veths and service here; False if there is none."""
