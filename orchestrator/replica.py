@@ -3,14 +3,25 @@
 Every tick it heartbeats, renews its leases, stops workers whose lease was lost, gives
 partitions back when it holds more than its share, and claims free or expired ones.
 A SIGKILLed replica's leases expire after ``lease_s`` and the others take them over.
+
+PostgreSQL may go away and come back (a crash, a restart): a tick that fails is logged
+and tried again on the next, and workers that failed meanwhile are reclaimed. Leases are
+only proven by a renewal: ``lease_s`` after the last one began, by this process's own
+monotonic clock, others may own the partitions, so the workers stop then (their commits
+would be fenced anyway, but they would still hold consumers, acks and outboxes). Once
+the server is back, if it restarted, every worker starts again from what it has: a crash
+may have lost commits it had acknowledged.
 """
 
 import asyncio
 import contextlib
+import datetime
+import functools
 import math
 import os
 import socket
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import structlog
@@ -26,6 +37,7 @@ from orchestrator.reconciler import Reconciler, ReconcilerConfig
 from orchestrator.store import Lease, Store, create_pool
 
 log = structlog.get_logger()
+STOP_STEP_S = 2.0  # what a step of a replica's stop may take with PostgreSQL unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +71,19 @@ class Replica:
         self.config = config
         self.id = config.replica_id
         self.workers: dict[int, tuple[Lease, asyncio.Task[None]]] = {}
+        # When the last successful renewal was sent (loop.time(), a monotonic clock): every
+        # lease held is proven until lease_s after it, and no longer. Then, whatever the
+        # replica is doing (a tick, the leader's duties), the timer stops the workers.
+        self.renewed = -math.inf
+        self._unproven_at: asyncio.TimerHandle | None = None
+        self.server_started: datetime.datetime | None = None  # PostgreSQL's, as last seen
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         nc = await connect(cfg.nats_url, name=f"orch-{self.id}")
         pool = await create_pool(cfg.pg_dsn, size=4)
         store = Store(pool)
-        leadership = Leadership(cfg.pg_dsn, self.id)
+        leadership = Leadership(cfg.pg_dsn, self.id, timeout_s=cfg.lease_s)
         try:
             js = nc.jetstream()
             topology = await ensure_topology(js, cfg.partitions)
@@ -78,23 +96,60 @@ class Replica:
             liveness = Liveness(js, publisher, cfg.down_after_s)
             reconciler = Reconciler(publisher, cfg.reconcile)
             while not stop.is_set():
-                await self._tick(store, js, worker_cfg, topology.partitions)
+                await self._tick_or_log(store, js, worker_cfg, topology.partitions)
                 if await leadership.held():
                     await self._lead(leadership, liveness, reconciler)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), cfg.tick_s)
         finally:
-            for partition in list(self.workers):
-                await self._stop_worker(partition)
-            await store.leave(self.id)
+            if self._unproven_at is not None:
+                self._unproven_at.cancel()
+            await self._stop_workers(list(self.workers))
+            # PostgreSQL may be down: the leases then run out by themselves.
+            await _stop_step("leave", store.leave(self.id))
             await leadership.close()
-            await pool.close()
+            if not await _stop_step("close_pool", pool.close()):
+                pool.terminate()
             await nc.close()
             log.info("replica_stopped", replica=self.id)
 
+    async def _tick_or_log(self, store: Store, js, worker_cfg: WorkerConfig,
+                           partitions: int) -> None:
+        """A tick, given a lease's time at most; a failure (PostgreSQL unreachable, say)
+        is logged, and the next tick tries again."""
+        try:
+            async with asyncio.timeout(self.config.lease_s):
+                await self._tick(store, js, worker_cfg, partitions)
+        except Exception as exc:  # TimeoutError included
+            log.error("tick_failed", replica=self.id, error=repr(exc),
+                      renewed_s_ago=self._since_renewed())
+
+    def _renewed(self, sent: float) -> None:
+        """A renewal sent at ``sent`` succeeded: the leases are proven until lease_s later."""
+        self.renewed = sent
+        if self._unproven_at is not None:
+            self._unproven_at.cancel()
+        self._unproven_at = asyncio.get_running_loop().call_at(
+            sent + self.config.lease_s, self._unproven)
+
+    def _unproven(self) -> None:
+        """No renewal for lease_s: others may own the partitions now. The workers stop (the
+        next tick that reaches PostgreSQL reaps them, and claims partitions again)."""
+        if self.workers:
+            log.warning("leases_unproven", replica=self.id, partitions=sorted(self.workers),
+                        renewed_s_ago=self._since_renewed())
+        for _, task in self.workers.values():
+            task.cancel()
+
+    def _since_renewed(self) -> float | None:
+        if self.renewed == -math.inf:
+            return None
+        return round(asyncio.get_running_loop().time() - self.renewed, 3)
+
     async def _tick(self, store: Store, js, worker_cfg: WorkerConfig, partitions: int) -> None:
         cfg = self.config
-        live = await store.heartbeat(self.id, cfg.lease_s)
+        loop = asyncio.get_running_loop()
+        pulse = await store.heartbeat(self.id, cfg.lease_s)
         for partition, (lease, task) in list(self.workers.items()):
             if task.done():
                 del self.workers[partition]
@@ -102,15 +157,26 @@ class Replica:
                     log.error("partition_failed", partition=partition, epoch=lease.epoch,
                               error=repr(task.exception()))
                 await store.release(self.id, lease)
+        if pulse.server_started != self.server_started:
+            if self.server_started is not None and self.workers:
+                # Its crash may have lost commits (and outbox deletions) it had acknowledged:
+                # a worker would go on after them, and nothing would do them again. A new
+                # one starts from what the server has.
+                log.warning("postgres_restarted", replica=self.id,
+                            partitions=sorted(self.workers))
+                for partition in list(self.workers):
+                    await self._give_back(store, partition)
+            self.server_started = pulse.server_started
+        sent = loop.time()
         held = await store.renew(self.id, (le for le, _ in self.workers.values()), cfg.lease_s)
+        # Partitions claimed below are proven for longer: their claims are sent later.
+        self._renewed(sent)
         for partition in set(self.workers) - held:
             log.warning("lease_lost", partition=partition)
             await self._stop_worker(partition)
-        share = math.ceil(partitions / max(live, 1))
+        share = math.ceil(partitions / max(pulse.live, 1))
         for partition in sorted(self.workers, reverse=True)[: max(0, len(self.workers) - share)]:
-            lease = self.workers[partition][0]
-            await self._stop_worker(partition)
-            await store.release(self.id, lease)
+            await self._give_back(store, partition)
             log.info("partition_released", partition=partition, share=share)
         if len(self.workers) < share:
             for lease in await store.claim(self.id, cfg.lease_s, share - len(self.workers)):
@@ -131,11 +197,40 @@ class Replica:
             log.error("leader_duties_failed", replica=self.id, error=repr(exc))
 
     async def _stop_worker(self, partition: int) -> None:
-        _, task = self.workers.pop(partition)
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        except Exception as exc:  # already logged by the tick that saw it, or irrelevant now
-            log.warning("partition_stopped_with_error", partition=partition, error=repr(exc))
+        await self._stop_workers([partition])
+
+    async def _give_back(self, store: Store, partition: int) -> None:
+        """Stop a partition's worker and release its lease, for anyone to claim at once."""
+        lease = self.workers[partition][0]
+        await self._stop_worker(partition)
+        await store.release(self.id, lease)
+
+    async def _stop_workers(self, partitions: list[int]) -> None:
+        """Cancel these workers, forget them, and wait until they are gone. Cancelled
+        meanwhile (a tick out of time), the wait ends but they still go."""
+        tasks = set()
+        for partition in partitions:
+            _, task = self.workers.pop(partition)
+            task.cancel()
+            task.add_done_callback(functools.partial(_stopped, partition))
+            tasks.add(task)
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+async def _stop_step(step: str, done: Awaitable[None]) -> bool:
+    """A step of a replica's stop, bounded; a failure is logged, not raised: a clean stop
+    stays one when PostgreSQL is down."""
+    try:
+        await asyncio.wait_for(done, STOP_STEP_S)
+        return True
+    except Exception as exc:
+        log.warning("stop_step_failed", step=step, error=repr(exc))
+        return False
+
+
+def _stopped(partition: int, task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Already logged by the tick that saw it, or irrelevant now.
+        log.warning("partition_stopped_with_error", partition=partition,
+                    error=repr(task.exception()))

@@ -1,6 +1,7 @@
 """The projection store in PostgreSQL: one transaction per folded batch, fenced by epoch."""
 
 import asyncio
+import datetime
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -68,14 +69,26 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 async def create_pool(dsn: str, schema: str = "public", size: int = 4) -> asyncpg.Pool:
     return await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size, init=_init_connection, reset=_keep_session,
+        # No floor to keep: asyncpg would retry it in the background while PostgreSQL is
+        # down, printing a traceback each time. Connections open when asked for, and a
+        # closed one (PostgreSQL restarted) is opened again when next acquired.
+        dsn, min_size=0, max_size=size, init=_init_connection, reset=_keep_session,
         # The projection is derived from the CMD stream, where every command is durable
         # before it is acknowledged: a commit lost in a crash of PostgreSQL moves the
-        # checkpoint back, and the fold does it again, identically. Waiting for the WAL
+        # checkpoint back, and the fold does it again, identically (replicas restart their
+        # workers when the server has restarted, see Pulse). Waiting for the WAL
         # flush would cost every commit the disk's latency for nothing.
         server_settings={"search_path": schema, "application_name": "orch",
                          "synchronous_commit": "off"},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Pulse:
+    live: int  # replicas alive
+    # When the server started: another time, and it has restarted (or failed over) since.
+    # Commits are asynchronous, so a crash may have lost some it acknowledged.
+    server_started: datetime.datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,18 +124,21 @@ class Store:
         return int(await self.pool.fetchval(
             "SELECT coalesce(max(checkpoint), 0) FROM partitions"))
 
-    async def heartbeat(self, replica: str, ttl_s: float) -> int:
-        """Record this replica as alive; return how many replicas are alive."""
+    async def heartbeat(self, replica: str, ttl_s: float) -> Pulse:
+        """Record this replica as alive; return how many replicas are alive, and since when
+        the server runs."""
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "INSERT INTO replicas VALUES ($1, now())"
                 " ON CONFLICT (id) DO UPDATE SET seen = now()",
                 replica,
             )
-            return await conn.fetchval(
-                "SELECT count(*) FROM replicas WHERE seen > now() - make_interval(secs => $1)",
+            row = await conn.fetchrow(
+                "SELECT count(*), pg_postmaster_start_time() FROM replicas"
+                " WHERE seen > now() - make_interval(secs => $1)",
                 ttl_s,
             )
+            return Pulse(row[0], row[1])
 
     async def leave(self, replica: str) -> None:
         async with self.pool.acquire() as conn:
