@@ -1,0 +1,361 @@
+"""rtnetlink as the dataplane needs it: links, FDB and neighbour entries; read and written.
+
+Reads return small frozen records parsed from the kernel's answers; writes are `Message`s
+that `NetlinkSocket.write` sends in batches. Everything is addressed by ifindex except a
+link created in the same batch, which later messages of the batch name by its name.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from agents.net.netlink import (
+    _NLA,
+    NETLINK_ROUTE,
+    NLA_TYPE_MASK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    Message,
+    NetlinkSocket,
+    attrs,
+    cstr,
+    get_or_none,
+    nest,
+    nla,
+    nla_str,
+)
+
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
+IFLA_LINKINFO, IFLA_IFALIAS, IFLA_AF_SPEC, IFLA_EXT_MASK = 18, 20, 26, 29
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 4, 7, 15
+IFLA_BRPORT_LEARNING, IFLA_BRPORT_NEIGH_SUPPRESS = 8, 32
+IFLA_BR_MCAST_SNOOPING, IFLA_BR_NF_CALL_IPTABLES = 23, 36
+IFLA_INET6_ADDR_GEN_MODE = 8
+IN6_ADDR_GEN_MODE_NONE = 1
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+IFF_UP = 0x1
+
+NDA_DST, NDA_LLADDR, NDA_IFINDEX, NDA_MASTER = 1, 2, 8, 9
+NTF_SELF, NTF_MASTER = 0x02, 0x04
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
+
+_IFINFO = struct.Struct("=BxHiII")
+_NDMSG = struct.Struct("=BxxxiHBB")
+_U32 = struct.Struct("=I")
+_BE16 = struct.Struct("!H")
+ZERO_MAC = "00:00:00:00:00:00"
+# Without IPv6 the kernel refuses an IPv6 attribute: only ask for what it has.
+_HAS_IPV6 = os.path.exists("/proc/sys/net/ipv6")
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def mac_str(raw: bytes) -> str:
+    return raw.hex(":")
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: str | None  # "bridge", "vxlan", "veth", "tun", ...
+    master: int | None
+    mtu: int
+    up: bool
+    alias: str | None
+    address: str | None
+    vni: int | None = None  # for a VXLAN device
+    local: str | None = None
+    udp_port: int | None = None
+    learning: bool | None = None  # the VXLAN device's own learning
+    port_learning: bool | None = None  # as a bridge port
+    neigh_suppress: bool | None = None  # as a bridge port
+
+
+class Fdb(NamedTuple):
+    """One FDB entry: on the bridge (``master``) or the device's own (``dst`` for VXLAN)."""
+
+    ifindex: int
+    mac: str
+    master: bool  # an entry of the bridge for this port, not of the device itself
+    state: int
+    dst: str | None = None
+
+
+class Neighbour(NamedTuple):
+    ifindex: int
+    ip: str
+    mac: str | None
+    state: int
+
+
+def _parse_link(body: memoryview) -> Link:
+    _family, _type, index, flags, _change = _IFINFO.unpack_from(body, 0)
+    a = attrs(body, _IFINFO.size)
+    kind = slave_kind = None
+    info: dict[int, bytes] = {}
+    slave: dict[int, bytes] = {}
+    if IFLA_LINKINFO in a:
+        li = attrs(a[IFLA_LINKINFO])
+        kind = cstr(li[IFLA_INFO_KIND]) if IFLA_INFO_KIND in li else None
+        slave_kind = cstr(li[IFLA_INFO_SLAVE_KIND]) if IFLA_INFO_SLAVE_KIND in li else None
+        info = attrs(li[IFLA_INFO_DATA]) if IFLA_INFO_DATA in li else {}
+        slave = attrs(li[IFLA_INFO_SLAVE_DATA]) if IFLA_INFO_SLAVE_DATA in li else {}
+    vxlan: dict[str, object] = {}
+    if kind == "vxlan":
+        vxlan = {
+            "vni": _U32.unpack(info[IFLA_VXLAN_ID])[0] if IFLA_VXLAN_ID in info else None,
+            "local": (socket.inet_ntoa(info[IFLA_VXLAN_LOCAL])
+                      if IFLA_VXLAN_LOCAL in info else None),
+            "udp_port": (_BE16.unpack(info[IFLA_VXLAN_PORT])[0]
+                         if IFLA_VXLAN_PORT in info else None),
+            "learning": bool(info[IFLA_VXLAN_LEARNING][0]) if IFLA_VXLAN_LEARNING in info
+            else None,
+        }
+    brport: dict[str, object] = {}
+    if slave_kind == "bridge":
+        brport = {
+            "port_learning": (bool(slave[IFLA_BRPORT_LEARNING][0])
+                              if IFLA_BRPORT_LEARNING in slave else None),
+            "neigh_suppress": (bool(slave[IFLA_BRPORT_NEIGH_SUPPRESS][0])
+                               if IFLA_BRPORT_NEIGH_SUPPRESS in slave else None),
+        }
+    return Link(
+        index=index,
+        name=cstr(a[IFLA_IFNAME]),
+        kind=kind,
+        master=_U32.unpack(a[IFLA_MASTER])[0] if IFLA_MASTER in a else None,
+        mtu=_U32.unpack(a[IFLA_MTU])[0] if IFLA_MTU in a else 0,
+        up=bool(flags & IFF_UP),
+        alias=cstr(a[IFLA_IFALIAS]) if IFLA_IFALIAS in a else None,
+        address=mac_str(a[IFLA_ADDRESS]) if IFLA_ADDRESS in a else None,
+        **vxlan,  # type: ignore[arg-type]
+        **brport,  # type: ignore[arg-type]
+    )
+
+
+def _neigh_attrs(body: memoryview) -> tuple[bytes | None, bytes | None]:
+    """NDA_LLADDR and NDA_DST of a neighbour message (a hot loop: no dict per entry)."""
+    lladdr = dst = None
+    offset, end = _NDMSG.size, len(body)
+    while offset + 4 <= end:
+        size, kind = _NLA.unpack_from(body, offset)
+        if size < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind == NDA_LLADDR:
+            lladdr = bytes(body[offset + 4:offset + size])
+        elif kind == NDA_DST:
+            dst = bytes(body[offset + 4:offset + size])
+        offset += (size + 3) & ~3
+    return lladdr, dst
+
+
+def _ifinfo(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
+    return _IFINFO.pack(socket.AF_UNSPEC, 0, index, flags, change)
+
+
+_SKIP_STATS = nla(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS))
+
+
+class Rtnl(NetlinkSocket):
+    """An rtnetlink socket (strict checking, so that dumps are filtered by the kernel)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(NETLINK_ROUTE, timeout, strict=True)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def link(self, name: str) -> Link | None:
+        answer = get_or_none(self, RTM_GETLINK, _ifinfo() + nla_str(IFLA_IFNAME, name)
+                             + _SKIP_STATS, f"get link {name}")
+        return _parse_link(answer[0][1]) if answer else None
+
+    def links(self, *, master: int | None = None, kind: str | None = None) -> list[Link]:
+        """Every link, or those enslaved to ``master``, or those of ``kind``."""
+        query = _ifinfo() + _SKIP_STATS
+        if master is not None:
+            query += nla(IFLA_MASTER, _U32.pack(master))
+        if kind is not None:
+            query += nest(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, kind))
+        what = "list links" + (f" of master {master}" if master is not None else "")
+        return [_parse_link(body) for _kind, body in self.dump(RTM_GETLINK, query, what)]
+
+    def fdb(self, bridge: int) -> list[Fdb]:
+        """The FDB of a bridge: its entries for every port, and the ports' own entries."""
+        query = _NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0) + nla(NDA_MASTER, _U32.pack(bridge))
+        out = []
+        for _kind, body in self.dump(RTM_GETNEIGH, query, f"list fdb of bridge {bridge}"):
+            _family, ifindex, state, flags, _type = _NDMSG.unpack_from(body, 0)
+            lladdr, dst = _neigh_attrs(body)
+            if lladdr is not None:
+                out.append(Fdb(ifindex, lladdr.hex(":"), not flags & NTF_SELF, state,
+                               socket.inet_ntoa(dst) if dst and len(dst) == 4 else None))
+        return out
+
+    def neighbours(self, ifindex: int) -> list[Neighbour]:
+        """The IPv4 neighbour entries of one device."""
+        query = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0) + nla(NDA_IFINDEX, _U32.pack(ifindex))
+        out = []
+        for _kind, body in self.dump(RTM_GETNEIGH, query, f"list neighbours of {ifindex}"):
+            _family, index, state, _flags, _type = _NDMSG.unpack_from(body, 0)
+            lladdr, dst = _neigh_attrs(body)
+            if dst is not None and len(dst) == 4 and index == ifindex:
+                out.append(Neighbour(index, socket.inet_ntoa(dst),
+                                     lladdr.hex(":") if lladdr else None, state))
+        return out
+
+
+# -- writing --------------------------------------------------------------------------------
+
+def _by(index: int | None, name: str | None) -> tuple[bytes, bytes]:
+    """An ifinfomsg addressing a link by index, or by name (one created in the same batch)."""
+    if index:
+        return _ifinfo(index), b""
+    assert name is not None
+    return _ifinfo(), nla_str(IFLA_IFNAME, name)
+
+
+def create_bridge(name: str, mtu: int) -> Message:
+    """A segment bridge: its IPv4 goes through br_netfilter whatever the namespace's sysctl
+    says, and it does no multicast snooping (so it joins no group and sends no IGMP report
+    of its own into the segment; multicast floods, as VXLAN head-end replication does)."""
+    data = nest(IFLA_INFO_DATA, nla(IFLA_BR_NF_CALL_IPTABLES, b"\1"),
+                nla(IFLA_BR_MCAST_SNOOPING, b"\0"))
+    return Message(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                   _ifinfo() + nla_str(IFLA_IFNAME, name) + nla(IFLA_MTU, _U32.pack(mtu))
+                   + nest(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, "bridge"), data),
+                   f"create bridge {name}")
+
+
+def create_vxlan(name: str, vni: int, local: str, mtu: int, udp_port: int) -> Message:
+    data = nest(IFLA_INFO_DATA,
+                nla(IFLA_VXLAN_ID, _U32.pack(vni)),
+                nla(IFLA_VXLAN_LOCAL, socket.inet_aton(local)),
+                nla(IFLA_VXLAN_PORT, _BE16.pack(udp_port)),
+                nla(IFLA_VXLAN_LEARNING, b"\0"))
+    return Message(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                   _ifinfo() + nla_str(IFLA_IFNAME, name) + nla(IFLA_MTU, _U32.pack(mtu))
+                   + nest(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, "vxlan"), data),
+                   f"create vxlan {name} id {vni} local {local}")
+
+
+def set_link(name: str, index: int | None = None, *, mtu: int | None = None,
+             master: int | None = None, alias: str | None = None, no_ipv6: bool = False,
+             up: bool | None = None) -> Message:
+    """Change a link's settings. ``no_ipv6``: no IPv6 link-local address (addrgenmode
+    none), so the host sends nothing of its own into a segment; give it before ``up``."""
+    head, by_name = _by(index, name)
+    if up is not None:
+        head = _IFINFO.pack(socket.AF_UNSPEC, 0, index or 0, IFF_UP if up else 0, IFF_UP)
+    body = by_name
+    changes = []
+    if mtu is not None:
+        body += nla(IFLA_MTU, _U32.pack(mtu))
+        changes.append(f"mtu {mtu}")
+    if master is not None:
+        body += nla(IFLA_MASTER, _U32.pack(master))
+        changes.append(f"master {master}")
+    if alias is not None:
+        body += nla(IFLA_IFALIAS, alias.encode())
+        changes.append(f"alias {alias}")
+    if no_ipv6 and _HAS_IPV6:
+        body += nest(IFLA_AF_SPEC, nest(socket.AF_INET6, nla(IFLA_INET6_ADDR_GEN_MODE,
+                                                             bytes([IN6_ADDR_GEN_MODE_NONE]))))
+        changes.append("addrgenmode none")
+    if up is not None:
+        changes.append("up" if up else "down")
+    return Message(RTM_NEWLINK, 0, head + body, f"set {name} {' '.join(changes)}")
+
+
+def set_bridge_port(name: str, index: int | None, *, learning: bool,
+                    neigh_suppress: bool) -> Message:
+    head, by_name = _by(index, name)
+    slave = nest(IFLA_INFO_SLAVE_DATA,
+                 nla(IFLA_BRPORT_LEARNING, bytes([learning])),
+                 nla(IFLA_BRPORT_NEIGH_SUPPRESS, bytes([neigh_suppress])))
+    return Message(RTM_NEWLINK, 0,
+                   head + by_name + nest(IFLA_LINKINFO, nla_str(IFLA_INFO_SLAVE_KIND, "bridge"),
+                                         slave),
+                   f"set bridge port {name} learning {'on' if learning else 'off'} "
+                   f"neigh_suppress {'on' if neigh_suppress else 'off'}")
+
+
+def delete_link(name: str, index: int) -> Message:
+    return Message(RTM_DELLINK, 0, _ifinfo(index), f"delete link {name}")
+
+
+def _fdb(kind: int, flags: int, ifindex: int, mac: str, *, master: bool,
+         dst: str | None, what: str) -> Message:
+    # A bridge entry is static (NOARP), never PERMANENT: that would make the MAC local to
+    # the bridge, and frames for it would be delivered to the host instead of forwarded.
+    state = NUD_NOARP if master else NUD_NOARP | NUD_PERMANENT
+    body = (_NDMSG.pack(socket.AF_BRIDGE, ifindex, state, NTF_MASTER if master else NTF_SELF, 0)
+            + nla(NDA_LLADDR, mac_bytes(mac)))
+    if dst is not None:
+        body += nla(NDA_DST, socket.inet_aton(dst))
+    return Message(kind, flags, body, what)
+
+
+def add_flood(ifindex: int, vtep: str) -> Message:
+    """Head-end replication to one remote VTEP: one more all-zero entry (append)."""
+    return _fdb(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, ifindex, ZERO_MAC, master=False,
+                dst=vtep, what=f"add flood entry to {vtep}")
+
+
+def set_remote_mac(ifindex: int, mac: str, vtep: str) -> Message:
+    """Where a remote MAC lives: created, or repointed in place (replace)."""
+    return _fdb(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, ifindex, mac, master=False,
+                dst=vtep, what=f"point {mac} at {vtep}")
+
+
+def delete_vxlan_fdb(ifindex: int, mac: str, vtep: str) -> Message:
+    """Remove (mac, vtep): the kernel ignores it once the MAC points elsewhere."""
+    return _fdb(RTM_DELNEIGH, 0, ifindex, mac, master=False, dst=vtep,
+                what=f"remove {mac} at {vtep}")
+
+
+def add_bridge_fdb(port: int, mac: str) -> Message:
+    """A static entry of the bridge sending ``mac`` to one port (the VXLAN device)."""
+    return _fdb(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, port, mac, master=True, dst=None,
+                what=f"forward {mac} to port {port}")
+
+
+def delete_bridge_fdb(port: int, mac: str) -> Message:
+    """Remove the bridge's entry of ``mac`` on this port (not if it moved to another)."""
+    return _fdb(RTM_DELNEIGH, 0, port, mac, master=True, dst=None,
+                what=f"remove bridge entry {mac} on port {port}")
+
+
+def set_neighbour(ifindex: int, ip: str, mac: str) -> Message:
+    body = (_NDMSG.pack(socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0)
+            + nla(NDA_DST, socket.inet_aton(ip)) + nla(NDA_LLADDR, mac_bytes(mac)))
+    return Message(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body, f"neighbour {ip} is {mac}")
+
+
+def delete_neighbour(ifindex: int, ip: str) -> Message:
+    body = _NDMSG.pack(socket.AF_INET, ifindex, 0, 0, 0) + nla(NDA_DST, socket.inet_aton(ip))
+    return Message(RTM_DELNEIGH, 0, body, f"remove neighbour {ip}")
+
+
+# Deleting what is already gone is what was wanted.
+GONE = frozenset({errno.ENOENT, errno.ENODEV})
+
+
+def check_ipv4(value: str) -> str:
+    """A dotted IPv4 address, normalised; ValueError otherwise."""
+    return str(ipaddress.IPv4Address(value))

@@ -1,0 +1,269 @@
+"""A private network's segment on one host: bridge ``obr<vni>`` and VXLAN ``ovx<vni>``, its
+forwarding entries to the other hosts, and neighbour entries for the remote addresses.
+
+- Head-end replication: one all-zero-MAC entry per remote VTEP on the VXLAN device, so
+  broadcast and unknown unicast reach every other host of the segment.
+- A remote MAC: one entry on the VXLAN device saying which VTEP it lives behind, and a
+  static entry of the bridge sending it to the VXLAN port. The VXLAN port does not learn
+  (so a frame from another host cannot move a MAC), and the bridge entry is what ARP
+  suppression needs to answer for the MAC.
+- ARP suppression (``neigh_suppress`` on the VXLAN port) with a permanent neighbour entry
+  per remote address on the bridge: the bridge answers a guest's ARP request for a remote
+  address itself, and the request does not cross VXLAN. A request for an address that
+  has no entry still crosses, as before.
+
+Converging reads the kernel (links, FDB, neighbours), compares with what is wanted, and
+writes only the differences, in one batch. Removals are keyed by (MAC, VTEP) as read: the
+kernel ignores a removal of (MAC, old VTEP) once the MAC points at another VTEP.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from agents.net import names
+from agents.net.errors import NetlinkError, PermanentNetError, classify
+from agents.net.host import HostNet
+from agents.net.netlink import Message
+from agents.net.rtnl import (
+    GONE,
+    NUD_NOARP,
+    NUD_PERMANENT,
+    ZERO_MAC,
+    Link,
+    add_bridge_fdb,
+    add_flood,
+    check_ipv4,
+    create_bridge,
+    create_vxlan,
+    delete_bridge_fdb,
+    delete_link,
+    delete_neighbour,
+    delete_vxlan_fdb,
+    set_bridge_port,
+    set_link,
+    set_neighbour,
+    set_remote_mac,
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    vni: int
+    bridge: Link
+    vxlan: Link
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A port of the segment on another host (the job's RemotePort, checked)."""
+
+    mac: str
+    ip: str
+    vtep: str
+
+
+def _write(host: HostNet, messages: list[Message], *, ignore: frozenset[int] = GONE) -> int:
+    try:
+        host.rtnl.write(messages, ignore=ignore)
+    except NetlinkError as exc:
+        raise classify(exc) from exc
+    return len(messages)
+
+
+def _read(host: HostNet, vni: int) -> tuple[Link | None, Link | None]:
+    try:
+        return host.rtnl.link(names.bridge_name(vni)), host.rtnl.link(names.vxlan_name(vni))
+    except NetlinkError as exc:
+        raise classify(exc) from exc
+
+
+def _vxlan_ok(link: Link, vni: int, underlay_ip: str) -> bool:
+    return (link.kind == "vxlan" and link.vni == vni and link.local == underlay_ip
+            and link.udp_port == names.VXLAN_UDP_PORT and link.learning is False)
+
+
+def ensure_segment(host: HostNet, vni: int, mtu: int, underlay_ip: str) -> Segment:
+    """The segment's bridge and VXLAN device, created or corrected as needed; idempotent.
+
+    Both the network driver and the port plumbing call it: an instance's job may come
+    before its network's job, and a guest's port needs the bridge to exist.
+    """
+    underlay_ip = check_ipv4(underlay_ip)
+    bridge_name, vxlan_name = names.bridge_name(vni), names.vxlan_name(vni)
+    with host.lock(("segment", vni)):
+        bridge, vxlan = _read(host, vni)
+        if bridge is not None and bridge.kind != "bridge":
+            raise PermanentNetError(f"{bridge_name} exists and is not a bridge")
+        create: list[Message] = []
+        if bridge is None:
+            create.append(create_bridge(bridge_name, mtu))
+        if vxlan is not None and not _vxlan_ok(vxlan, vni, underlay_ip):
+            create.append(delete_link(vxlan_name, vxlan.index))  # ours by its name: redo it
+            vxlan = None
+        if vxlan is None:
+            create.append(create_vxlan(vxlan_name, vni, underlay_ip, mtu,
+                                       names.VXLAN_UDP_PORT))
+        if create:
+            try:
+                host.rtnl.write(create, ignore=GONE)
+            except NetlinkError as exc:
+                if exc.errno == errno.EEXIST and "VNI" in str(exc):
+                    raise PermanentNetError(f"{exc}: another device in this namespace uses "
+                                            f"VNI {vni} on port {names.VXLAN_UDP_PORT}"
+                                            ) from exc
+                raise classify(exc) from exc
+            new_bridge, new_vxlan = bridge is None, vxlan is None
+            bridge, vxlan = _read(host, vni)
+            if bridge is None or vxlan is None:
+                raise PermanentNetError(f"segment {vni}: created links are gone")
+        else:
+            new_bridge = new_vxlan = False
+        assert bridge is not None and vxlan is not None
+        config: list[Message] = []
+        if vxlan.mtu != mtu:
+            config.append(set_link(vxlan_name, vxlan.index, mtu=mtu))
+        if new_vxlan:
+            config.append(set_link(vxlan_name, vxlan.index, no_ipv6=True))
+        if vxlan.master != bridge.index:
+            config.append(set_link(vxlan_name, vxlan.index, master=bridge.index))
+        if vxlan.master != bridge.index or vxlan.port_learning or not vxlan.neigh_suppress:
+            config.append(set_bridge_port(vxlan_name, vxlan.index, learning=False,
+                                          neigh_suppress=True))
+        if not vxlan.up:
+            config.append(set_link(vxlan_name, vxlan.index, up=True))
+        if bridge.mtu != mtu:
+            config.append(set_link(bridge_name, bridge.index, mtu=mtu))
+        if not names.is_our_alias(bridge.alias):
+            config.append(set_link(bridge_name, bridge.index, alias=names.SEGMENT_ALIAS))
+        if new_bridge:
+            config.append(set_link(bridge_name, bridge.index, no_ipv6=True))
+        if not bridge.up:
+            config.append(set_link(bridge_name, bridge.index, up=True))
+        if config:
+            _write(host, config, ignore=frozenset())
+            bridge, vxlan = _read(host, vni)
+            if bridge is None or vxlan is None:
+                raise PermanentNetError(f"segment {vni}: links vanished while configured")
+        return Segment(vni, bridge, vxlan)
+
+
+def read_segment(host: HostNet, vni: int) -> tuple[Link | None, Link | None]:
+    """The segment's bridge and VXLAN device as they are (None: absent)."""
+    return _read(host, vni)
+
+
+def set_holder(host: HostNet, bridge: Link, alias: str) -> int:
+    """Record on the bridge which network and generation it holds; the writes made."""
+    if bridge.alias == alias:
+        return 0
+    return _write(host, [set_link(bridge.name, bridge.index, alias=alias)],
+                  ignore=frozenset())
+
+
+def converge_remotes(host: HostNet, segment: Segment, vteps: Iterable[str],
+                     ports: Iterable[Remote]) -> int:
+    """Make the segment's flood, FDB and neighbour entries exactly these; the writes made."""
+    vx, br = segment.vxlan.index, segment.bridge.index
+    flood_wanted = set(vteps)
+    wanted = {p.mac: p for p in ports}
+    try:
+        fdb = host.rtnl.fdb(br)
+        neighbours = host.rtnl.neighbours(br)
+    except NetlinkError as exc:
+        raise classify(exc) from exc
+    flood: set[str] = set()
+    remote: dict[str, list[str]] = {}  # mac -> the VTEPs the VXLAN device has for it
+    static: set[str] = set()  # MACs the bridge sends to the VXLAN port
+    elsewhere: set[str] = set()  # MACs the bridge knows on another (local) port
+    for entry in fdb:
+        if entry.ifindex != vx:
+            if entry.master:
+                elsewhere.add(entry.mac)
+        elif not entry.master:
+            if entry.dst is None:
+                continue
+            if entry.mac == ZERO_MAC:
+                flood.add(entry.dst)
+            else:
+                remote.setdefault(entry.mac, []).append(entry.dst)
+        elif entry.state & NUD_NOARP and not entry.state & NUD_PERMANENT:
+            static.add(entry.mac)  # (PERMANENT: the port's own address, the bridge's)
+    writes: list[Message] = []
+    writes += [add_flood(vx, vtep) for vtep in sorted(flood_wanted - flood)]
+    writes += [delete_vxlan_fdb(vx, ZERO_MAC, vtep) for vtep in sorted(flood - flood_wanted)]
+    for mac, dsts in sorted(remote.items()):
+        port = wanted.get(mac)
+        for dst in dsts:
+            if port is None or (dst != port.vtep and len(dsts) > 1):
+                writes.append(delete_vxlan_fdb(vx, mac, dst))
+    for mac, port in sorted(wanted.items()):
+        if port.vtep not in remote.get(mac, ()):
+            # Absent, or pointing elsewhere: repointed in place, never removed and re-added.
+            writes.append(set_remote_mac(vx, mac, port.vtep))
+        if mac not in static and mac not in elsewhere:
+            # A MAC the bridge has on a local port is here now (a guest that moved in):
+            # its local entry wins over a job that still says it is remote.
+            writes.append(add_bridge_fdb(vx, mac))
+    writes += [delete_bridge_fdb(vx, mac) for mac in sorted(static - wanted.keys())]
+    ips = {p.ip: p.mac for p in wanted.values()}
+    have = {n.ip: n for n in neighbours}
+    for ip, mac in sorted(ips.items()):
+        n = have.get(ip)
+        if n is None or n.mac != mac or not n.state & NUD_PERMANENT:
+            writes.append(set_neighbour(br, ip, mac))
+    # Ours are the permanent ones; the kernel's own (multicast, NOARP) are left alone.
+    writes += [delete_neighbour(br, ip) for ip, n in sorted(have.items())
+               if ip not in ips and n.state & NUD_PERMANENT]
+    return _write(host, writes) if writes else 0
+
+
+def guest_ports(host: HostNet, segment_bridge: Link) -> list[Link]:
+    """The links attached to a segment's bridge other than its VXLAN device."""
+    try:
+        links = host.rtnl.links(master=segment_bridge.index)
+    except NetlinkError as exc:
+        raise classify(exc) from exc
+    vni = names.vni_of(segment_bridge.name)
+    return [link for link in links if vni is None or link.name != names.vxlan_name(vni)]
+
+
+def remove_segment(host: HostNet, vni: int) -> bool:
+    """Remove the segment: its VXLAN device (and so every entry on it), its neighbour
+    entries, and its bridge unless guest ports are still attached. True: all gone."""
+    with host.lock(("segment", vni)):
+        bridge, vxlan = _read(host, vni)
+        writes: list[Message] = []
+        if vxlan is not None:
+            writes.append(delete_link(vxlan.name, vxlan.index))
+        if bridge is None:
+            if writes:
+                _write(host, writes)
+            return True
+        if bridge.kind != "bridge":
+            raise PermanentNetError(f"{bridge.name} exists and is not a bridge")
+        attached = guest_ports(host, bridge)
+        if not attached:
+            writes.append(delete_link(bridge.name, bridge.index))
+        else:
+            try:
+                neighbours = host.rtnl.neighbours(bridge.index)
+            except NetlinkError as exc:
+                raise classify(exc) from exc
+            writes += [delete_neighbour(bridge.index, n.ip) for n in neighbours
+                       if n.state & NUD_PERMANENT]
+        if writes:
+            _write(host, writes)
+        return not attached
+
+
+def segment_bridges(host: HostNet) -> list[Link]:
+    """Every segment bridge of this namespace (``obr<vni>``)."""
+    try:
+        bridges = host.rtnl.links(kind="bridge")
+    except NetlinkError as exc:
+        raise classify(exc) from exc
+    return [b for b in bridges
+            if b.name.startswith(names.BRIDGE_PREFIX) and names.vni_of(b.name) is not None]
