@@ -326,6 +326,12 @@ def test_spoofed_source_ip_or_mac_gets_nothing_through(net: Net) -> None:
     seen = {marker for marker, frame in frames.items()
             if any(g[:len(frame)] == frame for g in got)}
     assert seen == {b"honest", b"arp-honest"}
+    # Dropped before the bridge learns: a frame claiming b's MAC does not move b to a's
+    # port (a's pings would then hairpin back to a and be lost).
+    tx.send(udp_frame(c.mac, b.mac, b.ip, c.ip, b"claims-b"))
+    assert f"{b.mac} dev {names.vxlan_name(net.vni)} master" in sh(
+        "bridge", "-n", h1.netns, "fdb", "show", "br", names.bridge_name(net.vni)).stdout
+    assert a.pings(b.ip)
     # The guest's own stack with a foreign MAC: nothing through; its own again: fine.
     a.run("ip", "link", "set", "eth0", "address", stranger)
     try:

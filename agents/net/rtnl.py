@@ -84,6 +84,8 @@ class Link:
     learning: bool | None = None  # the VXLAN device's own learning
     port_learning: bool | None = None  # as a bridge port
     neigh_suppress: bool | None = None  # as a bridge port
+    nf_call_iptables: bool | None = None  # for a bridge
+    mcast_snooping: bool | None = None  # for a bridge
 
 
 class Fdb(NamedTuple):
@@ -115,7 +117,7 @@ def _parse_link(body: memoryview) -> Link:
         slave_kind = cstr(li[IFLA_INFO_SLAVE_KIND]) if IFLA_INFO_SLAVE_KIND in li else None
         info = attrs(li[IFLA_INFO_DATA]) if IFLA_INFO_DATA in li else {}
         slave = attrs(li[IFLA_INFO_SLAVE_DATA]) if IFLA_INFO_SLAVE_DATA in li else {}
-    vxlan: dict[str, object] = {}
+    vxlan: dict[str, object] = {}  # the kind's own settings (VXLAN or bridge)
     if kind == "vxlan":
         vxlan = {
             "vni": _U32.unpack(info[IFLA_VXLAN_ID])[0] if IFLA_VXLAN_ID in info else None,
@@ -125,6 +127,13 @@ def _parse_link(body: memoryview) -> Link:
                          if IFLA_VXLAN_PORT in info else None),
             "learning": bool(info[IFLA_VXLAN_LEARNING][0]) if IFLA_VXLAN_LEARNING in info
             else None,
+        }
+    if kind == "bridge":
+        vxlan = {
+            "nf_call_iptables": (bool(info[IFLA_BR_NF_CALL_IPTABLES][0])
+                                 if IFLA_BR_NF_CALL_IPTABLES in info else None),
+            "mcast_snooping": (bool(info[IFLA_BR_MCAST_SNOOPING][0])
+                               if IFLA_BR_MCAST_SNOOPING in info else None),
         }
     brport: dict[str, object] = {}
     if slave_kind == "bridge":
@@ -230,16 +239,29 @@ def _by(index: int | None, name: str | None) -> tuple[bytes, bytes]:
     return _ifinfo(), nla_str(IFLA_IFNAME, name)
 
 
+# A segment bridge's own settings: its IPv4 goes through br_netfilter whatever the
+# namespace's sysctl says, and it does no multicast snooping (so it joins no group and
+# sends no IGMP report of its own into the segment; multicast floods, as VXLAN head-end
+# replication does anyway).
+_BRIDGE_DATA = nest(IFLA_INFO_DATA, nla(IFLA_BR_NF_CALL_IPTABLES, b"\1"),
+                    nla(IFLA_BR_MCAST_SNOOPING, b"\0"))
+
+
+def bridge_settings_ok(link: Link) -> bool:
+    return link.nf_call_iptables is True and link.mcast_snooping is False
+
+
 def create_bridge(name: str, mtu: int) -> Message:
-    """A segment bridge: its IPv4 goes through br_netfilter whatever the namespace's sysctl
-    says, and it does no multicast snooping (so it joins no group and sends no IGMP report
-    of its own into the segment; multicast floods, as VXLAN head-end replication does)."""
-    data = nest(IFLA_INFO_DATA, nla(IFLA_BR_NF_CALL_IPTABLES, b"\1"),
-                nla(IFLA_BR_MCAST_SNOOPING, b"\0"))
     return Message(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
                    _ifinfo() + nla_str(IFLA_IFNAME, name) + nla(IFLA_MTU, _U32.pack(mtu))
-                   + nest(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, "bridge"), data),
+                   + nest(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, "bridge"), _BRIDGE_DATA),
                    f"create bridge {name}")
+
+
+def set_bridge(name: str, index: int) -> Message:
+    return Message(RTM_NEWLINK, 0, _ifinfo(index) + nest(
+        IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, "bridge"), _BRIDGE_DATA),
+        f"set bridge {name} nf_call_iptables 1 mcast_snooping 0")
 
 
 def create_vxlan(name: str, vni: int, local: str, mtu: int, udp_port: int) -> Message:

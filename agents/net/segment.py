@@ -35,6 +35,7 @@ from agents.net.rtnl import (
     Link,
     add_bridge_fdb,
     add_flood,
+    bridge_settings_ok,
     check_ipv4,
     create_bridge,
     create_vxlan,
@@ -42,6 +43,7 @@ from agents.net.rtnl import (
     delete_link,
     delete_neighbour,
     delete_vxlan_fdb,
+    set_bridge,
     set_bridge_port,
     set_link,
     set_neighbour,
@@ -136,6 +138,8 @@ def ensure_segment(host: HostNet, vni: int, mtu: int, underlay_ip: str) -> Segme
             config.append(set_link(vxlan_name, vxlan.index, up=True))
         if bridge.mtu != mtu:
             config.append(set_link(bridge_name, bridge.index, mtu=mtu))
+        if not bridge_settings_ok(bridge):
+            config.append(set_bridge(bridge_name, bridge.index))
         if not names.is_our_alias(bridge.alias):
             config.append(set_link(bridge_name, bridge.index, alias=names.SEGMENT_ALIAS))
         if new_bridge:
