@@ -7,6 +7,7 @@ by the module; each test makes its own guests on its own VNI and removes them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import json
 import os
@@ -25,6 +26,7 @@ from agents.drivers.network import NetworkDriver
 from agents.drivers.vm import PermanentDriverError, TransientDriverError, tap_name
 from agents.net import names
 from agents.net.errors import TransientNetError
+from agents.net.firewall import PortPolicy
 from agents.net.ports import PortPlumbing
 from schemas.specs import NetworkSpec, NicSpec, RemotePort, SecurityRule
 from tests.netns import Guest, Host, Topology, free_network, sh, topology
@@ -382,6 +384,44 @@ def test_established_connection_survives_unrelated_changes_and_is_cut_with_its_r
     assert firewall.forgotten > 0
     assert not exchange(client, conn, b"cut")
     assert a.tcp_connect(b.ip, 8080) is None
+
+
+def test_ports_plugged_at_once_share_transactions_and_fail_alone(net: Net) -> None:
+    h1, _h2, _h3 = net.topo.hosts
+    agent = net.agent(h1)
+    ports = [names.port_name(f"{net.id}-batch-{i}", 0) for i in range(12)]
+    sh("ip", "-n", h1.netns, "-batch", "-",
+       stdin="".join(f"link add {p} type veth peer name q{p[2:]}\n" for p in ports))
+    nics = [NicSpec(network=net.id, vni=net.vni, mac=f"02:00:00:00:01:{i:02x}",
+                    ip=net.address(20 + i), prefix=24) for i in range(len(ports))]
+    rules = (SecurityRule("tcp", 80), SecurityRule("udp", 53, "10.0.0.0/8"))
+    firewall = agent.ports.firewall
+    try:
+        agent.ports.plug(ports[0], nics[0], rules, h1.underlay_ip)  # the tables exist
+        transactions = firewall.transactions
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda i: agent.ports.plug(ports[i], nics[i], rules,
+                                                     h1.underlay_ip), range(1, len(ports))))
+        assert firewall.transactions - transactions < len(ports) - 1
+        before = agent.writes
+        for port, nic in zip(ports, nics, strict=True):
+            agent.ports.plug(port, nic, rules, h1.underlay_ip)
+        assert agent.writes == before
+        # One port whose rules the kernel refuses, among others: it fails alone.
+        bad = PortPolicy(ports[0], names.bridge_name(net.vni), "not-a-mac", nics[0].ip, ())
+        good = [PortPolicy(p, names.bridge_name(net.vni), n.mac, n.ip, rules[:1])
+                for p, n in zip(ports[1:], nics[1:], strict=True)]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(firewall.converge, policy) for policy in [bad, *good]]
+            with pytest.raises(TransientNetError, match="nft refused"):
+                futures[0].result()
+            assert all(f.result() > 0 for f in futures[1:])
+        assert set(ports) <= agent.ports.plugged()
+    finally:
+        for port in ports:
+            agent.ports.unplug(port)
+            sh("ip", "-n", h1.netns, "link", "del", port, check=False)
+    assert not set(ports) & agent.ports.plugged()
 
 
 # -- convergence ----------------------------------------------------------------------------

@@ -20,10 +20,11 @@ This kernel has no conntrack in the bridge family, so the work is split in two t
   speak only of TCP and UDP; ping is always allowed), then
   ``meta l4proto . th dport . ip saddr @allow_<port> accept``, then drop.
 
-Each port owns its chains, its set and its map elements: a change to one port is one
-transaction touching only those (kube-proxy's layout). Reads go through `NftReader`
-(object by object, in microseconds); writes through libnftables, whose transactions
-cost grows with the ruleset (it caches it first), so only what differs is written.
+Each port owns its chains, its set and its map elements: a change to one port touches
+only those, in one transaction (kube-proxy's layout). Reads go through `NftReader`
+(object by object, in microseconds); writes through libnftables, whose transactions cost
+grows with the ruleset (it loads all of it first), so only what differs is written, and
+ports converging at the same time share one transaction (see `Firewall.converge`).
 
 A rule that is removed also cuts what it allowed: conntrack entries to the guest matched
 by the removed (protocol, port, source range) and by no remaining one are deleted.
@@ -31,15 +32,23 @@ by the removed (protocol, port, source range) and by no remaining one are delete
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import re
 import socket
 import struct
+import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agents.net import names
-from agents.net.errors import NetlinkError, PermanentNetError, TransientNetError, classify
+from agents.net.errors import (
+    NetError,
+    NetlinkError,
+    PermanentNetError,
+    TransientNetError,
+    classify,
+)
 from agents.net.host import HostNet
 from agents.net.nfnl import NFPROTO_BRIDGE, NFPROTO_INET, Element, Flow, NftReader, ifname_key
 from schemas.specs import SecurityRule
@@ -215,6 +224,16 @@ def _element(base: Json, name: str, *elems: object) -> Json:
     return {"element": {**base, "name": name, "elem": list(elems)}}
 
 
+@dataclass
+class _Batch:
+    """What the ports of one transaction have taken so far (the kernel shows it only once
+    the transaction is written): marks, and each segment's zone."""
+
+    marks: set[int] = field(default_factory=set)
+    zones: dict[str, int] = field(default_factory=dict)  # bridge -> zone
+    dropped: set[str] = field(default_factory=set)  # bridges whose stale zone goes
+
+
 class Firewall:
     """The port firewalls of one host namespace. Every method runs in its namespace thread
     (so two ports never allocate the same mark) and writes one transaction at most."""
@@ -222,6 +241,8 @@ class Firewall:
     def __init__(self, host: HostNet) -> None:
         self.host = host
         self.reader = NftReader(host.nfnl)
+        self._pending: list[tuple[PortPolicy, concurrent.futures.Future[int]]] = []
+        self._pending_lock = threading.Lock()
         self.transactions = 0  # nft transactions written
         self.commands = 0  # nft commands in them
         self.forgotten = 0  # conntrack entries deleted
@@ -238,23 +259,88 @@ class Firewall:
     # -- converge ---------------------------------------------------------------------------
 
     def converge(self, policy: PortPolicy) -> int:
-        """Make the port's firewall say exactly ``policy``; the nft commands written."""
-        return self.host.inside(lambda: self._converge(policy), f"firewall of {policy.port}")
+        """Make the port's firewall say exactly ``policy``; the nft commands written for it.
 
-    def _converge(self, policy: PortPolicy) -> int:
-        self._br_netfilter()
+        Converges that wait for the namespace thread together are written together, as
+        one transaction (group commit): libnftables loads the whole ruleset before every
+        transaction, so ten ports in one cost little more than one. Should the kernel
+        refuse it, each port is tried on its own, and fails alone.
+        """
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        with self._pending_lock:
+            self._pending.append((policy, future))
+        if self.host.thread.is_current():
+            self._drain()
+        else:
+            self.host.thread.submit(self._drain)
+        return self.host.thread.wait(future, f"firewall of {policy.port}")
+
+    def _drain(self) -> None:
+        with self._pending_lock:
+            items, self._pending = self._pending, []
+        if not items:
+            return  # an earlier drain took them
+        last: dict[str, PortPolicy] = {}
+        for policy, _future in items:  # level-triggered: a port's newest policy wins
+            last[policy.port] = policy
+        try:
+            results = self._converge_all(list(last.values()))
+        except BaseException as exc:
+            results = {port: exc for port in last}
+        for policy, future in items:
+            result = results[policy.port]
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def _converge_all(self, policies: list[PortPolicy]) -> dict[str, int | BaseException]:
+        """Converge several ports in one transaction; each port's count or error."""
+        results: dict[str, int | BaseException] = {}
+        try:
+            self._br_netfilter()
+        except NetError as exc:
+            return {p.port: exc for p in policies}
+        plans: dict[str, tuple[list[Json], set[Allow]]] = {}
         for attempt in range(2):
+            batch = _Batch()
+            plans.clear()
             try:
-                commands, cut = self._plan(policy)
-                if commands:
-                    self._nft(commands, f"firewall of {policy.port}")
+                bridge_ok, inet_ok = self._base_ok()
+            except NetError as exc:
+                return {p.port: exc for p in policies}
+            for policy in policies:
+                try:
+                    plans[policy.port] = self._plan(policy, batch)
+                except NetError as exc:
+                    results[policy.port] = exc
+            body = [command for commands, _removed in plans.values() for command in commands]
+            if not body and bridge_ok and inet_ok:
                 break
-            except TransientNetError:
+            try:
+                self._nft(_base(bridge_ok, inet_ok) + body,
+                          f"firewall of {', '.join(sorted(plans)) or 'the host'}")
+                break
+            except TransientNetError as exc:
+                if len(plans) > 1:  # whichever port's commands were refused fails alone
+                    for policy in policies:
+                        if policy.port in plans:
+                            results.update(self._converge_all([policy]))
+                    return results
                 if attempt:  # changed under us between the read and the write: once more
-                    raise
-        if cut:
-            self._cut(policy, cut)
-        return len(commands)
+                    results.update({port: exc for port in plans})
+                    return results
+        for policy in policies:
+            if policy.port not in plans:
+                continue
+            commands, removed = plans[policy.port]
+            try:
+                if removed:
+                    self._cut(policy, removed)
+                results[policy.port] = len(commands)
+            except NetError as exc:
+                results[policy.port] = exc
+        return results
 
     def _br_netfilter(self) -> None:
         """Bridged IPv4 must traverse the inet hooks (the segment bridges also ask for it
@@ -265,23 +351,30 @@ class Firewall:
             raise PermanentNetError(f"{exc}: br_netfilter is not loaded (modprobe "
                                     "br_netfilter); guest rules cannot be enforced") from exc
 
-    def _plan(self, policy: PortPolicy) -> tuple[list[Json], set[Allow]]:
-        """The commands that bring the port's objects to ``policy``, and the allow ranges
-        removed (whose connections are to be cut)."""
+    def _base_ok(self) -> tuple[bool, bool]:
+        """Whether the hooked chains of each table (bridge, inet) are as written."""
+        try:
+            return (all(self._complete(NFPROTO_BRIDGE, names.PORTS_TABLE, hook, 1, BASE_COMMENT)
+                        for hook in ("prerouting", "forward")),
+                    all(self._complete(NFPROTO_INET, names.GUESTS_TABLE, hook, 1, BASE_COMMENT)
+                        for hook in ("prerouting", "forward")))
+        except NetlinkError as exc:
+            raise classify(exc) from exc
+
+    def _plan(self, policy: PortPolicy, batch: _Batch) -> tuple[list[Json], set[Allow]]:
+        """The commands that bring the port's objects to ``policy`` (the tables and hooked
+        chains aside), and the allow ranges removed (whose connections are to be cut)."""
         r, port = self.reader, policy.port
         in_chain, to_chain, allow = (names.chain_in(port), names.chain_to(port),
                                      names.allow_set(port))
         try:
-            bridge_ok = all(self._complete(NFPROTO_BRIDGE, names.PORTS_TABLE, hook, 1,
-                                           BASE_COMMENT) for hook in ("prerouting", "forward"))
-            inet_ok = all(self._complete(NFPROTO_INET, names.GUESTS_TABLE, hook, 1,
-                                         BASE_COMMENT) for hook in ("prerouting", "forward"))
-            body = self._zone(policy.bridge)
+            body = self._zone(policy.bridge, batch)
             key = ifname_key(port)
             mark_elem = r.element(NFPROTO_BRIDGE, names.PORTS_TABLE, "to_mark", key)
             mark = _U32.unpack(mark_elem.value)[0] if mark_elem and mark_elem.value else None
             if mark is None:  # a new port, or its bridge table was lost
-                mark = self._mark_of(to_chain) or self._free_mark()
+                mark = self._mark_of(to_chain) or self._free_mark(batch)
+            batch.marks.add(mark)
             if not self._complete(NFPROTO_BRIDGE, names.PORTS_TABLE, in_chain,
                                   len(_in_rules(policy.mac, policy.ip)), _in_comment(policy)):
                 body += _chain_rules(B, in_chain, _in_rules(policy.mac, policy.ip),
@@ -304,9 +397,7 @@ class Firewall:
             body += self._map_elements(port, mark, mark_elem is not None)
         except NetlinkError as exc:
             raise classify(exc) from exc
-        if not body and bridge_ok and inet_ok:
-            return [], removed
-        return _base(bridge_ok, inet_ok) + body, removed
+        return body, removed
 
     def _map_elements(self, port: str, mark: int, mark_known: bool) -> list[Json]:
         r, out = self.reader, []
@@ -334,8 +425,8 @@ class Firewall:
         marks = self._marks_to(chain)
         return min(marks) if marks else None
 
-    def _free_mark(self) -> int:
-        used = set()
+    def _free_mark(self, batch: _Batch) -> int:
+        used = set(batch.marks)
         for family, table, name in ((NFPROTO_BRIDGE, names.PORTS_TABLE, "to_mark"),
                                     (NFPROTO_INET, names.GUESTS_TABLE, "to_port")):
             for e in self.reader.elements(family, table, name) or []:
@@ -347,10 +438,12 @@ class Firewall:
                 return mark
         raise PermanentNetError(f"no free mark for a guest port ({MARK_SPAN} in use)")
 
-    def _zone(self, bridge: str) -> list[Json]:
+    def _zone(self, bridge: str, batch: _Batch) -> list[Json]:
         """The commands that give a segment its conntrack zone (allocated on its first
         port). A zone whose bridge is gone is free again; its chain (``ct zone set N``)
         stays for the next segment that takes the number."""
+        if bridge in batch.zones:
+            return []  # another port of the batch on the same segment saw to it
         r = self.reader
         elem = r.element(NFPROTO_INET, names.GUESTS_TABLE, "zone_of", ifname_key(bridge))
         zone = None
@@ -359,13 +452,16 @@ class Firewall:
         out: list[Json] = []
         new_element: list[Json] = []
         if zone is None:
-            used: dict[int, str] = {}
+            used = {z: name for name, z in batch.zones.items()}
             for e in r.elements(NFPROTO_INET, names.GUESTS_TABLE, "zone_of") or []:
                 name = e.key.rstrip(b"\0").decode(errors="replace")
                 if not (e.jump and (m := _ZONE.match(e.jump))) or name == bridge:
                     continue
+                if name in batch.dropped:
+                    continue
                 if self.host.rtnl.link(name) is None:
                     out.append({"delete": _element(I, "zone_of", name)})
+                    batch.dropped.add(name)
                 else:
                     used[int(m[1])] = name
             if elem is not None:
@@ -373,6 +469,7 @@ class Firewall:
             zone = next(z for z in range(1, len(used) + 2) if z not in used)
             new_element = [{"add": _element(I, "zone_of",
                                             [bridge, _jump(names.zone_chain(zone))])}]
+        batch.zones[bridge] = zone
         comment = f"{LAYOUT} zone {zone}"
         if not self._complete(NFPROTO_INET, names.GUESTS_TABLE, names.zone_chain(zone), 1,
                               comment):

@@ -88,17 +88,26 @@ class NamespaceThread:
             except BaseException as exc:
                 future.set_exception(exc)
 
-    def call(self, call: Callable[[], T], what: str, timeout: float | None = None) -> T:
-        """Run ``call`` inside the namespace and return its result (or raise its error)."""
-        future: concurrent.futures.Future[object] = concurrent.futures.Future()
-        self._calls.put((call, future))
+    def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Queue ``call`` to run inside the namespace; its future."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((call, future))  # type: ignore[arg-type]
+        return future
+
+    def wait(self, future: concurrent.futures.Future[T], what: str,
+             timeout: float | None = None) -> T:
+        """The result of a call run in the namespace, waited for at most ``timeout``."""
         wait = self.timeout if timeout is None else timeout
         try:
-            return future.result(wait)  # type: ignore[return-value]
+            return future.result(wait)
         except concurrent.futures.TimeoutError as exc:
             future.cancel()  # if it has not started yet, it never will
             raise TransientNetError(f"{what}: no answer within {wait:g} s in network "
                                     f"namespace {self.netns or '(own)'}") from exc
+
+    def call(self, call: Callable[[], T], what: str, timeout: float | None = None) -> T:
+        """Run ``call`` inside the namespace and return its result (or raise its error)."""
+        return self.wait(self.submit(call), what, timeout)
 
     def is_current(self) -> bool:
         return threading.current_thread() is self._thread

@@ -3,11 +3,11 @@
 The port is the host side of a guest NIC, named `names.port_name(instance, index)`: a
 QEMU guest's tap (libvirt creates it, bare) or a namespace guest's veth. Plugging it:
 
-1. ensures its segment (bridge and VXLAN device): the instance's job may come before its
-   network's job;
-2. converges its firewall (`agents.net.firewall`) *before* the port joins the bridge, so
+1. converges its firewall (`agents.net.firewall`) *before* the port joins the bridge, so
    no frame of the guest is ever forwarded unchecked (OVN's rule: a port is plugged once
-   its flows are written);
+   its flows are written); ports plugged at the same time share one nft transaction;
+2. ensures its segment (bridge and VXLAN device): the instance's job may come before its
+   network's job;
 3. turns IPv6 off on the port (the host then sends nothing of its own to the guest), sets
    its MTU to the segment's, attaches it to the bridge and brings it up.
 
@@ -68,6 +68,11 @@ class PortPlumbing:
         _check(port, nic)
         if self._link(port) is None:
             raise TransientNetError(f"port {port} does not exist")
+        # The firewall first: nothing of the guest is forwarded before it is in place.
+        # (Outside the segment's lock, so that ports of one segment plugged at the same time
+        # share an nft transaction.)
+        self.firewall.converge(PortPolicy(port, names.bridge_name(nic.vni), nic.mac, nic.ip,
+                                          rules))
         # Under the segment's lock: a sweep or the last port's unplug cannot remove the
         # bridge between its creation here and this port joining it.
         with self.host.lock(("segment", nic.vni)):
@@ -75,8 +80,6 @@ class PortPlumbing:
             link = self._link(port)
             if link is None:
                 raise TransientNetError(f"port {port} vanished while being plugged")
-            self.firewall.converge(PortPolicy(port, segment.bridge.name, nic.mac, nic.ip,
-                                              rules))
             self.host.sysctl(f"net.ipv6.conf.{port}.disable_ipv6", "1", optional=True)
             changes: list[Message] = []
             if link.mtu != nic.mtu:
