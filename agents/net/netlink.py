@@ -14,7 +14,6 @@ later: `agents.net.host` creates it in a thread that entered the host's namespac
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 import threading
@@ -276,7 +275,3 @@ def get_or_none(sock: NetlinkSocket, kind: int, payload: bytes, what: str,
         if exc.errno in tuple(missing):
             return None
         raise
-
-
-def strerror(code: int) -> str:
-    return os.strerror(code) if code else "ok"
