@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,10 +16,16 @@ import msgspec
 from nats.js import JetStreamContext
 from prometheus_client.parser import text_string_to_metric_families
 
-from events.bus import Publisher
-from events.subjects import JOB_STREAM, inventory_subject
+from agents.drivers import testnode
+from agents.drivers.vm import VmDriver
+from agents.runtime import Agent, AgentConfig
+from events.bus import Publisher, read_stream
+from events.heartbeats import read_heartbeats
+from events.subjects import CMD_STREAM, JOB_STREAM, inventory_subject
 from orchestrator.embedded import free_ports
 from schemas.codec import command_from_dict
+from schemas.jobs import Job
+from schemas.specs import InstanceSpec, InstanceTemplate, Power
 from tests.conftest import Env, Processes, eventually
 
 HOSTS = ("h1", "h2", "h3")
@@ -31,6 +38,16 @@ async def register(js: JetStreamContext, pg: asyncpg.Connection) -> None:
         for h in HOSTS])
     await eventually(lambda: pg.fetchval(
         f"SELECT count(*) = {len(HOSTS)} FROM history WHERE kind = 'scheduler'"))
+
+
+async def agents_running(js: JetStreamContext) -> None:
+    """Every host's agent is connected: it has beaten at least once. (Until then a job
+    can pass its deadline unseen and be re-issued before any agent reads it.)"""
+
+    async def beating() -> bool:
+        return set(HOSTS) <= (await read_heartbeats(js)).keys()
+
+    await eventually(beating, timeout=60)
 
 
 def start(processes: Processes, env: Env, *extra: str) -> None:
@@ -50,17 +67,74 @@ async def instances(pg: asyncpg.Connection) -> dict[str, dict]:
     return {r["id"]: msgspec.json.decode(r["state"]) for r in rows}
 
 
-async def converged(pg: asyncpg.Connection, count: int) -> bool:
-    """All ``count`` instances exist, and each has applied its newest generation."""
-    states = await instances(pg)
+def all_converged(states: dict[str, dict], count: int) -> bool:
+    """All ``count`` instances exist, each is placed, and its host has applied its newest
+    generation.
+
+    An instance not placed yet has generation 0 and observed_generation 0 too: it is not
+    converged, its job has not even been issued. (Counting it let a test move on while
+    placements were still on their way.) Only an instance deleted before it was ever
+    placed has no host and nothing left to converge.
+    """
     return len(states) == count and all(
-        s["observed_generation"] == s["generation"] for s in states.values()
-        if s["status"] != "deleted" or s["host"])
+        s["observed_generation"] == s["generation"] if s["host"] else s["status"] == "deleted"
+        for s in states.values())
+
+
+async def converged(pg: asyncpg.Connection, count: int) -> bool:
+    return all_converged(await instances(pg), count)
+
+
+def test_an_instance_not_placed_yet_is_not_converged() -> None:
+    placed = {"status": "placed", "host": "h1", "generation": 1, "observed_generation": 1}
+    pending = {"status": "pending", "host": None, "generation": 0, "observed_generation": 0}
+    applying = {**placed, "generation": 2}
+    deleted_unplaced = {**pending, "status": "deleted", "generation": 1}
+    assert all_converged({"a": placed, "b": deleted_unplaced}, 2)
+    assert not all_converged({"a": placed, "b": pending}, 2)
+    assert not all_converged({"a": placed, "b": applying}, 2)
+    assert not all_converged({"a": placed}, 2)
 
 
 async def inventory(js: JetStreamContext, host: str) -> dict[str, str]:
     reply = await js._nc.request(inventory_subject(host), b"", timeout=5)
     return msgspec.json.decode(reply.data)
+
+
+async def test_a_resync_never_applies_an_older_job_after_a_newer_removal(
+        env: Env, js: JetStreamContext, tmp_path: Path) -> None:
+    """A resync reads its snapshot, then the newer removal is applied before the resync
+    reaches that entity: the resync's older job must change nothing and report nothing,
+    or a deleted instance would be recreated, or reported at a stale power state."""
+    uri = testnode.test_node_uri("h1", tmp_path)
+    agent = Agent(AgentConfig(env.nats_url, "h1", uri), lambda: VmDriver(uri, "h1"))
+    agent.driver = VmDriver(uri, "h1")  # what Agent.run would set up, without its loops
+    agent.publisher = Publisher(js)
+    template = InstanceTemplate(vcpus=1, memory_mib=128, image="tiny")
+
+    def job(generation: int, power: Power | None) -> Job:
+        spec = None if power is None else InstanceSpec(template=template, power=power, host="h1")
+        return Job(kind="instance", id="a", host="h1", generation=generation, spec=spec)
+
+    async def publish_job(j: Job) -> None:
+        await js.publish("job.h1.instance.a", msgspec.json.encode(j), stream=JOB_STREAM)
+
+    await agent._converge(job(1, "running"), None)
+    await publish_job(job(2, "stopped"))  # the newest job when the resync reads the stream
+    async with agent.locks("a"):  # held as the job loop holds it for the newer job
+        resync = asyncio.create_task(agent.resync(js))
+        await eventually(lambda: asyncio.sleep(0, agent.locks._locks["a"].users == 2))
+        await publish_job(job(3, None))
+        await agent._converge(job(2, "stopped"), None)
+        await agent._converge(job(3, None), None)
+    await resync  # now it converges its snapshot's generation 2
+    assert agent.driver.observe() == {}
+    assert agent.applied["a"] == 3
+    reports = [msgspec.json.decode(m.data) async for batch in read_stream(
+        js, CMD_STREAM, "cmd.*.h1.instance.a") for m in batch]
+    assert [(r["generation"], r["observed"]) for r in reports] == [
+        (1, "running"), (2, "stopped"), (3, "absent")]
+    agent.driver.close()
 
 
 async def test_300_instances_converge_across_3_agents(env: Env, js, pg, processes) -> None:
@@ -176,6 +250,9 @@ async def test_a_job_that_always_fails_degrades_and_alerts_while_others_converge
     for host, port in zip(HOSTS, ports, strict=True):
         agent(processes, env, host, "--metrics-port", str(port))
     await register(js, pg)
+    # Each attempt must reach an agent to be reported as Failed: none may be re-issued
+    # while the agents are still starting (the JOB stream keeps only the newest one).
+    await agents_running(js)
     pub = Publisher(js)
     await pub.publish_many(
         [("user", command_from_dict(dict(type="CreateInstance", cmd_id="bad", id="broken",
