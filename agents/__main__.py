@@ -2,20 +2,30 @@
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import tempfile
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import prometheus_client
 import typer
 import uvloop
 
+from agents.drivers.netns_guest import NetnsGuestDriver
+from agents.drivers.network import NetworkDriver
 from agents.drivers.testnode import test_node_uri
 from agents.drivers.vm import VmDriver
-from agents.runtime import Agent, AgentConfig
+from agents.net.host import interface_address
+from agents.runtime import Agent, AgentConfig, Driver
 from events import logs
 from schemas.ids import ID_PATTERN, is_valid_id
+
+
+class Guests(StrEnum):
+    libvirt = "libvirt"
+    netns = "netns"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -28,7 +38,18 @@ def main(
     libvirt_uri: Annotated[str, typer.Option(
         "--libvirt", metavar="URI",
         help="libvirt URI; `test` makes a private test:/// hypervisor")] = "qemu:///system",
-    bridge: Annotated[str | None, typer.Option(help="Bridge for guest NICs (qemu)")] = None,
+    bridge: Annotated[str | None, typer.Option(
+        help="One flat bridge for every guest NIC (qemu), instead of their segments")] = None,
+    guests: Annotated[Guests, typer.Option(
+        help="libvirt: guests are libvirt domains (--libvirt); netns: each guest is a network"
+             " namespace with a veth per NIC and a TCP/UDP service answering its id (real"
+             " networking, no VM: for broad and fast tests)")] = Guests.libvirt,
+    netns: Annotated[str | None, typer.Option(
+        metavar="NAME", help="The host's network namespace [default: the agent's own]")] = None,
+    underlay_ip: Annotated[str | None, typer.Option(
+        metavar="IP", help="This host's VTEP address on the underlay")] = None,
+    underlay_dev: Annotated[str | None, typer.Option(
+        metavar="IFACE", help="...or the interface whose IPv4 address it is")] = None,
     heartbeat: Annotated[float, typer.Option(help="Heartbeat period, seconds")] = 1.0,
     resync: Annotated[float, typer.Option(help="Full resync period, seconds")] = 30.0,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs applied at once")] = 8,
@@ -38,8 +59,21 @@ def main(
 ) -> None:
     """Run the agent of one host until SIGTERM or Ctrl-C (JSON logs on stderr)."""
     if not is_valid_id(host):
-        typer.echo(f"error: invalid host name {host!r}: must match {ID_PATTERN}", err=True)
-        raise typer.Exit(2)
+        _usage(f"invalid host name {host!r}: must match {ID_PATTERN}")
+    if underlay_ip is not None and underlay_dev is not None:
+        _usage("--underlay-ip and --underlay-dev: give one")
+    if underlay_dev is not None:
+        try:
+            underlay_ip = interface_address(netns, underlay_dev)
+        except (OSError, LookupError) as exc:
+            _usage(f"--underlay-dev {underlay_dev}: {exc}")
+    if underlay_ip is not None:
+        try:
+            underlay_ip = str(ipaddress.IPv4Address(underlay_ip))
+        except ValueError:
+            _usage(f"--underlay-ip {underlay_ip!r} is not an IPv4 address")
+    if guests is Guests.netns and underlay_ip is None:
+        _usage("--guests netns: give the host's --underlay-ip or --underlay-dev")
     logs.configure(log_level, json=True)
     if metrics_port is not None:
         prometheus_client.start_http_server(metrics_port, addr="127.0.0.1")
@@ -49,24 +83,40 @@ def main(
             scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=f"orch-{host}-"))
             uri = test_node_uri(host, Path(scratch))
         _run(AgentConfig(nats, host, uri, heartbeat_s=heartbeat, resync_s=resync,
-                         concurrency=concurrency), bridge)
+                         concurrency=concurrency, underlay_ip=underlay_ip), guests, netns,
+             bridge)
 
 
-def _run(config: AgentConfig, bridge: str | None) -> None:
-    def driver() -> VmDriver:
+def _usage(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _run(config: AgentConfig, guests: Guests, netns: str | None, bridge: str | None) -> None:
+    def drivers() -> dict[str, Driver]:
+        """One driver per kind of job: the guests, and their networks' segments."""
+        found: dict[str, Driver] = {}
+        if config.underlay_ip is not None:
+            found["network"] = NetworkDriver(config.underlay_ip, netns)
+        if guests is Guests.netns:
+            assert config.underlay_ip is not None
+            found["instance"] = NetnsGuestDriver(netns, config.host, config.underlay_ip)
+            return found
         guest = None
         if config.libvirt_uri.startswith("qemu"):
             from agents.guest import build_guest_image  # reads the kernel: only for qemu
 
             guest = build_guest_image()
-        return VmDriver(config.libvirt_uri, config.host, guest=guest, bridge=bridge)
+        found["instance"] = VmDriver(config.libvirt_uri, config.host, guest=guest,
+                                     bridge=bridge)
+        return found
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await Agent(config, driver).run(stop)
+        await Agent(config, drivers).run(stop)
 
     uvloop.run(run())
 

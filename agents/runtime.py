@@ -1,11 +1,14 @@
 """The agent on one host: consume its jobs, converge, acknowledge, report, heartbeat, resync.
 
-An agent decides nothing. A job carries the full desired spec of one entity and its
-generation; the agent makes the hypervisor match it, then reports ``Applied`` (or
-``Failed``) as a command from its own source, and acknowledges the job. On start it
-re-reads the newest job of every entity placed on it (the JOB stream keeps one per
-subject), which is a full resync, and it repeats that on a timer to repair drift and
-remove what is no longer wanted.
+An agent decides nothing. A job carries the full desired spec of one entity on this host
+and its generation; the agent hands it to the driver of its kind (instances to the guest
+driver, networks to the segment driver), then reports ``Applied`` (or ``Failed``, in the
+kind's own report commands) from its own source, and acknowledges the job. The rules are
+the same for every kind: one entity at a time, generations never go back, report then ack,
+retries. On start it re-reads the newest job of every entity it holds (the JOB stream
+keeps one per subject), which is a full resync, and it repeats that on a timer to repair
+drift and remove what is no longer wanted; stale objects are swept only after such a
+complete pass.
 """
 
 import asyncio
@@ -14,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -24,7 +27,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from tenacity import stop_after_attempt, wait_exponential_jitter
 
-from agents.drivers.vm import PermanentDriverError, TransientDriverError, VmDriver
+from agents.drivers.errors import PermanentDriverError, TransientDriverError
 from agents.metrics import APPLY_SECONDS, JOB_ENDS, REMOVED, RESYNC_SECONDS, ROUNDS_SKIPPED
 from events.bus import Publisher, connect, is_transient, read_stream
 from events.heartbeats import beat
@@ -33,12 +36,35 @@ from events.subjects import HEARTBEAT_BUCKET, JOB_STREAM, inventory_subject, job
 from events.topology import ensure_topology
 from schemas import commands as c
 from schemas.heartbeat import Heartbeat
-from schemas.jobs import Job
-from schemas.specs import InstanceSpec
+from schemas.jobs import SPECS, Job
 
 log = structlog.get_logger()
 T = TypeVar("T")
-_job = msgspec.json.Decoder(Job[InstanceSpec])
+Key = tuple[str, str]  # (kind, id)
+# A job's spec type follows its kind, the third token of job.<host>.<kind>.<id>.
+_DECODERS = {kind: msgspec.json.Decoder(Job[spec]) for kind, spec in SPECS.items()}  # type: ignore[valid-type]
+# What an agent reports for a job of each kind: applied, failed.
+REPORTS: dict[str, tuple[type[c.Command], type[c.Command]]] = {
+    "instance": (c.Applied, c.Failed),
+    "network": (c.NetworkApplied, c.NetworkFailed),
+}
+
+
+class Driver(Protocol):
+    """What the runtime needs of a driver; it owns only the objects carrying its names."""
+
+    blocking: bool  # its calls go to a thread
+
+    def apply(self, entity_id: str, spec: Any, generation: int) -> str: ...
+    def observe(self) -> dict[str, str]: ...  # entity -> observed, as the host holds it
+    def remove(self, entity_id: str) -> bool: ...
+    def generations(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
+
+def job_kind(subject: str) -> str:
+    tokens = subject.split(".")
+    return tokens[2] if len(tokens) == 4 else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +77,7 @@ class AgentConfig:
     concurrency: int = 8
     retries: int = 3  # attempts for transient driver errors before reporting Failed
     in_progress_s: float = 5.0  # how often a long apply tells JetStream it is still at it
+    underlay_ip: str | None = None  # this host's VTEP address, reported in its heartbeats
 
 
 class KeepAlive:
@@ -105,14 +132,15 @@ class KeyedLocks:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, driver_factory: Callable[[], VmDriver]) -> None:
+    def __init__(self, config: AgentConfig,
+                 driver_factory: Callable[[], dict[str, Driver]]) -> None:
         self.config = config
         self.host = config.host
         self.boot_id = uuid.uuid4().hex
         self._driver_factory = driver_factory
-        self.driver: VmDriver
-        self.applied: dict[str, int] = {}  # instance -> newest generation applied here
-        self.wanted: set[str] = set()  # instances whose newest job wants them here
+        self.drivers: dict[str, Driver] = {}  # by the kind of job each applies
+        self.applied: dict[Key, int] = {}  # entity -> newest generation applied here
+        self.wanted: set[Key] = set()  # entities whose newest job wants them here
         self.locks = KeyedLocks()
         self.slots = asyncio.Semaphore(config.concurrency)
         self.running: set[asyncio.Task[None]] = set()
@@ -120,20 +148,23 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        self.driver = await asyncio.to_thread(self._driver_factory)
+        self.drivers = await asyncio.to_thread(self._driver_factory)
         nc = await connect(cfg.nats_url, name=f"agent-{self.host}")
         js = nc.jetstream()
         await ensure_topology(js)
         self.publisher = Publisher(js)
-        # What an earlier run of this agent left on the hypervisor, at which generation.
-        self.applied = await asyncio.to_thread(self.driver.generations)
+        # What an earlier run of this agent left on the host, at which generation.
+        for kind, driver in self.drivers.items():
+            held = await asyncio.to_thread(driver.generations)
+            self.applied.update(((kind, id_), gen) for id_, gen in held.items())
         inventory = await nc.subscribe(inventory_subject(self.host), cb=self._inventory)
         tasks = [
             asyncio.create_task(self._heartbeats(js, stop)),
             asyncio.create_task(self._consume(js, stop)),
             asyncio.create_task(self._resync_loop(js, stop)),
         ]
-        self.log.info("agent_started", uri=cfg.libvirt_uri, adopted=len(self.applied))
+        self.log.info("agent_started", uri=cfg.libvirt_uri, drivers=sorted(self.drivers),
+                      underlay=cfg.underlay_ip, adopted=len(self.applied))
         try:
             done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks],
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -146,7 +177,8 @@ class Agent:
             await asyncio.gather(*tasks, *self.running, return_exceptions=True)
             await inventory.unsubscribe()
             await nc.close()  # jobs cut short stay unacked: they come back, and apply is idempotent
-            await asyncio.to_thread(self.driver.close)
+            for driver in self.drivers.values():
+                await asyncio.to_thread(driver.close)
             self.log.info("agent_stopped")
 
     # ---- jobs -------------------------------------------------------------------
@@ -173,15 +205,28 @@ class Agent:
         self.running.add(task)
         task.add_done_callback(self.running.discard)
 
+    def _decode(self, subject: str, data: bytes) -> Job | None:
+        """The job, or None (logged) when no driver here takes its kind or it is malformed:
+        its entity's reconciler then alerts, instead of this agent guessing."""
+        kind = job_kind(subject)
+        decoder = _DECODERS.get(kind)
+        if decoder is None or kind not in self.drivers:
+            self.log.error("job_kind_unsupported", subject=subject, kind=kind,
+                           drivers=sorted(self.drivers))
+            return None
+        try:
+            return decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            self.log.error("bad_job", subject=subject, error=str(exc))
+            return None
+
     async def _handle(self, msg: Msg) -> None:
         try:
-            try:
-                job = _job.decode(msg.data)
-            except msgspec.DecodeError as exc:
-                self.log.error("bad_job", subject=msg.subject, error=str(exc))
+            job = self._decode(msg.subject, msg.data)
+            if job is None:
                 await msg.term()
                 return
-            async with self.locks(job.id):
+            async with self.locks(f"{job.kind}/{job.id}"):
                 await self._converge(job, msg)
             if not msg.is_acked:  # a stale job: nothing was reported
                 await msg.ack()
@@ -195,17 +240,19 @@ class Agent:
 
     async def _converge(self, job: Job, msg: Msg | None) -> None:
         """Apply one job (from the bus, or from a resync when ``msg`` is None) and report."""
+        key = (job.kind, job.id)
         entity = f"{job.kind}/{job.id}"
         source = "job" if msg else "resync"
-        if job.generation < self.applied.get(job.id, 0):
+        if job.generation < self.applied.get(key, 0):
             self.log.info("job_stale", entity=entity, generation=job.generation,
-                          applied=self.applied[job.id])
+                          applied=self.applied[key])
             JOB_ENDS[source, "stale"].inc()
             return
         if job.spec is None:
-            self.wanted.discard(job.id)
+            self.wanted.discard(key)
         else:
-            self.wanted.add(job.id)
+            self.wanted.add(key)
+        applied, failed = REPORTS[job.kind]
         keepalive = KeepAlive(msg, self.config.in_progress_s) if msg else None
         try:
             with APPLY_SECONDS.time():
@@ -214,7 +261,7 @@ class Agent:
             self.log.warning("apply_failed", entity=entity, generation=job.generation,
                              attempt=job.attempt, error=str(exc))
             JOB_ENDS[source, "failed"].inc()
-            await self._report(c.Failed(
+            await self._report(failed(
                 cmd_id=f"failed-{self.host}-{job.id}-{job.generation}-{job.attempt}",
                 id=job.id, generation=job.generation, error=str(exc), attempt=job.attempt + 1),
                 msg)
@@ -223,10 +270,10 @@ class Agent:
             if keepalive:
                 keepalive.cancel()
         JOB_ENDS[source, "applied"].inc()
-        fresh = job.generation > self.applied.get(job.id, 0) or msg is not None
-        self.applied[job.id] = job.generation
+        fresh = job.generation > self.applied.get(key, 0) or msg is not None
+        self.applied[key] = job.generation
         if fresh:
-            await self._report(c.Applied(
+            await self._report(applied(
                 cmd_id=f"applied-{self.host}-{job.id}-{job.generation}-{job.attempt}",
                 id=job.id, generation=job.generation, observed=observed), msg)
             self.log.debug("applied", entity=entity, generation=job.generation,
@@ -242,11 +289,13 @@ class Agent:
             wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.1))
 
     async def _driver_apply(self, job: Job) -> str:
-        return await self._driver_call(self.driver.apply, job.id, job.spec, job.generation)
+        driver = self.drivers[job.kind]
+        return await self._driver_call(driver, driver.apply, job.id, job.spec, job.generation)
 
-    async def _driver_call(self, call: Callable[..., T], *args: object) -> T:
+    @staticmethod
+    async def _driver_call(driver: Driver, call: Callable[..., T], *args: object) -> T:
         """A driver call, in a thread unless the driver never blocks (the hop costs more)."""
-        if not self.driver.blocking:
+        if not driver.blocking:
             return call(*args)
         return await asyncio.to_thread(call, *args)
 
@@ -281,31 +330,35 @@ class Agent:
     async def resync(self, js: JetStreamContext) -> None:
         """Converge every entity to its newest job and remove what nobody wants here."""
         started = time.perf_counter()
-        jobs = [_job.decode(m.data)
-                async for batch in read_stream(js, JOB_STREAM, job_filter(self.host))
-                for m in batch]
+        jobs = [job async for batch in read_stream(js, JOB_STREAM, job_filter(self.host))
+                for m in batch if (job := self._decode(m.subject, m.data)) is not None]
         for job in jobs:
-            async with self.slots, self.locks(job.id):
+            async with self.slots, self.locks(f"{job.kind}/{job.id}"):
                 await self._converge(job, None)
         removed = await self._remove_unwanted()
+        for driver in self.drivers.values():  # after a complete pass, never before
+            sweep = getattr(driver, "sweep", None)
+            if sweep is not None:
+                removed += await self._driver_call(driver, sweep)
         seconds = time.perf_counter() - started
         REMOVED.inc(len(removed))
         RESYNC_SECONDS.observe(seconds)
         self.log.info("resynced", jobs=len(jobs), removed=removed, seconds=round(seconds, 3))
 
     async def _remove_unwanted(self) -> list[str]:
-        """Remove the managed domains that no job wants here.
+        """Remove what each driver holds here that no job wants.
 
         Each under its entity's lock and checked again there: a job for it may have come
-        since the domains were listed, and its domain must stay.
+        since the driver was asked, and what it wants must stay.
         """
         removed = []
-        for instance_id in sorted((await self._driver_call(self.driver.observe)).keys()
-                                  - self.wanted):
-            async with self.slots, self.locks(instance_id):
-                if (instance_id not in self.wanted
-                        and await self._driver_call(self.driver.remove, instance_id)):
-                    removed.append(instance_id)
+        for kind, driver in self.drivers.items():
+            held = (await self._driver_call(driver, driver.observe)).keys()
+            for id_ in sorted(held - {i for k, i in self.wanted if k == kind}):
+                async with self.slots, self.locks(f"{kind}/{id_}"):
+                    if ((kind, id_) not in self.wanted
+                            and await self._driver_call(driver, driver.remove, id_)):
+                        removed.append(f"{kind}/{id_}")
         return removed
 
     # ---- heartbeats and inventory -------------------------------------------------
@@ -313,11 +366,14 @@ class Agent:
     async def _heartbeats(self, js: JetStreamContext, stop: asyncio.Event) -> None:
         kv = await js.key_value(HEARTBEAT_BUCKET)
         while not stop.is_set():
-            heartbeat = Heartbeat(boot_id=self.boot_id, at_ms=int(time.time() * 1000))
+            heartbeat = Heartbeat(boot_id=self.boot_id, at_ms=int(time.time() * 1000),
+                                  underlay=self.config.underlay_ip)
             await self._unless_transient("heartbeat", beat(kv, self.host, heartbeat))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)
 
     async def _inventory(self, msg: Msg) -> None:
-        observed = await self._driver_call(self.driver.observe)
+        """What the host's guests really are, as their driver observes them."""
+        driver = self.drivers["instance"]
+        observed = await self._driver_call(driver, driver.observe)
         await msg.respond(msgspec.json.encode(observed))

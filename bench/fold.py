@@ -454,7 +454,7 @@ HOSTS_AND_NETWORKS_SQL = (
 PLACED_AND_JOINED_SQL = (
     "SELECT (SELECT count(*) FROM entities"
     "        WHERE kind = 'instance' AND state->>'status' = 'placed')"
-    "     + (SELECT coalesce(sum(jsonb_array_length(state->'members')), 0) FROM entities"
+    "     + (SELECT coalesce(sum(jsonb_array_length(state->'ports')), 0) FROM entities"
     "        WHERE kind = 'network')"
 )
 

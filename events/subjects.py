@@ -48,6 +48,22 @@ def partition_filter(partition: int) -> str:
     return f"cmd.{partition}.>"
 
 
+# The stream's transform partitions cmd.<source>.<kind>.<id> only when its tokens are
+# literal: a publish with a wildcard token (cmd.user.instance.*) is stored as it came, four
+# tokens and no partition, which no partition's subjects match. Partition 0 folds these
+# too (as dead letters), so that every stored message is folded.
+UNPARTITIONED: Final = "cmd.*.*.*"
+
+
+def fold_filters(partition: int) -> list[str]:
+    """The subjects a partition's fold consumer takes: its own, written with five tokens
+    so as not to overlap the four of UNPARTITIONED (the server refuses overlapping
+    filters); and for partition 0 the unpartitioned. Several filters are matched as a
+    subscription matches, where a literal `*` or `>` token is matched by a wildcard."""
+    own = f"cmd.{partition}.*.*.*"
+    return [own, UNPARTITIONED] if partition == 0 else [own]
+
+
 def event_subject(kind: str, id_: str) -> str:
     return f"evt.{kind}.{id_}"
 

@@ -20,14 +20,17 @@ from nats.js.api import (
     SubjectTransform,
 )
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from tenacity import stop_after_delay, wait_exponential_jitter
 
+from events.bus import is_transient
+from events.retry import retried
 from events.subjects import (
     CMD_STREAM,
     DEFAULT_PARTITIONS,
     EVT_STREAM,
     HEARTBEAT_BUCKET,
     JOB_STREAM,
-    partition_filter,
+    fold_filters,
 )
 
 REPLICAS_ENV = "ORCH_STREAM_REPLICAS"
@@ -35,6 +38,8 @@ DUPLICATE_WINDOW_S = 600.0
 # A fold consumer nobody has listened to for this long is deleted by the server.
 FOLD_CONSUMER_ORPHANED_S = 30.0
 MAX_MSG_BYTES = 1024 * 1024
+# How long ensure_topology waits for a server that is away or a cluster without a leader.
+TOPOLOGY_WAIT_S = 20.0
 _PARTITIONS_RE = re.compile(r"partition\((\d+),")
 _STREAM_NAME_IN_USE = 10058  # JetStream's code: that name is taken, configured otherwise
 log = structlog.get_logger()
@@ -107,8 +112,16 @@ async def ensure_topology(js: JetStreamContext, partitions: int | None = None,
     """Create the streams if missing; an existing CMD stream keeps its partition count.
 
     New streams get ``replicas`` copies (default: ``stream_replicas()``, else 1); existing
-    ones keep theirs, with a warning when that is not what was asked.
+    ones keep theirs, with a warning when that is not what was asked. A server that has
+    just come back, or a cluster electing a leader, is waited for a while.
     """
+    return await retried(lambda: _ensure_topology(js, partitions, replicas),
+                         transient=is_transient, stop=stop_after_delay(TOPOLOGY_WAIT_S),
+                         wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1))
+
+
+async def _ensure_topology(js: JetStreamContext, partitions: int | None,
+                           replicas: int | None) -> Topology:
     asked = replicas or stream_replicas()
     replicas = asked or 1
     try:
@@ -183,7 +196,7 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
         ConsumerConfig(
             durable_name=name,
             deliver_subject=deliver_subject,
-            filter_subject=partition_filter(partition),
+            filter_subjects=fold_filters(partition),
             # An ack covers everything before it: the worker acks what it has committed.
             ack_policy=AckPolicy.ALL,
             ack_wait=ack_wait_s,

@@ -22,6 +22,7 @@ class HostView:
     condition: str
     boot_id: str
     updated_at: int  # changes whenever the host's state does
+    underlay: str | None = None
 
 
 def judge(hosts: dict[str, HostView], beats: dict[str, Heartbeat], now_ms: int,
@@ -36,9 +37,11 @@ def judge(hosts: dict[str, HostView], beats: dict[str, Heartbeat], now_ms: int,
         if not fresh and view.condition == "up":
             out.append(c.HostDown(cmd_id=f"down-{name}-{view.updated_at}", id=name,
                                   boot_id=beat.boot_id))
-        elif fresh and (view.condition == "down" or beat.boot_id != view.boot_id):
-            out.append(c.HostUp(cmd_id=f"up-{name}-{view.updated_at}-{beat.boot_id}", id=name,
-                                boot_id=beat.boot_id))
+        elif fresh and (view.condition == "down" or beat.boot_id != view.boot_id
+                        or beat.underlay not in (None, view.underlay)):
+            key = f"up-{name}-{view.updated_at}-{beat.boot_id}"
+            out.append(c.HostUp(cmd_id=key + (f"-{beat.underlay}" if beat.underlay else ""),
+                                id=name, boot_id=beat.boot_id, underlay=beat.underlay))
     return out
 
 
@@ -53,9 +56,11 @@ class Liveness:
             return []
         rows = await conn.fetch(
             "SELECT id, state->>'condition' AS condition, state->>'boot_id' AS boot_id,"
-            " (state->>'updated_at')::bigint AS updated_at FROM entities WHERE kind = 'host'"
+            " (state->>'updated_at')::bigint AS updated_at, state->>'underlay' AS underlay"
+            " FROM entities WHERE kind = 'host'"
         )
-        hosts = {r["id"]: HostView(r["condition"], r["boot_id"], r["updated_at"]) for r in rows}
+        hosts = {r["id"]: HostView(r["condition"], r["boot_id"], r["updated_at"], r["underlay"])
+                 for r in rows}
         commands = judge(hosts, beats, now_ms, self.down_after_ms)
         if commands:
             await self.publisher.publish_many([(SYSTEM, cmd) for cmd in commands])

@@ -24,7 +24,7 @@ from events.subjects import command_msg_id, command_subject, event_subject
 from events.topology import open_fold_consumer
 from orchestrator.deciders import STATE_TYPES
 from orchestrator.fold import Folded, Key, fold_message, job_subject
-from orchestrator.metrics import ALERTS, BATCH_SECONDS, COMMANDS, DEAD_LETTERS
+from orchestrator.metrics import ALERTS, BATCH_SECONDS, COMMANDS, DEAD_LETTERS, INTERNAL_ERRORS
 from orchestrator.store import NOTHING, Batch, Lease, Span, Store
 from schemas.codec import encode
 from schemas.ids import SYSTEM
@@ -49,9 +49,9 @@ def _outbox_rows(f: Folded, outcome_json: bytes) -> list[tuple]:
     """The messages a folded command sends: its outcome, its jobs, its follow-up commands."""
     assert f.outcome is not None and f.key is not None
     rows = [(f.seq, 0, event_subject(*f.key), f"evt-{f.seq}", outcome_json)]
-    for job in f.jobs:
-        rows.append((f.seq, len(rows), job_subject(job),
-                     f"job-{job.kind}-{job.id}-{job.generation}-{job.attempt}", encode(job)))
+    for job in f.jobs:  # one network's generation goes to every host it spans
+        msg_id = f"job-{job.host}-{job.kind}-{job.id}-{job.generation}-{job.attempt}"
+        rows.append((f.seq, len(rows), job_subject(job), msg_id, encode(job)))
     for cmd in f.commands:
         rows.append((f.seq, len(rows), command_subject(SYSTEM, cmd.kind, cmd.id),
                      command_msg_id(SYSTEM, cmd.kind, cmd.id, cmd.cmd_id), encode(cmd)))
@@ -148,6 +148,7 @@ class PartitionWorker:
         await self._load(msgs)
         batch = Batch([], [], [], [], self.checkpoint, relayed=relayed)
         folded: list[Folded] = []
+        bugs: list[Folded] = []  # messages the fold raised on
         changed: dict[Key, int] = {}
         for msg in msgs:
             d = delivery(msg.reply)
@@ -161,6 +162,8 @@ class PartitionWorker:
                                            _timestamp(d.timestamp_ns)))
                 self.log.warning("dead_letter", seq=f.seq, subject=msg.subject,
                                  reason=f.dead_letter)
+                if f.internal_error:
+                    bugs.append(f)
             if f.outcome is None or f.key is None:
                 continue
             folded.append(f)
@@ -182,7 +185,7 @@ class PartitionWorker:
             self.known.clear()
             raise
         self.checkpoint = batch.checkpoint
-        self._account(folded, len(batch.dead_letters), time.perf_counter() - started)
+        self._account(folded, len(batch.dead_letters), bugs, time.perf_counter() - started)
         if len(self.known) > self.config.cached:
             self._forget(len(self.known) - self.config.cached // 2)
         return batch.outbox
@@ -193,10 +196,15 @@ class PartitionWorker:
             del self.known[key]
             self.states.pop(key, None)
 
-    def _account(self, folded: list[Folded], dead: int, seconds: float) -> None:
+    def _account(self, folded: list[Folded], dead: int, bugs: list[Folded],
+                 seconds: float) -> None:
         """Metrics and alerts, for what is now committed."""
         BATCH_SECONDS.observe(seconds)
         DEAD_LETTERS.inc(dead)
+        for f in bugs:  # rejected as an internal error: the partition went on, a bug remains
+            kind, id_ = f.key or ("?", "?")
+            INTERNAL_ERRORS.labels(kind).inc()
+            self.log.error("alert", entity=f"{kind}/{id_}", seq=f.seq, reason=f.dead_letter)
         for f in folded:
             assert f.outcome is not None
             COMMANDS.labels(f.outcome.kind, "accepted" if f.outcome.accepted else "rejected").inc()

@@ -72,6 +72,7 @@ class HostRow:
     vcpus: int
     memory_mib: int
     boot_id: str
+    underlay: str | None
     instances: int
 
 
@@ -80,7 +81,7 @@ async def hosts(conn: asyncpg.Connection) -> list[HostRow]:
         """
         SELECT h.id, h.state->>'condition' AS condition, (h.state->>'vcpus')::int AS vcpus,
                (h.state->>'memory_mib')::int AS memory_mib, h.state->>'boot_id' AS boot_id,
-               count(i.id) AS instances
+               h.state->>'underlay' AS underlay, count(i.id) AS instances
         FROM entities h
         LEFT JOIN entities i ON i.kind = 'instance' AND i.state->>'host' = h.id
              AND i.state->>'status' <> 'deleted'

@@ -1,4 +1,4 @@
-"""The reconciler: instances whose job is overdue get a Reconcile command.
+"""The reconciler: instances and networks whose jobs are overdue get a Reconcile command.
 
 Whether to re-issue the job or to degrade the instance is the fold's decision (pure and
 replayable); this loop only notices lateness, with exponential backoff per attempt.
@@ -41,7 +41,8 @@ class Reconciler:
     def __init__(self, publisher: Publisher, config: ReconcilerConfig) -> None:
         self.publisher, self.config = publisher, config
 
-    async def tick(self, conn: asyncpg.Connection, now_ms: int) -> list[c.Reconcile]:
+    async def tick(self, conn: asyncpg.Connection,
+                   now_ms: int) -> list[c.Reconcile | c.ReconcileNetwork]:
         rows = await conn.fetch(
             """
             SELECT i.id, (i.state->>'generation')::int AS generation,
@@ -56,13 +57,38 @@ class Reconciler:
               AND h.state->>'condition' IS DISTINCT FROM 'down'
             """
         )
+        # Networks some host has not applied, not counting hosts that are down.
+        networks = await conn.fetch(
+            """
+            SELECT n.id, (n.state->>'generation')::int AS generation,
+                   (n.state->>'attempts')::int AS attempts,
+                   greatest((n.state->>'issued_at')::bigint,
+                            max((h.state->>'updated_at')::bigint)) AS issued_at
+            FROM entities n
+            CROSS JOIN LATERAL jsonb_each(n.state->'hosts') AS span(host, view)
+            LEFT JOIN entities h ON h.kind = 'host' AND h.id = span.host
+            WHERE n.kind = 'network' AND n.state->>'status' = 'active'
+              AND (span.view->>'observed_generation')::int < (n.state->>'generation')::int
+              AND h.state->>'condition' IS DISTINCT FROM 'down'
+            GROUP BY n.id, n.state
+            """
+        )
         cfg = self.config
-        due = [lag for lag in (Lagging(**dict(r)) for r in rows)
-               if overdue(lag, now_ms, int(cfg.deadline_s * 1000), int(cfg.max_backoff_s * 1000))]
-        commands = [
+        deadline_ms, cap_ms = int(cfg.deadline_s * 1000), int(cfg.max_backoff_s * 1000)
+
+        def due(rows: list[asyncpg.Record]) -> list[Lagging]:
+            return [lag for lag in (Lagging(**dict(r)) for r in rows)
+                    if overdue(lag, now_ms, deadline_ms, cap_ms)]
+
+        commands: list[c.Reconcile | c.ReconcileNetwork] = [
             c.Reconcile(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
                         generation=lag.generation, max_attempts=cfg.max_attempts)
-            for lag in due
+            for lag in due(rows)
+        ]
+        commands += [
+            c.ReconcileNetwork(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
+                               generation=lag.generation, max_attempts=cfg.max_attempts)
+            for lag in due(networks)
         ]
         if commands:
             await self.publisher.publish_many([(SYSTEM, cmd) for cmd in commands])

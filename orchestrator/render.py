@@ -72,10 +72,12 @@ KIND_COLUMNS: dict[str, list[Column]] = {
         ("error", lambda s: s.get("error")),
     ],
     "network": [
-        ("status", _life),
+        ("status", lambda s: s.get("status")),
         ("vni", lambda s: s.get("vni")),
         ("cidr", lambda s: s.get("cidr")),
-        ("members", _count("members")),
+        ("ports", _count("ports")),
+        ("hosts", _count("hosts")),
+        ("error", lambda s: s.get("error")),
     ],
     "pool": [
         ("status", _life),
@@ -99,7 +101,13 @@ KIND_COLUMNS: dict[str, list[Column]] = {
 _STATUS_STYLES = {
     "placed": "green", "active": "green", "up": "green", "running": "green",
     "pending": "yellow", "draining": "yellow", "maintenance": "yellow", "stopped": "yellow",
-    "unplaceable": "red", "down": "red", "deleted": "dim",
+    "unplaceable": "red", "down": "red", "failed": "red", "deleted": "dim",
+}
+
+# Lists of objects shown as tables of their own under `orch get KIND/ID`: (field, columns).
+_SUBTABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "network": ("ports", ("instance", "index", "mac", "ip", "host")),
+    "instance": ("nics", ("network", "vni", "mac", "ip", "prefix")),
 }
 
 
@@ -141,7 +149,7 @@ def flatten(state: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
     return items
 
 
-def entity_view(row: EntityRow) -> Table:
+def entity_view(row: EntityRow) -> RenderableType:
     table = Table(title=f"{row.kind}/{row.id}", title_justify="left", show_header=False,
                   box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold")
@@ -150,10 +158,18 @@ def entity_view(row: EntityRow) -> Table:
     first = [name for name, _ in KIND_COLUMNS.get(row.kind, ())]
     items = sorted(flatten(row.state),
                    key=lambda kv: (first.index(kv[0]) if kv[0] in first else len(first), kv[0]))
+    sub = _SUBTABLES.get(row.kind)
     for key, value in items:
-        table.add_row(key, _cell(value))
+        if sub is None or key != sub[0]:
+            table.add_row(key, _cell(value))
     table.add_row("last_seq", str(row.last_seq))
-    return table
+    if sub is None or not row.state.get(sub[0]):
+        return table
+    field, columns = sub
+    listed = Table(*columns, title=field, title_justify="left", header_style="bold")
+    for item in row.state[field]:
+        listed.add_row(*(_scalar((item or {}).get(c)) for c in columns))
+    return Group(table, listed)
 
 
 def outcome_line(o: Outcome) -> Text:
@@ -166,6 +182,8 @@ def outcome_line(o: Outcome) -> Text:
     if o.accepted:
         line.append("ACCEPTED", style="green")
         line.append(f" {', '.join(o.events)}" if o.events else " (no change)")
+        if o.reason:  # why it was decided so: a refusal it records, say
+            line.append(f": {o.reason}", style="yellow")
     else:
         line.append("REJECTED", style="bold red")
         line.append(f" {o.reason or ''}", style="red")
@@ -230,13 +248,14 @@ def replay_json(report: ReplayReport, verify: bool) -> dict[str, Any]:
 
 
 def hosts_table(rows: Iterable[HostRow], beats: Mapping[str, Heartbeat], now_ms: int) -> Table:
-    table = Table("host", "condition", "vcpus", "memory_mib", "instances", "last heartbeat",
-                  "boot")
+    table = Table("host", "condition", "underlay", "vcpus", "memory_mib", "instances",
+                  "last heartbeat", "boot")
     for row in rows:
         beat = beats.get(row.id)
         seen = "never" if beat is None else f"{(now_ms - beat.at_ms) / 1000:.1f}s ago"
-        table.add_row(row.id, row.condition, str(row.vcpus), str(row.memory_mib),
-                      str(row.instances), seen, (beat.boot_id if beat else row.boot_id)[:8])
+        table.add_row(row.id, row.condition, row.underlay or "", str(row.vcpus),
+                      str(row.memory_mib), str(row.instances), seen,
+                      (beat.boot_id if beat else row.boot_id)[:8])
     return table
 
 

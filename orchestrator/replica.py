@@ -192,7 +192,8 @@ class Replica:
             for cmd in await liveness.tick(leadership.conn, now_ms):
                 log.warning("host_liveness", host=cmd.id, command=type(cmd).__name__)
             for cmd in await reconciler.tick(leadership.conn, now_ms):
-                log.info("reconcile", entity=f"instance/{cmd.id}", generation=cmd.generation)
+                log.info("reconcile", entity=f"{cmd.kind}/{cmd.id}",
+                         generation=cmd.generation)
         except Exception as exc:
             log.error("leader_duties_failed", replica=self.id, error=repr(exc))
 

@@ -16,18 +16,31 @@ from schemas.specs import (
     HostVcpus,
     InstanceTemplate,
     IPv4,
+    Mac,
     MemoryMiB,
+    Mtu,
     Power,
+    SecurityRule,
     Service,
     Vcpus,
+    Vni,
 )
 
 # Who may send a command: a source class, not a source name. "host" means any agent.
 SourceClass = Literal["user", "admin", "system", "host"]
 PEOPLE: tuple[SourceClass, ...] = ("user", "admin")
 
+# A counter the fold compares and stores: PostgreSQL and JetStream count in 64 bits.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Attempt = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+# Free text (an agent's error, a boot id): stored in jsonb, which has no NUL character.
+Text = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
 
-class Command(msgspec.Struct, tag_field="type", kw_only=True, frozen=True):
+
+class Command(msgspec.Struct, tag_field="type", kw_only=True, frozen=True,
+              forbid_unknown_fields=True):
+    """Strict: a field it does not know is refused (a typo must not pass for a default)."""
+
     cmd_id: IdemKey
     id: EntityId
     v: int = 1
@@ -58,13 +71,32 @@ class SetHostCondition(Command, tag=True, kw_only=True):
 class HostDown(Command, tag=True, kw_only=True):
     kind = "host"
     sources = ("system",)
-    boot_id: str = ""
+    boot_id: Text = ""
 
 
 class HostUp(Command, tag=True, kw_only=True):
+    """A host heard from again, or anew: v2 carries the underlay (VTEP) address it reported."""
+
     kind = "host"
     sources = ("system",)
-    boot_id: str = ""
+    version = 2
+    v: int = 2
+    boot_id: Text = ""
+    underlay: IPv4 | None = None
+
+
+class SpanNetwork(Command, tag=True, kw_only=True):
+    """A network has a port on this host now: the host answers with its VTEP."""
+
+    kind = "host"
+    sources = ("system",)
+    network: EntityId
+
+
+class UnspanNetwork(Command, tag=True, kw_only=True):
+    kind = "host"
+    sources = ("system",)
+    network: EntityId
 
 
 # ---- instances --------------------------------------------------------------
@@ -88,6 +120,13 @@ class StopInstance(Command, tag=True, kw_only=True):
     kind = "instance"
 
 
+class SetRules(Command, tag=True, kw_only=True):
+    """Replace an instance's inbound rules: what its NICs accept, besides replies."""
+
+    kind = "instance"
+    rules: tuple[SecurityRule, ...]
+
+
 class DeleteInstance(Command, tag=True, kw_only=True):
     kind = "instance"
     sources = (*PEOPLE, "system")
@@ -102,7 +141,7 @@ class Placed(Command, tag=True, kw_only=True):
 class PlacementFailed(Command, tag=True, kw_only=True):
     kind = "instance"
     sources = ("system",)
-    reason: str
+    reason: Text
 
 
 class Applied(Command, tag=True, kw_only=True):
@@ -110,16 +149,16 @@ class Applied(Command, tag=True, kw_only=True):
 
     kind = "instance"
     sources = ("host",)
-    generation: Annotated[int, msgspec.Meta(ge=0)]
-    observed: str
+    generation: Count
+    observed: Text
 
 
 class Failed(Command, tag=True, kw_only=True):
     kind = "instance"
     sources = ("host",)
-    generation: Annotated[int, msgspec.Meta(ge=0)]
-    error: str
-    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+    generation: Count
+    error: Text
+    attempt: Attempt = 1
 
 
 class Reconcile(Command, tag=True, kw_only=True):
@@ -127,8 +166,8 @@ class Reconcile(Command, tag=True, kw_only=True):
 
     kind = "instance"
     sources = ("system",)
-    generation: Annotated[int, msgspec.Meta(ge=0)]
-    max_attempts: Annotated[int, msgspec.Meta(ge=0)]
+    generation: Count
+    max_attempts: Count
 
 
 # ---- private networks -------------------------------------------------------
@@ -136,8 +175,9 @@ class Reconcile(Command, tag=True, kw_only=True):
 
 class CreateNetwork(Command, tag=True, kw_only=True):
     kind = "network"
-    vni: Annotated[int, msgspec.Meta(ge=1, le=16_777_215)]
+    vni: Vni
     cidr: Cidr
+    mtu: Mtu = 1500
 
 
 class DeleteNetwork(Command, tag=True, kw_only=True):
@@ -154,6 +194,120 @@ class LeaveNetwork(Command, tag=True, kw_only=True):
     kind = "network"
     sources = ("system",)
     instance: EntityId
+
+
+NicIndex = Annotated[int, msgspec.Meta(ge=0, le=63)]
+
+
+class AttachPort(Command, tag=True, kw_only=True):
+    """An instance's NIC asks its network for an address (the one it names, or any)."""
+
+    kind = "network"
+    sources = ("system",)
+    instance: EntityId
+    index: NicIndex
+    mac: Mac
+    ip: IPv4 | None = None
+
+
+class BindPort(Command, tag=True, kw_only=True):
+    """Placement put the instance on a host: its ports live there now."""
+
+    kind = "network"
+    sources = ("system",)
+    instance: EntityId
+    host: EntityId
+
+
+class DetachPort(Command, tag=True, kw_only=True):
+    kind = "network"
+    sources = ("system",)
+    instance: EntityId
+
+
+class VniGranted(Command, tag=True, kw_only=True):
+    kind = "network"
+    sources = ("system",)
+
+
+class VniRefused(Command, tag=True, kw_only=True):
+    kind = "network"
+    sources = ("system",)
+    reason: Text
+
+
+class HostVtep(Command, tag=True, kw_only=True):
+    """Where a host the network spans is reached on the underlay."""
+
+    kind = "network"
+    sources = ("system",)
+    host: EntityId
+    vtep: IPv4
+
+
+class NetworkApplied(Command, tag=True, kw_only=True):
+    """An agent's report that its host holds the network's segment at a generation."""
+
+    kind = "network"
+    sources = ("host",)
+    generation: Count
+    observed: Text
+
+
+class NetworkFailed(Command, tag=True, kw_only=True):
+    kind = "network"
+    sources = ("host",)
+    generation: Count
+    error: Text
+    attempt: Attempt = 1
+
+
+class ReconcileNetwork(Command, tag=True, kw_only=True):
+    """The reconciler's tick for a network some host has not applied: re-issue, or degrade."""
+
+    kind = "network"
+    sources = ("system",)
+    generation: Count
+    max_attempts: Count
+
+
+class NicAddressed(Command, tag=True, kw_only=True):
+    """A network's answer to AttachPort: the NIC as the instance's host must plug it."""
+
+    kind = "instance"
+    sources = ("system",)
+    index: NicIndex
+    network: EntityId
+    vni: Vni
+    mac: Mac
+    ip: IPv4
+    prefix: Annotated[int, msgspec.Meta(ge=8, le=30)]
+    mtu: Mtu
+
+
+class NicRefused(Command, tag=True, kw_only=True):
+    kind = "instance"
+    sources = ("system",)
+    index: NicIndex
+    network: EntityId
+    reason: Text
+
+
+# ---- the VNI registry: one entity owns every VNI, so two networks never share one --
+
+
+class ReserveVni(Command, tag=True, kw_only=True):
+    kind = "registry"
+    sources = ("system",)
+    vni: Vni
+    network: EntityId
+
+
+class ReleaseVni(Command, tag=True, kw_only=True):
+    kind = "registry"
+    sources = ("system",)
+    vni: Vni
+    network: EntityId
 
 
 # ---- instance pools ---------------------------------------------------------
@@ -240,6 +394,7 @@ AnyCommand = (
     | CreateInstance
     | StartInstance
     | StopInstance
+    | SetRules
     | DeleteInstance
     | Placed
     | PlacementFailed
@@ -250,6 +405,21 @@ AnyCommand = (
     | DeleteNetwork
     | JoinNetwork
     | LeaveNetwork
+    | AttachPort
+    | BindPort
+    | DetachPort
+    | VniGranted
+    | VniRefused
+    | HostVtep
+    | NetworkApplied
+    | NetworkFailed
+    | ReconcileNetwork
+    | NicAddressed
+    | NicRefused
+    | ReserveVni
+    | ReleaseVni
+    | SpanNetwork
+    | UnspanNetwork
     | CreatePool
     | ScalePool
     | DeletePool
@@ -267,5 +437,6 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     cls.__name__: cls for cls in AnyCommand.__args__  # type: ignore[attr-defined]
 }
 SCHEDULER_ID = "default"
+REGISTRY_ID = "vnis"
 # Idempotency keys of the commands the fold itself sends: fx-<stream seq>-<n>.
 FOLLOW_UP_PREFIX = "fx-"

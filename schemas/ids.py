@@ -13,7 +13,7 @@ EntityId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, max_length=63)]
 # An idempotency key: becomes the Nats-Msg-Id of the command.
 IdemKey = Annotated[str, msgspec.Meta(pattern=KEY_PATTERN, max_length=128)]
 
-KINDS: Final = ("host", "instance", "network", "pool", "lb", "scheduler")
+KINDS: Final = ("host", "instance", "network", "pool", "lb", "scheduler", "registry")
 
 # Sources that are not hosts. Any other valid id in the source position is a host (agent).
 USER: Final = "user"

@@ -107,8 +107,9 @@ async def test_a_resync_never_applies_an_older_job_after_a_newer_removal(
     reaches that entity: the resync's older job must change nothing and report nothing,
     or a deleted instance would be recreated, or reported at a stale power state."""
     uri = testnode.test_node_uri("h1", tmp_path)
-    agent = Agent(AgentConfig(env.nats_url, "h1", uri), lambda: VmDriver(uri, "h1"))
-    agent.driver = VmDriver(uri, "h1")  # what Agent.run would set up, without its loops
+    driver = VmDriver(uri, "h1")
+    agent = Agent(AgentConfig(env.nats_url, "h1", uri), lambda: {"instance": driver})
+    agent.drivers = {"instance": driver}  # what Agent.run would set up, without its loops
     agent.publisher = Publisher(js)
     template = InstanceTemplate(vcpus=1, memory_mib=128, image="tiny")
 
@@ -121,20 +122,21 @@ async def test_a_resync_never_applies_an_older_job_after_a_newer_removal(
 
     await agent._converge(job(1, "running"), None)
     await publish_job(job(2, "stopped"))  # the newest job when the resync reads the stream
-    async with agent.locks("a"):  # held as the job loop holds it for the newer job
+    async with agent.locks("instance/a"):  # held as the job loop holds it for the newer job
         resync = asyncio.create_task(agent.resync(js))
-        await eventually(lambda: asyncio.sleep(0, agent.locks._locks["a"].users == 2))
+        await eventually(lambda: asyncio.sleep(
+            0, agent.locks._locks["instance/a"].users == 2))
         await publish_job(job(3, None))
         await agent._converge(job(2, "stopped"), None)
         await agent._converge(job(3, None), None)
     await resync  # now it converges its snapshot's generation 2
-    assert agent.driver.observe() == {}
-    assert agent.applied["a"] == 3
+    assert driver.observe() == {}
+    assert agent.applied["instance", "a"] == 3
     reports = [msgspec.json.decode(m.data) async for batch in read_stream(
         js, CMD_STREAM, "cmd.*.h1.instance.a") for m in batch]
     assert [(r["generation"], r["observed"]) for r in reports] == [
         (1, "running"), (2, "stopped"), (3, "absent")]
-    agent.driver.close()
+    driver.close()
 
 
 async def test_300_instances_converge_across_3_agents(env: Env, js, pg, processes) -> None:

@@ -135,16 +135,16 @@ async def test_publish_get_tail_replay(env: Env, js: JetStreamContext, pg: async
     outcomes = [json.loads(line) for line in done.stdout.splitlines()]
     seen = [(o["type"], o["accepted"]) for o in outcomes]
     assert seen[:2] == [("CreateInstance", True), ("CreateInstance", False)]
-    # The placement (a follow-up) and the stop race: either may be folded first.
-    assert sorted(seen[2:]) == [("Placed", True), ("StopInstance", True)]
+    # The address and placement (follow-ups) and the stop race: any may be folded first.
+    assert sorted(seen[2:]) == [("NicAddressed", True), ("Placed", True), ("StopInstance", True)]
     assert "already exists" in outcomes[1]["reason"]
-    assert outcomes[0]["commands"] == ["scheduler/default:Place", "network/net1:JoinNetwork"]
+    assert outcomes[0]["commands"] == ["network/net1:AttachPort"]
     assert [o["seq"] for o in outcomes] == sorted(o["seq"] for o in outcomes)
 
     done = await orch(environ, "tail", "instance/vm1")
     assert done.returncode == 0, done.stderr
     assert ANSI not in done.stdout
-    assert len(done.stdout.splitlines()) == 4
+    assert len(done.stdout.splitlines()) == 5
     assert re.search(r"CreateInstance\s+REJECTED instance vm1 already exists", done.stdout)
     assert "jobs: job.h1.instance.vm1" in done.stdout
 
@@ -257,7 +257,8 @@ async def test_schema(tmp_path: Path) -> None:
     done = await orch(dict(os.environ), "schema")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
-    for name in ("CreateInstance", "RegisterHost", "Outcome", "Job"):
+    for name in ("CreateInstance", "RegisterHost", "Outcome", "Job_InstanceSpec_",
+                 "Job_NetworkSpec_", "NicSpec", "RemotePort"):
         assert name in doc["$defs"]
 
     out = tmp_path / "schema.json"
@@ -359,7 +360,7 @@ async def test_replay_to_a_sequence_or_a_time(env: Env, js: JetStreamContext,
         done = await orch(environ, "replay", "--to", to, "--json")
         assert done.returncode == 0, done.stderr
         nets = await pg.fetch("SELECT id FROM replay.entities WHERE kind = 'network'"
-                              " AND NOT coalesce((state->>'deleted')::boolean, false)")
+                              " AND state->>'status' <> 'deleted'")
         return json.loads(done.stdout), {r["id"] for r in nets}
 
     def net(id_: str, vni: int) -> dict:

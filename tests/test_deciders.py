@@ -19,7 +19,7 @@ from orchestrator.deciders.pool import Pool
 from orchestrator.deciders.scheduler import Scheduler
 from orchestrator.fold import Folded, Key, fold_message
 from schemas.codec import FLAVORS, CommandError, command_from_dict, decode_command, encode
-from schemas.commands import COMMAND_TYPES, SCHEDULER_ID, Command, CreateInstance
+from schemas.commands import COMMAND_TYPES, REGISTRY_ID, SCHEDULER_ID, Command, CreateInstance
 from schemas.jobs import Job
 from schemas.specs import InstanceSpec, InstanceTemplate, Nic
 
@@ -173,23 +173,25 @@ def test_instance_deleted_before_placement_sends_no_job_and_frees_its_request() 
     assert w.scheduler.allocations == {}
 
 
-def test_create_instance_joins_its_networks_and_delete_leaves_them() -> None:
+def test_create_instance_attaches_its_ports_and_delete_detaches_them() -> None:
     w = World()
     w.send("user", "CreateNetwork", "n0", vni=10, cidr="10.0.0.0/24")
     w.send("user", "CreateNetwork", "n1", vni=11, cidr="10.1.0.0/24")
+    w.settle()
     created = w.send("user", "CreateInstance", "i0", template={
         **T_SMALL, "nics": [{"network": "n0"}, {"network": "n1", "ip": "10.1.0.5"}]})
-    assert types(created) == ["Place", "JoinNetwork", "JoinNetwork"]
-    assert [c.id for c in created.commands] == [SCHEDULER_ID, "n0", "n1"]
-    assert [c.cmd_id for c in created.commands] == [f"fx-{created.seq}-{n}" for n in range(3)]
+    # The addresses come first: the host is asked for once both networks have answered.
+    assert types(created) == ["AttachPort", "AttachPort"]
+    assert [c.id for c in created.commands] == ["n0", "n1"]
+    assert [c.cmd_id for c in created.commands] == [f"fx-{created.seq}-{n}" for n in range(2)]
     w.settle()
-    assert w.states[("network", "n0")].members == ["i0"]
-    assert w.states[("network", "n1")].members == ["i0"]
+    assert [(p.instance, p.ip) for p in w.states[("network", "n0")].ports] == [("i0", "10.0.0.2")]
+    assert [(p.instance, p.ip) for p in w.states[("network", "n1")].ports] == [("i0", "10.1.0.5")]
     deleted = w.send("user", "DeleteInstance", "i0")
-    assert types(deleted) == ["Release", "LeaveNetwork", "LeaveNetwork"]
+    assert types(deleted) == ["Release", "DetachPort", "DetachPort"]
     w.settle()
-    assert w.states[("network", "n0")].members == []
-    assert w.states[("network", "n1")].members == []
+    assert w.states[("network", "n0")].ports == []
+    assert w.states[("network", "n1")].ports == []
 
 
 # ---- placement ----------------------------------------------------------------------
@@ -327,35 +329,37 @@ def test_delete_network_with_members_is_rejected_naming_them() -> None:
     w.settle()
     refused = w.send("user", "DeleteNetwork", "n0")
     assert reason(refused) == "network n0 has 2 members: i0, i1"
-    assert not w.states[("network", "n0")].deleted
+    assert w.states[("network", "n0")].status == "active"
 
     w.send("user", "DeleteInstance", "i0")
     w.send("user", "DeleteInstance", "i1")
     w.settle()
     assert accepted(w.send("user", "DeleteNetwork", "n0"))
-    assert w.states[("network", "n0")].deleted
-    assert reason(w.send("system", "JoinNetwork", "n0", instance="i2")) == "no network n0"
-    assert "already exists (deleted)" in reason(
-        w.send("user", "CreateNetwork", "n0", vni=5, cidr="10.0.0.0/24"))
+    assert w.states[("network", "n0")].status == "deleted"
+    retired = w.send("system", "JoinNetwork", "n0", instance="i2")
+    assert reason(retired) == "JoinNetwork is retired: ports attach with AttachPort"
 
 
 def test_delete_network_reason_truncates_a_long_member_list() -> None:
     w = World()
     w.send("user", "CreateNetwork", "n0", vni=5, cidr="10.0.0.0/24")
     for n in range(7):
-        assert accepted(w.send("system", "JoinNetwork", "n0", instance=f"i{n}"))
+        w.send("user", "CreateInstance", f"i{n}", template={**T_SMALL, "nics": [
+            {"network": "n0"}]})
+    w.settle()
     assert reason(w.send("user", "DeleteNetwork", "n0")) == (
         "network n0 has 7 members: i0, i1, i2, i3, i4, ...")
 
 
-def test_network_membership_is_idempotent_and_sorted() -> None:
+def test_network_attach_is_idempotent_and_create_again_is_a_no_op() -> None:
     w = World()
     w.send("user", "CreateNetwork", "n0", vni=5, cidr="10.0.0.0/24")
-    for instance in ("i2", "i0", "i2"):
-        w.send("system", "JoinNetwork", "n0", instance=instance)
+    w.settle()
+    for _ in range(2):
+        w.send("system", "AttachPort", "n0", instance="i2", index=0, mac="02:00:00:00:00:02")
     net: Network = w.states[("network", "n0")]
-    assert net.members == ["i0", "i2"]
-    left = w.send("system", "LeaveNetwork", "n0", instance="i9")
+    assert [(p.instance, p.ip) for p in net.ports] == [("i2", "10.0.0.2")]
+    left = w.send("system", "DetachPort", "n0", instance="i9")
     assert accepted(left) and not left.changed
     same = w.send("user", "CreateNetwork", "n0", vni=5, cidr="10.0.0.0/24")
     assert accepted(same) and not same.changed
@@ -460,12 +464,25 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "HostDown": {}, "HostUp": {},
     "CreateInstance": {"template": T_SMALL},
     "StartInstance": {}, "StopInstance": {}, "DeleteInstance": {},
+    "SetRules": {"rules": [{"protocol": "tcp", "port": 22, "source": "10.0.0.9/32"}]},
     "Placed": {"host": "h0"}, "PlacementFailed": {"reason": "full"},
     "Applied": {"generation": 1, "observed": "running"},
     "Failed": {"generation": 1, "error": "boom"},
     "Reconcile": {"generation": 1, "max_attempts": 3},
     "CreateNetwork": {"vni": 1, "cidr": "10.0.0.0/24"}, "DeleteNetwork": {},
     "JoinNetwork": {"instance": "i0"}, "LeaveNetwork": {"instance": "i0"},
+    "AttachPort": {"instance": "i0", "index": 0, "mac": "02:00:00:00:00:01"},
+    "BindPort": {"instance": "i0", "host": "h0"}, "DetachPort": {"instance": "i0"},
+    "VniGranted": {}, "VniRefused": {"reason": "taken"},
+    "HostVtep": {"host": "h0", "vtep": "192.0.2.1"},
+    "NetworkApplied": {"generation": 1, "observed": "present"},
+    "NetworkFailed": {"generation": 1, "error": "boom"},
+    "ReconcileNetwork": {"generation": 1, "max_attempts": 3},
+    "NicAddressed": {"index": 0, "network": "n0", "vni": 1, "mac": "02:00:00:00:00:01",
+                     "ip": "10.0.0.2", "prefix": 24, "mtu": 1500},
+    "NicRefused": {"index": 0, "network": "n0", "reason": "taken"},
+    "ReserveVni": {"vni": 1, "network": "n0"}, "ReleaseVni": {"vni": 1, "network": "n0"},
+    "SpanNetwork": {"network": "n0"}, "UnspanNetwork": {"network": "n0"},
     "CreatePool": {"template": T_SMALL, "size": 1}, "ScalePool": {"size": 2},
     "DeletePool": {}, "AttachBalancer": {"lb": "l0"}, "DetachBalancer": {"lb": "l0"},
     "CreateLoadBalancer": {"vip": "192.0.2.1", "pool": "p0",
@@ -479,7 +496,7 @@ SOURCE_OF_CLASS = {"user": "user", "admin": "admin", "system": "system", "host":
 
 def example_id(type_: str) -> str:
     kind = COMMAND_TYPES[type_].kind
-    return SCHEDULER_ID if kind == "scheduler" else f"{kind[0]}0"
+    return {"scheduler": SCHEDULER_ID, "registry": REGISTRY_ID}.get(kind, f"{kind[0]}0")
 
 
 def test_every_command_type_has_an_example() -> None:
@@ -607,8 +624,10 @@ def test_v1_create_instance_is_upcast(flavor: str) -> None:
 def test_v1_create_instance_folds_like_v2() -> None:
     w = World()
     f = w.fold(subject("user", "instance", "i0"), encode(v1("large", networks=["n0"])))
-    assert accepted(f) and types(f) == ["Place", "JoinNetwork"]
-    assert (f.commands[0].vcpus, f.commands[0].memory_mib) == (4, 8192)  # type: ignore[attr-defined]
+    assert accepted(f) and types(f) == ["AttachPort"]
+    w.send("user", "CreateNetwork", "n0", vni=5, cidr="10.0.0.0/24")
+    place = only(w.settle(), "Place")
+    assert (place.outcome.id, w.instance("i0").template.vcpus) == (SCHEDULER_ID, 4)  # type: ignore[union-attr]
     assert w.instance("i0").template.image == "debian-11"
 
 
@@ -748,7 +767,7 @@ def test_states_survive_a_json_round_trip() -> None:
            services=[{"port": 80, "target_port": 8080}])
     w.settle()
     assert {k for k, _ in w.states} == {"host", "network", "pool", "lb", "instance",
-                                        "scheduler"}
+                                        "scheduler", "registry"}
     for (kind, _), state in w.states.items():
         again = msgspec.json.decode(encode(state), type=STATE_TYPES[kind])
         assert again == state

@@ -25,7 +25,7 @@ from orchestrator.deciders.instance import Instance
 from orchestrator.deciders.scheduler import Scheduler
 from orchestrator.fold import Folded, Key, fold_message, job_subject
 from schemas.codec import FLAVORS, MAX_COMMAND_BYTES, decode_command, encode
-from schemas.commands import COMMAND_TYPES, SCHEDULER_ID, Command, SourceClass
+from schemas.commands import COMMAND_TYPES, REGISTRY_ID, SCHEDULER_ID, Command, SourceClass
 from schemas.ids import is_valid_id
 
 PARTITIONS = 4
@@ -35,6 +35,9 @@ INSTANCES = ("i0", "i1", "i2", "i3", "i4", "i5", "p0-0", "p0-1", "p1-0")
 NETWORKS = ("n0", "n1")
 POOLS = ("p0", "p1")
 LBS = ("l0", "l1")
+VTEPS = ("192.0.2.1", "192.0.2.2")
+REFUSALS = {"NicRefused", "VniRefused"}  # the answers a rejection may carry
+MACS = ("02:00:00:00:00:01", "02:00:00:00:00:02")
 IDS: dict[str, tuple[str, ...]] = {
     "host": HOSTS,
     "instance": INSTANCES,
@@ -42,6 +45,7 @@ IDS: dict[str, tuple[str, ...]] = {
     "pool": POOLS,
     "lb": LBS,
     "scheduler": (SCHEDULER_ID,),
+    "registry": (REGISTRY_ID,),
 }
 SOURCES = ("user", "admin", "system", *HOSTS)
 KEY_SCHEDULER: Key = ("scheduler", SCHEDULER_ID)
@@ -105,7 +109,9 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
     "RegisterHost": fields(vcpus=cpus, memory_mib=memory),
     "SetHostCondition": fields(condition=st.sampled_from(["up", "draining", "maintenance"])),
     "HostDown": fields(boot_id=st.sampled_from(["", "b1", "b2"])),
-    "HostUp": fields(boot_id=st.sampled_from(["", "b1", "b2"])),
+    "HostUp": st.fixed_dictionaries(
+        {"boot_id": st.sampled_from(["", "b1", "b2"])},
+        optional={"underlay": st.sampled_from(VTEPS), "v": st.sampled_from([1, 2])}),
     "CreateInstance": st.fixed_dictionaries(
         {"template": templates},
         optional={"power": st.sampled_from(["running", "stopped"]),
@@ -114,6 +120,31 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
     "StartInstance": fields(),
     "StopInstance": fields(),
     "DeleteInstance": fields(),
+    "SetRules": fields(rules=st.lists(st.fixed_dictionaries(
+        {"protocol": st.sampled_from(["tcp", "udp"]), "port": st.sampled_from([22, 8080])}),
+        max_size=2)),
+    "AttachPort": st.fixed_dictionaries(
+        {"instance": st.sampled_from(INSTANCES), "index": st.integers(0, 1),
+         "mac": st.sampled_from(MACS)},
+        optional={"ip": st.sampled_from(["10.0.0.2", "10.0.0.7", "10.1.0.300"])}),
+    "BindPort": fields(instance=st.sampled_from(INSTANCES), host=st.sampled_from(HOSTS)),
+    "DetachPort": fields(instance=st.sampled_from(INSTANCES)),
+    "VniGranted": fields(),
+    "VniRefused": fields(reason=st.just("VNI 1 is in use by network n1")),
+    "HostVtep": fields(host=st.sampled_from(HOSTS), vtep=st.sampled_from(VTEPS)),
+    "NetworkApplied": fields(generation=generation, observed=st.just("up")),
+    "NetworkFailed": fields(generation=generation, error=st.just("EEXIST")),
+    "ReconcileNetwork": fields(generation=generation, max_attempts=st.integers(0, 3)),
+    "NicAddressed": fields(index=st.integers(0, 1), network=st.sampled_from(NETWORKS),
+                           vni=st.integers(1, 3), mac=st.sampled_from(MACS),
+                           ip=st.sampled_from(["10.0.0.2", "10.1.0.3"]), prefix=st.just(24),
+                           mtu=st.just(1500)),
+    "NicRefused": fields(index=st.integers(0, 1), network=st.sampled_from(NETWORKS),
+                         reason=st.just("no network n0")),
+    "ReserveVni": fields(vni=st.integers(1, 3), network=st.sampled_from(NETWORKS)),
+    "ReleaseVni": fields(vni=st.integers(1, 3), network=st.sampled_from(NETWORKS)),
+    "SpanNetwork": fields(network=st.sampled_from(NETWORKS)),
+    "UnspanNetwork": fields(network=st.sampled_from(NETWORKS)),
     "Placed": fields(host=st.sampled_from(HOSTS)),
     "PlacementFailed": fields(reason=st.sampled_from(["full", "no host"])),
     "Applied": fields(generation=generation, observed=st.sampled_from(["running", "stopped"])),
@@ -464,11 +495,15 @@ def check_folded(before: Snapshot, states: dict[Key, Any], subject: str, f: Fold
         assert f.dead_letter and not outcome.accepted and outcome.reason == f.dead_letter
     if not outcome.accepted:
         assert outcome.reason, "a rejection must say why"
-        assert not f.changed and not f.jobs and not f.commands
-        assert (outcome.events, outcome.jobs, outcome.commands) == ((), (), ())
+        assert not f.changed and not f.jobs and (outcome.events, outcome.jobs) == ((), ())
+        # Its only follow-ups answer who asked: a refused port tells its instance why.
+        assert all(type(c).__name__ in REFUSALS for c in f.commands), f.commands
+        assert outcome.commands == tuple(f"{c.kind}/{c.id}:{type(c).__name__}"
+                                         for c in f.commands)
+        assert f.dead_letter is None or not f.commands
         assert after == before, "a rejected command changed a state"
         return
-    assert outcome.reason is None and f.dead_letter is None
+    assert f.dead_letter is None
     assert outcome.type in COMMAND_TYPES and COMMAND_TYPES[outcome.type].kind == kind
     assert f.changed == bool(outcome.events)
     # Only the addressed entity may change, and only through events.

@@ -25,6 +25,15 @@ def test_fresh_beat_brings_a_down_host_up_and_a_new_boot_is_recorded() -> None:
         c.HostUp(cmd_id="up-h1-300-b2", id="h1", boot_id="b2")]
 
 
+def test_a_host_reporting_a_new_underlay_address_is_brought_up_with_it() -> None:
+    hosts = {"h1": HostView("up", "b1", updated_at=400, underlay=None)}
+    beat = Heartbeat("b1", at_ms=9_000, underlay="192.0.2.7")
+    assert judge(hosts, {"h1": beat}, 10_000, DOWN_AFTER) == [
+        c.HostUp(cmd_id="up-h1-400-b1-192.0.2.7", id="h1", boot_id="b1", underlay="192.0.2.7")]
+    known = {"h1": HostView("up", "b1", updated_at=500, underlay="192.0.2.7")}
+    assert judge(known, {"h1": beat}, 10_000, DOWN_AFTER) == []
+
+
 def test_hosts_never_heard_from_and_healthy_hosts_are_left_alone() -> None:
     hosts = {"h1": HostView("up", "b1", 1), "h2": HostView("up", "", 1),
              "h3": HostView("maintenance", "b3", 1)}

@@ -22,13 +22,13 @@ import msgspec
 import pytest
 
 from agents import guest_service
+from agents.drivers.errors import PermanentDriverError
 from agents.drivers.netns_guest import (
     ALIAS_TAG,
     NetnsGuestDriver,
     guest_netns,
     port_name,
 )
-from agents.drivers.vm import PermanentDriverError
 from schemas.specs import InstanceSpec, InstanceTemplate, Nic, NicSpec, SecurityRule
 from tests.fabric import GUEST_RUN_DIR, Fabric, FabricHost, _alive, netns_socket, unavailable
 

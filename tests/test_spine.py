@@ -69,18 +69,23 @@ async def test_fold_places_instance_and_emits_job_and_timeline(env: Env, js, pg)
         assert vm["generation"] == 1
         net = msgspec.json.decode(await pg.fetchval(
             "SELECT state FROM entities WHERE kind='network' AND id='net1'"))
-        assert net["members"] == ["vm1"]
-        # The job carries the full desired spec to the chosen host.
-        jobs = [m async for batch in read_stream(js, JOB_STREAM, "job.>") for m in batch]
-        assert [m.subject for m in jobs] == [f"job.{vm['host']}.instance.vm1"]
-        job = msgspec.json.decode(jobs[0].data, type=Job[InstanceSpec])
+        assert [(p["instance"], p["ip"], p["host"]) for p in net["ports"]] == [
+            ("vm1", "10.7.0.2", vm["host"])]
+        # The jobs carry the full desired spec to the chosen host: the instance, with its
+        # NIC resolved, and the network's segment there.
+        jobs = {m.subject: m async for batch in read_stream(js, JOB_STREAM, "job.>") for m in batch}
+        assert sorted(jobs) == [f"job.{vm['host']}.instance.vm1", f"job.{vm['host']}.network.net1"]
+        job = msgspec.json.decode(jobs[f"job.{vm['host']}.instance.vm1"].data,
+                                  type=Job[InstanceSpec])
         assert job.generation == 1 and job.spec is not None
         assert job.spec.template.memory_mib == 2048 and job.spec.power == "running"
-        # Its timeline: created by the user, then placed by the scheduler's answer.
+        assert [(n.network, n.vni, n.ip) for n in job.spec.nics] == [("net1", 7, "10.7.0.2")]
+        # Its timeline: created by the user, addressed by its network, then placed by the
+        # scheduler's answer.
         types = [msgspec.json.decode(m.data)["type"]
                  async for batch in read_stream(js, EVT_STREAM, "evt.instance.vm1")
                  for m in batch]
-        assert types == ["CreateInstance", "Placed"]
+        assert types == ["CreateInstance", "NicAddressed", "Placed"]
 
 
 async def test_duplicate_publish_is_stored_once(js) -> None:
@@ -301,8 +306,8 @@ async def test_a_bounded_state_cache_folds_what_it_forgot_from_the_projection(
     for r in rows:
         o = msgspec.json.decode(r["outcome"])
         by_net.setdefault(r["id"], []).append((o["type"], o["accepted"]))
-    assert by_net == {n: [("CreateNetwork", True), ("CreateNetwork", False),
-                          ("DeleteNetwork", True)] for n in nets}
+    assert by_net == {n: [("CreateNetwork", True), ("VniGranted", True),
+                          ("CreateNetwork", False), ("DeleteNetwork", True)] for n in nets}
 
 
 async def test_a_replica_refuses_a_projection_folded_from_another_stream(

@@ -390,7 +390,7 @@ def test_a_domain_an_older_agent_defined_the_same_way_is_adopted_without_a_resta
     for instance_id, ips in (("plain", ()), ("nic", ("10.0.0.5",))):
         driver.apply(instance_id, spec(ips=ips), 1)
         dom = dom_of(driver, instance_id)
-        xml, _, xml_digest = driver._desired(instance_id, spec(ips=ips).template)
+        xml, _, xml_digest = driver._desired(instance_id, spec(ips=ips).template, ())
         if ips:  # what the older agent rendered: QEMU's 52:54:00 MAC
             xml = xml.replace(mac_address(instance_id, 0), "52:54:00:12:34:56")
             xml_digest = hashlib.sha256(xml.encode()).hexdigest()[:32]
@@ -402,5 +402,5 @@ def test_a_domain_an_older_agent_defined_the_same_way_is_adopted_without_a_resta
     assert dom_of(driver, "plain").ID() == started["plain"]
     assert dom_of(driver, "nic").ID() != started["nic"]
     # Adopted: the new digest is stored, so the next apply compares against it.
-    digest = driver._desired("plain", spec(ips=()).template)[1]
+    digest = driver._desired("plain", spec(ips=()).template, ())[1]
     assert driver._metadata(dom_of(driver, "plain"))["digest"] == digest

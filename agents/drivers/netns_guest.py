@@ -59,15 +59,11 @@ from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
 
 from agents import guest_service
-from agents.drivers.vm import PermanentDriverError, TransientDriverError
+from agents.drivers.errors import PermanentDriverError, TransientDriverError
 from agents.guest_service import in_netns, netns_socket
+from agents.net.names import port_name
 from schemas.ids import is_valid_id
 from schemas.specs import InstanceSpec, NicSpec, SecurityRule
-
-try:
-    from agents.net.names import port_name
-except ImportError:  # until agents.net lands: the same names as QEMU taps
-    from agents.drivers.vm import tap_name as port_name
 
 RUN_DIR = Path("/run/orch-guests")
 NETNS_DIR = Path("/run/netns")

@@ -23,7 +23,7 @@ import ipaddress
 from collections.abc import Iterator
 from typing import Literal
 
-from agents.drivers.vm import PermanentDriverError, TransientDriverError
+from agents.drivers.errors import PermanentDriverError, TransientDriverError
 from agents.net import names
 from agents.net.errors import NetError, NetlinkError, classify
 from agents.net.host import DEFAULT_TIMEOUT, HostNet

@@ -35,8 +35,9 @@ from xml.sax.saxutils import quoteattr
 import libvirt
 import msgspec
 
+from agents.drivers.errors import DriverError, PermanentDriverError, TransientDriverError
 from agents.guest import READY_MARKER, GuestImage, build_guest_image
-from schemas.specs import InstanceSpec, InstanceTemplate
+from schemas.specs import InstanceSpec, InstanceTemplate, NicSpec
 
 NS_URI = "urn:orch:instance:1"
 NS_PREFIX = "orch"
@@ -52,22 +53,6 @@ Observed = Literal["running", "stopped"]
 
 # libvirt prints every error on stderr by default, including the expected "no domain".
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-
-class DriverError(Exception):
-    """A failure of the VM driver; `transient` says whether retrying can help."""
-
-    transient = True
-
-
-class TransientDriverError(DriverError):
-    """Worth retrying: libvirtd unreachable, an operation timed out, a race with libvirt."""
-
-
-class PermanentDriverError(DriverError):
-    """Cannot succeed as asked: unknown image, invalid definition, unsupported config."""
-
-    transient = False
 
 
 # Errors that retrying the same request cannot fix. Anything else is treated as transient:
@@ -297,8 +282,23 @@ class VmDriver:
     def console_log(self, instance_id: str) -> Path:
         return self.console_dir / f"{instance_id}.log"
 
-    def _definition(self, instance_id: str, tpl: InstanceTemplate) -> str:
+    def _nic_addresses(self, instance_id: str, tpl: InstanceTemplate,
+                       resolved: tuple[NicSpec, ...]) -> list[tuple[str, str | None]]:
+        """Each NIC's (MAC, address/prefix): as the fold resolved it, or, for a job of an
+        older orchestrator, derived here as then."""
+        out = []
+        for i, nic in enumerate(tpl.nics):
+            if i < len(resolved):
+                out.append((resolved[i].mac, f"{resolved[i].ip}/{resolved[i].prefix}"))
+            else:
+                out.append((mac_address(instance_id, i),
+                            f"{nic.ip}/{self.nic_prefix}" if nic.ip else None))
+        return out
+
+    def _definition(self, instance_id: str, tpl: InstanceTemplate,
+                    resolved: tuple[NicSpec, ...] = ()) -> str:
         """Domain XML for the template, without our metadata (an empty <metadata/> stands in)."""
+        addresses = self._nic_addresses(instance_id, tpl, resolved)
         dom = ET.Element("domain", type="test" if self.is_test else "qemu")
         ET.SubElement(dom, "name").text = domain_name(instance_id)
         ET.SubElement(dom, "metadata")
@@ -307,11 +307,8 @@ class VmDriver:
         os_ = ET.SubElement(dom, "os")
         ET.SubElement(os_, "type", arch="x86_64").text = "hvm"
         if not self.is_test:
-            nic_args = " ".join(
-                f"orch.nic={mac_address(instance_id, i)}"
-                + (f",{nic.ip}/{self.nic_prefix}" if nic.ip else "")
-                for i, nic in enumerate(tpl.nics)
-            )
+            nic_args = " ".join(f"orch.nic={mac}" + (f",{address}" if address else "")
+                                for mac, address in addresses)
             if QBOOT.exists():
                 ET.SubElement(os_, "loader", type="rom").text = str(QBOOT)
             ET.SubElement(os_, "kernel").text = str(self.guest.kernel)
@@ -327,14 +324,14 @@ class VmDriver:
         ET.SubElement(dom, "on_reboot").text = "restart"
         ET.SubElement(dom, "on_crash").text = "destroy"
         devices = ET.SubElement(dom, "devices")
-        for i, _nic in enumerate(tpl.nics):
+        for i, (mac, _) in enumerate(addresses):
             if self.bridge:
                 iface = ET.SubElement(devices, "interface", type="bridge")
                 ET.SubElement(iface, "source", bridge=self.bridge)
             else:
                 # A bare tap with a known name: the network driver plugs it where it belongs.
                 iface = ET.SubElement(devices, "interface", type="ethernet")
-            ET.SubElement(iface, "mac", address=mac_address(instance_id, i))
+            ET.SubElement(iface, "mac", address=mac)
             ET.SubElement(iface, "target", dev=tap_name(instance_id, i))
             ET.SubElement(iface, "model", type="virtio")
             if not self.is_test:
@@ -350,7 +347,8 @@ class VmDriver:
             ET.SubElement(devices, "memballoon", model="none")
         return ET.tostring(dom, encoding="unicode")
 
-    def _render(self, instance_id: str, template: InstanceTemplate) -> tuple[str, str, str]:
+    def _render(self, instance_id: str, template: InstanceTemplate,
+                resolved: tuple[NicSpec, ...]) -> tuple[str, str, str]:
         """The definition of an instance, the digest of what it is made from, and the
         digest agents before 2026-11 stored (of the XML itself).
 
@@ -359,9 +357,11 @@ class VmDriver:
         leaves running guests alone until their template changes, instead of restarting
         every one of them.
         """
-        xml = self._definition(instance_id, template)
+        xml = self._definition(instance_id, template, resolved)
         guest = (str(self._guest.kernel), str(self._guest.initrd)) if self._guest else None
         inputs = msgspec.json.encode((template, self.bridge, self.nic_prefix, guest))
+        if resolved:  # a job of an older orchestrator had none: its digest stays the same
+            inputs += msgspec.json.encode(resolved)
         return (xml, hashlib.sha256(inputs).hexdigest()[:32],
                 hashlib.sha256(xml.encode()).hexdigest()[:32])
 
@@ -408,7 +408,7 @@ class VmDriver:
                 self._remove(dom, name)
             return "absent"
 
-        xml, digest, xml_digest = self._desired(instance_id, spec.template)
+        xml, digest, xml_digest = self._desired(instance_id, spec.template, spec.nics)
         with self._errors(f"define {name}"):
             # A domain an older agent defined, exactly as this one would (no NIC, whose MAC
             # scheme changed), is adopted as it is: upgrading restarts no such guest.

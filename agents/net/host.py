@@ -20,6 +20,7 @@ import ctypes
 import json
 import os
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from typing import ClassVar, TypeVar
@@ -222,3 +223,16 @@ class HostNet:
 
 
 __all__ = ["DEFAULT_TIMEOUT", "HostNet", "NamespaceThread", "NetError"]
+
+
+def interface_address(netns: str | None, ifname: str) -> str:
+    """The first IPv4 address of ``ifname`` in ``netns`` (an agent's --underlay-dev)."""
+    from pyroute2 import IPRoute  # only for this one lookup at start
+
+    with IPRoute(**({"netns": netns, "flags": 0} if netns else {})) as ipr:
+        links = ipr.link_lookup(ifname=ifname)
+        if not links:
+            raise LookupError(f"no interface {ifname} in {netns or 'this namespace'}")
+        for addr in ipr.get_addr(index=links[0], family=socket.AF_INET):
+            return str(addr.get_attr("IFA_ADDRESS"))
+    raise LookupError(f"{ifname} has no IPv4 address")

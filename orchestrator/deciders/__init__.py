@@ -4,7 +4,7 @@ from types import ModuleType
 
 import msgspec
 
-from orchestrator.deciders import host, instance, lb, network, pool, scheduler
+from orchestrator.deciders import host, instance, lb, network, pool, registry, scheduler
 
 DECIDERS: dict[str, ModuleType] = {
     "host": host,
@@ -13,6 +13,7 @@ DECIDERS: dict[str, ModuleType] = {
     "pool": pool,
     "lb": lb,
     "scheduler": scheduler,
+    "registry": registry,
 }
 
 STATE_TYPES: dict[str, type[msgspec.Struct]] = {
@@ -22,4 +23,5 @@ STATE_TYPES: dict[str, type[msgspec.Struct]] = {
     "pool": pool.Pool,
     "lb": lb.LoadBalancer,
     "scheduler": scheduler.Scheduler,
+    "registry": registry.Registry,
 }

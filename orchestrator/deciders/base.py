@@ -32,25 +32,30 @@ class Event(msgspec.Struct, frozen=True):
 @dataclass(slots=True)
 class Decision:
     events: list[Event] = field(default_factory=list)
-    commands: list[Command] = field(default_factory=list)  # follow-ups to other entities
-    reason: str | None = None  # set: the command is rejected and nothing else happens
+    # Follow-ups to other entities. A rejection may carry some too: the answer to the
+    # entity that asked (an instance told why its port was refused, say).
+    commands: list[Command] = field(default_factory=list)
+    reason: str | None = None  # set: the command is rejected and no event happens
+    note: str | None = None  # on an accepted command: why, for its timeline
 
     @property
     def accepted(self) -> bool:
         return self.reason is None
 
 
-def reject(reason: str) -> Decision:
-    return Decision(reason=reason)
+def reject(reason: str, commands: list[Command] | None = None) -> Decision:
+    return Decision(reason=reason, commands=commands or [])
 
 
-def accept(*events: Event, commands: list[Command] | None = None) -> Decision:
-    return Decision(events=list(events), commands=commands or [])
+def accept(*events: Event, commands: list[Command] | None = None,
+           note: str | None = None) -> Decision:
+    return Decision(events=list(events), commands=commands or [], note=note)
 
 
-def follow_ups(ctx: Ctx, *make: Any) -> list[Command]:
+def follow_ups(ctx: Ctx, *make: Any, start: int = 0) -> list[Command]:
     """Build follow-up commands, each given its derived idempotency key.
 
-    ``make`` holds (command class, keyword arguments) pairs.
+    ``make`` holds (command class, keyword arguments) pairs; ``start`` numbers them after
+    follow-ups the same decision already built.
     """
-    return [cls(cmd_id=ctx.key(n), **kwargs) for n, (cls, kwargs) in enumerate(make)]
+    return [cls(cmd_id=ctx.key(start + n), **kwargs) for n, (cls, kwargs) in enumerate(make)]

@@ -13,6 +13,8 @@ class Host(msgspec.Struct, kw_only=True):
     memory_mib: int
     condition: HostCondition = "up"
     boot_id: str = ""
+    underlay: str | None = None  # the VTEP address its agent reports
+    networks: list[str] = []  # networks with a port here: told when the VTEP changes
     registered_at: int = 0
     updated_at: int = 0
 
@@ -27,6 +29,28 @@ class ConditionSet(Event):
     condition: HostCondition
     boot_id: str
     at: int
+
+
+class UnderlaySet(Event):
+    underlay: str
+    at: int
+
+
+class NetworkSpanned(Event):
+    network: str
+
+
+class NetworkUnspanned(Event):
+    network: str
+
+
+def _vtep_to(ctx: Ctx, host_id: str, underlay: str | None, networks: list[str],
+             start: int = 0) -> list[c.Command]:
+    """Tell networks where this host's ports are reached; nothing until it is known."""
+    if underlay is None:
+        return []
+    return follow_ups(ctx, *[(c.HostVtep, dict(id=n, host=host_id, vtep=underlay))
+                             for n in networks], start=start)
 
 
 def _capacity(ctx: Ctx, host_id: str, host: Host) -> list[c.Command]:
@@ -47,6 +71,25 @@ def decide(state: Host | None, cmd: c.Command, ctx: Ctx) -> Decision:
                       commands=_capacity(ctx, cmd.id, after))
     if state is None:
         return reject(f"no host {cmd.id}")
+    match cmd:
+        case c.SpanNetwork():
+            spanned = [] if cmd.network in state.networks else [NetworkSpanned(cmd.network)]
+            return accept(*spanned, commands=_vtep_to(ctx, cmd.id, state.underlay,
+                                                      [cmd.network]))
+        case c.UnspanNetwork():
+            if cmd.network not in state.networks:
+                return accept()
+            return accept(NetworkUnspanned(cmd.network))
+        case c.HostUp() if cmd.underlay is not None and cmd.underlay != state.underlay:
+            moved = UnderlaySet(underlay=cmd.underlay, at=ctx.at)
+            rest = decide_condition(state, cmd, ctx)
+            return accept(moved, *rest.events, commands=[*rest.commands, *_vtep_to(
+                ctx, cmd.id, cmd.underlay, state.networks, start=len(rest.commands))])
+    return decide_condition(state, cmd, ctx)
+
+
+def decide_condition(state: Host, cmd: c.Command, ctx: Ctx) -> Decision:
+    """Admin conditions and liveness; the scheduler hears of every change."""
     match cmd:
         case c.SetHostCondition():
             condition: HostCondition = cmd.condition
@@ -79,6 +122,17 @@ def evolve(state: Host | None, event: Event) -> Host:
         case ConditionSet():
             assert state is not None
             state.condition, state.boot_id = event.condition, event.boot_id
+        case UnderlaySet():
+            assert state is not None
+            state.underlay = event.underlay
+        case NetworkSpanned():
+            assert state is not None
+            state.networks.append(event.network)
+            return state
+        case NetworkUnspanned():
+            assert state is not None
+            state.networks.remove(event.network)
+            return state
     assert state is not None
     state.updated_at = event.at  # type: ignore[attr-defined]
     return state

@@ -4,13 +4,15 @@ from typing import Literal
 
 import msgspec
 
+from orchestrator.deciders.addressing import mac_address
 from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
 from schemas import commands as c
 from schemas.commands import SCHEDULER_ID
 from schemas.jobs import Job
-from schemas.specs import InstanceSpec, InstanceTemplate, Power
+from schemas.specs import InstanceSpec, InstanceTemplate, NicSpec, Power, SecurityRule
 
-Status = Literal["pending", "placed", "unplaceable", "degraded", "deleted"]
+# pending: waiting for its NICs' addresses, then for a host; failed: a NIC was refused.
+Status = Literal["pending", "placed", "unplaceable", "degraded", "failed", "deleted"]
 
 
 class Instance(msgspec.Struct, kw_only=True):
@@ -19,6 +21,8 @@ class Instance(msgspec.Struct, kw_only=True):
     pool: str | None = None
     status: Status = "pending"
     host: str | None = None
+    # NICs as their networks resolved them, in template order; None until addressed.
+    nics: list[NicSpec | None] = []
     generation: int = 0  # bumped on every change of what the host must do
     observed_generation: int = 0
     observed: str | None = None  # power state the agent last reported
@@ -36,6 +40,17 @@ class Created(Event):
     at: int
 
 
+class NicResolved(Event):
+    index: int
+    nic: NicSpec
+    at: int
+
+
+class NicFailed(Event):
+    reason: str
+    at: int
+
+
 class PlacedOn(Event):
     host: str
     at: int
@@ -43,6 +58,11 @@ class PlacedOn(Event):
 
 class Unplaceable(Event):
     reason: str
+    at: int
+
+
+class RulesSet(Event):
+    rules: tuple[SecurityRule, ...]
     at: int
 
 
@@ -81,21 +101,30 @@ class Degraded(Event):
     at: int
 
 
+def _place(ctx: Ctx, instance_id: str, t: InstanceTemplate, start: int = 0) -> list[c.Command]:
+    return follow_ups(ctx, (c.Place, dict(id=SCHEDULER_ID, instance=instance_id,
+                                          vcpus=t.vcpus, memory_mib=t.memory_mib)),
+                      start=start)
+
+
+def _networks(state: Instance) -> list[str]:
+    return sorted({nic.network for nic in state.template.nics})
+
+
 def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
     match cmd:
         case c.CreateInstance():
             if state is not None:
                 return reject(f"instance {cmd.id} already exists ({state.status})")
             t = cmd.template
-            return accept(
-                Created(template=t, power=cmd.power, pool=cmd.pool, at=ctx.at),
-                commands=follow_ups(
-                    ctx,
-                    (c.Place, dict(id=SCHEDULER_ID, instance=cmd.id, vcpus=t.vcpus,
-                                   memory_mib=t.memory_mib)),
-                    *[(c.JoinNetwork, dict(id=nic.network, instance=cmd.id)) for nic in t.nics],
-                ),
-            )
+            created = Created(template=t, power=cmd.power, pool=cmd.pool, at=ctx.at)
+            if not t.nics:
+                return accept(created, commands=_place(ctx, cmd.id, t))
+            # Addresses first: a host is asked for only once every network has said yes.
+            return accept(created, commands=follow_ups(ctx, *[
+                (c.AttachPort, dict(id=nic.network, instance=cmd.id, index=i,
+                                    mac=mac_address(cmd.id, i), ip=nic.ip))
+                for i, nic in enumerate(t.nics)]))
     if state is None:
         return reject(f"no instance {cmd.id}")
     if state.status == "deleted" and not isinstance(cmd, c.Applied | c.Failed | c.Reconcile):
@@ -103,25 +132,50 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
             f"instance {cmd.id} is deleted"
         )
     match cmd:
+        case c.NicAddressed():
+            if state.status != "pending" or not 0 <= cmd.index < len(state.nics) or \
+                    state.nics[cmd.index] is not None:
+                return accept()  # answered twice, or too late: the instance failed
+            nic = NicSpec(network=cmd.network, vni=cmd.vni, mac=cmd.mac, ip=cmd.ip,
+                          prefix=cmd.prefix, mtu=cmd.mtu)
+            resolved = NicResolved(index=cmd.index, nic=nic, at=ctx.at)
+            if sum(n is None for n in state.nics) > 1:
+                return accept(resolved)
+            return accept(resolved, commands=_place(ctx, cmd.id, state.template))
+        case c.NicRefused():
+            if state.status != "pending":
+                return accept()
+            reason = f"NIC {cmd.index} on network {cmd.network}: {cmd.reason}"
+            others = [n for n in _networks(state) if n != cmd.network]
+            return accept(NicFailed(reason=reason, at=ctx.at), note=reason, commands=follow_ups(
+                ctx, *[(c.DetachPort, dict(id=n, instance=cmd.id)) for n in others]))
+    if state.status == "failed" and not isinstance(cmd, c.DeleteInstance):
+        return reject(f"instance {cmd.id} failed: {state.error}")
+    match cmd:
         case c.Placed():
             if state.status not in ("pending", "unplaceable"):
                 return reject(f"instance {cmd.id} is already {state.status}")
-            return accept(PlacedOn(host=cmd.host, at=ctx.at))
+            return accept(PlacedOn(host=cmd.host, at=ctx.at), commands=follow_ups(ctx, *[
+                (c.BindPort, dict(id=n, instance=cmd.id, host=cmd.host))
+                for n in _networks(state)]))
         case c.PlacementFailed():
             if state.status != "pending":
                 return reject(f"instance {cmd.id} is already {state.status}")
             return accept(Unplaceable(reason=cmd.reason, at=ctx.at))
+        case c.SetRules():
+            if state.template.rules == cmd.rules:
+                return accept()
+            return accept(RulesSet(rules=cmd.rules, at=ctx.at))
         case c.StartInstance() | c.StopInstance():
             power: Power = "running" if isinstance(cmd, c.StartInstance) else "stopped"
             return accept() if state.power == power else accept(PowerSet(power=power, at=ctx.at))
         case c.DeleteInstance():
-            nics = state.template.nics
             return accept(
                 Deleted(at=ctx.at),
                 commands=follow_ups(
                     ctx,
                     (c.Release, dict(id=SCHEDULER_ID, instance=cmd.id)),
-                    *[(c.LeaveNetwork, dict(id=nic.network, instance=cmd.id)) for nic in nics],
+                    *[(c.DetachPort, dict(id=n, instance=cmd.id)) for n in _networks(state)],
                 ),
             )
         case c.Applied() | c.Failed():
@@ -155,15 +209,23 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
 def evolve(state: Instance | None, event: Event) -> Instance:
     if isinstance(event, Created):
         return Instance(template=event.template, power=event.power, pool=event.pool,
-                        created_at=event.at, updated_at=event.at)
+                        nics=[None] * len(event.template.nics), created_at=event.at,
+                        updated_at=event.at)
     assert state is not None
     state.updated_at = event.at  # type: ignore[attr-defined]
     match event:
+        case NicResolved():
+            state.nics[event.index] = event.nic
+        case NicFailed():
+            state.status, state.error = "failed", event.reason
         case PlacedOn():
             state.status, state.host = "placed", event.host
             _new_generation(state, event.at)
         case Unplaceable():
             state.status, state.error = "unplaceable", event.reason
+        case RulesSet():
+            state.template = msgspec.structs.replace(state.template, rules=event.rules)
+            _new_generation(state, event.at)
         case PowerSet():
             state.power = event.power
             if state.status == "degraded":
@@ -205,6 +267,7 @@ def jobs(kind: str, id: str, before_generation: int, state: Instance,
         return []
     spec = None
     if state.status != "deleted":
-        spec = InstanceSpec(template=state.template, power=state.power, host=state.host)
+        spec = InstanceSpec(template=state.template, power=state.power, host=state.host,
+                            nics=tuple(n for n in state.nics if n is not None))
     return [Job(kind=kind, id=id, host=state.host, generation=state.generation,
                 attempt=state.attempts, spec=spec)]
