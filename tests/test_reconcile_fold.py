@@ -116,3 +116,39 @@ async def test_a_host_that_comes_back_restarts_its_instances_deadlines(js, pg) -
     assert await reconciler.tick(pg, now_ms=back_at + 9_999) == []
     issued = await reconciler.tick(pg, now_ms=back_at + 10_000)
     assert sorted(cmd.id for cmd in issued) == ["vm1", "vm2"]
+
+
+async def test_the_reconciler_reissues_network_jobs_late_hosts_have_not_applied(js, pg) -> None:
+    """Networks get the instances' rules: overdue jobs are reconciled, hosts that are down
+    excepted, and a degraded network is an alert."""
+    from tests.test_network_fold import Cloud
+
+    w = Cloud()
+    w.up("h0")
+    w.network("late", vni=7)
+    w.network("down", vni=8)
+    w.network("fine", vni=9)
+    for net in ("late", "down", "fine"):
+        w.vm(f"{net}-vm", {"network": net})
+    for net in ("down", "fine"):
+        w.send("h0", "NetworkApplied", net, generation=w.net(net).generation, observed="up")
+    w.host("h1", vcpus=64, memory_mib=1 << 17)
+    w.vm("down-vm2", {"network": "down"})  # h1: most free memory; it then goes down
+    assert w.instance("down-vm2").host == "h1"
+    w.send("system", "HostDown", "h1")
+    w.settle()
+    w.send("h0", "NetworkApplied", "down", generation=w.net("down").generation, observed="up")
+    await pg.copy_records_to_table(
+        "entities", columns=["kind", "id", "state", "last_seq"],
+        records=[(kind, id_, encode(state), 0) for (kind, id_), state in w.states.items()])
+
+    issued = await Reconciler(Publisher(js), ReconcilerConfig()).tick(pg, now_ms=10**13)
+    networks = [(type(cmd).__name__, cmd.id) for cmd in issued if cmd.kind == "network"]
+    assert networks == [("ReconcileNetwork", "late")]
+    w.send("system", "ReconcileNetwork", "late", generation=w.net("late").generation,
+           max_attempts=0)
+    row = w.net("late")
+    await pg.execute("UPDATE entities SET state = $1 WHERE kind = 'network' AND id = 'late'",
+                     encode(row).decode())
+    alerts = await queries.alerts(pg)
+    assert ("network", "late") in [(a.kind, a.id) for a in alerts]
