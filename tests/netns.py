@@ -1,21 +1,20 @@
-"""Namespaces for the dataplane tests: hosts on an underlay bridge, guests on their ports.
+"""Guests on ports for the dataplane tests, on the hosts of a fabric.
 
-`Topology()` makes a fabric namespace with an underlay bridge (MTU 9000) and N host
-namespaces, each with ``ul0`` veth'd into it and an address of a random ``10.x.y.0/24``
-that overlaps nothing of the root namespace. `guest()` makes a guest namespace whose
-``eth0`` (its MAC and address) is veth'd to a port in a host namespace, named as the
-dataplane names ports, left down and unattached: plugging it is the code under test.
-Everything is removed on `close()` (the fixtures call it in ``finally``): the processes
-started in the namespaces, then the namespaces (and every veth with them).
+The hosts are `tests.fabric.Fabric`'s (a fabric namespace with the underlay bridge, a
+namespace per host with ``ul0`` on it). What only the dataplane tests need is here:
+`Topology.guest()` makes a guest namespace whose ``eth0`` (its MAC and address) is veth'd
+to a port in a host namespace, named as the dataplane names ports, left down and
+unattached: plugging it is the code under test. `Guest` has socket helpers that run inside
+its namespace (one `NamespaceThread` per namespace, so sockets made there stay there).
 
-Names start with ``tnd`` and a random tag; traffic never leaves these namespaces.
+Guest namespaces are named ``<host netns>.g<n>``: under their host, so the fabric's
+teardown (also after a failed test) removes them, their processes and their veths.
+`close()` closes the sockets and threads, then tears the fabric down.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import secrets
 import socket
 import subprocess
 import time
@@ -24,9 +23,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from agents.net.host import NamespaceThread
+from tests.fabric import Fabric, FabricHost
 
-PREFIX = "tnd"
-UNDERLAY_MTU = 9000
 T = TypeVar("T")
 
 
@@ -39,37 +37,11 @@ def sh(*args: str, check: bool = True, timeout: float = 15.0,
     return done
 
 
-def _used_networks() -> list[ipaddress.IPv4Network]:
-    out = sh("ip", "-4", "-o", "addr").stdout
-    nets = [ipaddress.ip_interface(line.split()[3]).network for line in out.splitlines()]
-    for line in sh("ip", "-4", "route", "show", "table", "all").stdout.splitlines():
-        word = line.split()[0] if line.split() else ""
-        if word[:1].isdigit():
-            with contextlib.suppress(ValueError):
-                nets.append(ipaddress.IPv4Network(word, strict=False))
-    return nets
-
-
-def free_network() -> ipaddress.IPv4Network:
-    """A random 10.x.y.0/24 that overlaps nothing of the root namespace."""
-    used = _used_networks()
-    while True:
-        net = ipaddress.IPv4Network(f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.0/24")
-        if not any(net.overlaps(u) for u in used):
-            return net
-
-
-@dataclass
-class Host:
-    netns: str
-    underlay_ip: str
-
-
 @dataclass
 class Guest:
     netns: str
     port: str
-    host: Host
+    host: FabricHost
     mac: str
     ip: str
     prefix: int
@@ -129,40 +101,14 @@ class Guest:
 
 
 class Topology:
-    """A fabric namespace and ``hosts`` host namespaces; guests made on demand."""
+    """The hosts of a fabric, and guests made on demand on their ports."""
 
-    def __init__(self, hosts: int = 3) -> None:
-        self.tag = secrets.token_hex(3)
-        self.net = free_network()
-        self.fabric = f"{PREFIX}{self.tag}f"
-        self.namespaces: list[str] = []
+    def __init__(self, fabric: Fabric) -> None:
+        self.fabric = fabric
+        self.hosts = fabric.hosts
         self.sockets: list[socket.socket] = []
         self._threads: dict[str, NamespaceThread] = {}
         self._guests = 0
-        self.hosts: list[Host] = []
-        try:
-            self._add_netns(self.fabric)
-            sh("ip", "-n", self.fabric, "link", "add", "ulbr", "mtu", str(UNDERLAY_MTU),
-               "type", "bridge")
-            sh("ip", "-n", self.fabric, "link", "set", "ulbr", "up")
-            for i in range(1, hosts + 1):
-                host = Host(f"{PREFIX}{self.tag}h{i}", str(self.net[i]))
-                self._add_netns(host.netns)
-                sh("ip", "link", "add", "name", "ul0", "netns", host.netns, "mtu",
-                   str(UNDERLAY_MTU), "type", "veth", "peer", "name", f"ul{i}", "netns",
-                   self.fabric, "mtu", str(UNDERLAY_MTU))
-                sh("ip", "-n", self.fabric, "link", "set", f"ul{i}", "master", "ulbr", "up")
-                batch = (f"addr add {host.underlay_ip}/24 dev ul0\n"
-                         "link set ul0 up\nlink set lo up\n")
-                sh("ip", "-n", host.netns, "-batch", "-", stdin=batch)
-                self.hosts.append(host)
-        except BaseException:
-            self.close()
-            raise
-
-    def _add_netns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
-        self.namespaces.append(name)
 
     def inside(self, netns: str, call: Callable[[], T]) -> T:
         """Run ``call`` in a thread inside ``netns`` (sockets made there stay there)."""
@@ -171,11 +117,11 @@ class Topology:
             thread = self._threads[netns] = NamespaceThread(netns, 10.0)
         return thread.call(call, f"in {netns}")
 
-    def guest(self, host: Host, port: str, mac: str, ip: str, prefix: int = 24,
+    def guest(self, host: FabricHost, port: str, mac: str, ip: str, prefix: int = 24,
               mtu: int = 1500) -> Guest:
         self._guests += 1
-        netns = f"{PREFIX}{self.tag}g{self._guests}"
-        self._add_netns(netns)
+        netns = f"{host.guest_prefix}g{self._guests}"
+        sh("ip", "netns", "add", netns)
         sh("ip", "link", "add", "name", "eth0", "netns", netns, "mtu", str(mtu), "type", "veth",
            "peer", "name", port, "netns", host.netns, "mtu", str(mtu))
         sh("ip", "-n", netns, "-batch", "-",
@@ -184,12 +130,10 @@ class Topology:
         return Guest(netns, port, host, mac, ip, prefix, self)
 
     def remove_guest(self, guest: Guest) -> None:
-        if guest.netns in self.namespaces:
-            thread = self._threads.pop(guest.netns, None)
-            if thread is not None:
-                thread.close()
-            sh("ip", "netns", "del", guest.netns, check=False)
-            self.namespaces.remove(guest.netns)
+        thread = self._threads.pop(guest.netns, None)
+        if thread is not None:
+            thread.close()
+        sh("ip", "netns", "del", guest.netns, check=False)
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -198,18 +142,14 @@ class Topology:
         for thread in self._threads.values():
             thread.close()
         self._threads.clear()
-        for netns in reversed(self.namespaces):
-            pids = sh("ip", "netns", "pids", netns, check=False).stdout.split()
-            for pid in pids:
-                sh("kill", "-9", pid, check=False)
-            sh("ip", "netns", "del", netns, check=False)
-        self.namespaces.clear()
+        self.fabric.teardown()
 
 
 @contextlib.contextmanager
 def topology(hosts: int = 3) -> Iterator[Topology]:
-    topo = Topology(hosts)
-    try:
-        yield topo
-    finally:
-        topo.close()
+    with Fabric(hosts) as fabric:
+        topo = Topology(fabric)
+        try:
+            yield topo
+        finally:
+            topo.close()

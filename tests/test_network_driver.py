@@ -1,8 +1,9 @@
 """The network dataplane against the real kernel: segments, ports and firewalls in network
 namespaces, proven by packets (ping, TCP, raw frames), not by reading config back.
 
-One topology (a fabric namespace with an underlay bridge, three host namespaces) is shared
-by the module; each test makes its own guests on its own VNI and removes them.
+One fabric of three hosts (`tests.fabric`: a fabric namespace with the underlay bridge, a
+namespace per host) is shared by the module; each test makes its own guests
+(`tests.netns`) on its own VNI and removes them.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from agents.net.errors import TransientNetError
 from agents.net.firewall import PortPolicy
 from agents.net.ports import PortPlumbing
 from schemas.specs import NetworkSpec, NicSpec, RemotePort, SecurityRule
-from tests.netns import Guest, Host, Topology, free_network, sh, topology
+from tests.fabric import FabricHost, free_underlay
+from tests.netns import Guest, Topology, sh, topology
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 
 @dataclass
 class Agent:
-    host: Host
+    host: FabricHost
     network: NetworkDriver
     ports: PortPlumbing
 
@@ -74,15 +76,15 @@ class Net:
     agents: list[Agent]
     id: str = field(default_factory=lambda: f"net-{secrets.token_hex(3)}")
     vni: int = field(default_factory=lambda: 100_000 + secrets.randbelow(16_000_000))
-    cidr: str = field(default_factory=lambda: str(free_network()))
+    cidr: str = field(default_factory=lambda: str(free_underlay()))
     guests: list[Guest] = field(default_factory=list)
     generation: int = 0
     others: list[Net] = field(default_factory=list)
 
-    def agent(self, host: Host) -> Agent:
+    def agent(self, host: FabricHost) -> Agent:
         return next(a for a in self.agents if a.host is host)
 
-    def guest(self, host: Host, n: int, rules: tuple[SecurityRule, ...] = (),
+    def guest(self, host: FabricHost, n: int, rules: tuple[SecurityRule, ...] = (),
               *, mac: str | None = None, plug: bool = True) -> Guest:
         mac = mac or "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
         ip = self.address(n)
@@ -102,7 +104,7 @@ class Net:
     def plug(self, g: Guest, rules: tuple[SecurityRule, ...] = ()) -> None:
         self.agent(g.host).ports.plug(g.port, self.nic(g), rules, g.host.underlay_ip)
 
-    def spec(self, host: Host, extra: tuple[RemotePort, ...] = (),
+    def spec(self, host: FabricHost, extra: tuple[RemotePort, ...] = (),
              vteps: tuple[str, ...] = ()) -> NetworkSpec:
         remote = [g for g in self.guests if g.host is not host]
         ports = sorted([RemotePort(g.mac, g.ip, g.host.underlay_ip) for g in remote]
@@ -111,7 +113,7 @@ class Net:
         return NetworkSpec(vni=self.vni, cidr=self.cidr, mtu=1500, vteps=tuple(all_vteps),
                            ports=tuple(ports))
 
-    def apply(self, *hosts: Host) -> None:
+    def apply(self, *hosts: FabricHost) -> None:
         """The job of every host with a guest (or of ``hosts``), at a new generation."""
         self.generation += 1
         for host in hosts or {g.host.netns: g.host for g in self.guests}.values():
@@ -217,11 +219,11 @@ def exchange(client: socket.socket, server_side: socket.socket, text: bytes,
         return False
 
 
-def bridge_fdb(host: Host, vni: int) -> str:
+def bridge_fdb(host: FabricHost, vni: int) -> str:
     return sh("bridge", "-n", host.netns, "fdb", "show", "dev", names.vxlan_name(vni)).stdout
 
 
-def link_exists(host: Host, name: str) -> bool:
+def link_exists(host: FabricHost, name: str) -> bool:
     return sh("ip", "-n", host.netns, "link", "show", name, check=False).returncode == 0
 
 
@@ -279,7 +281,7 @@ def test_arp_for_a_remote_address_is_answered_without_crossing(net: Net) -> None
     net.generation += 1
     net.agent(h1).network.apply(net.id, net.spec(h1, (phantom,)), net.generation)
     # Count ARP inside VXLAN on the underlay: UDP 4789, inner ethertype 28 bytes into UDP.
-    fabric = net.topo.fabric
+    fabric = net.topo.fabric.fabric_netns
     rules = ("table bridge tndobs {\n chain watch {\n type filter hook forward priority 0\n"
              " udp dport 4789 @th,224,16 0x0806 counter\n }\n}\n")
     sh("ip", "netns", "exec", fabric, "nft", "-f", "-", stdin=rules)
@@ -597,7 +599,7 @@ def test_errors_are_clear_and_classified(net: Net, agents: list[Agent]) -> None:
     with pytest.raises(TransientNetError, match="does not exist"):
         agents[0].ports.plug(names.port_name("nobody", 0), nic, (), h1.underlay_ip)
     with pytest.raises(TransientDriverError, match="does not exist"):
-        NetworkDriver(h1.underlay_ip, f"{net.topo.fabric}-missing")
+        NetworkDriver(h1.underlay_ip, f"{net.topo.fabric.fabric_netns}-missing")
     other = other_net(net)
     other.vni = net.vni
     net.guest(h1, 10)
