@@ -2,9 +2,17 @@
 
 Everything runs here: an embedded nats-server and PostgreSQL under ``root``, one
 orchestrator replica as an asyncio task, a publisher, and two agent processes (hosts h1
-and h2, each with a private in-memory libvirt ``test:///`` hypervisor). The agents are
-separate programs (``python -m agents``): the orchestrator and the agents meet only on the
-bus. Commands are sent in phases and the projection must settle between phases, because
+and h2). The agents are separate programs (``python -m agents``): the orchestrator and
+the agents meet only on the bus.
+
+Where network namespaces can be made (root, or CAP_NET_ADMIN), the hosts are a fabric
+(`orchestrator.fabric`: each host a namespace on an underlay bridge) and the agents run
+namespace guests (``--guests netns --netns NS --underlay-ip IP``): the private network is
+real (VXLAN between the hosts), and the demo shows a ping and a TCP answer crossing from a
+guest on one host to a guest on the other. Elsewhere each agent gets a private in-memory
+libvirt ``test:///`` hypervisor, and the demo says that it skipped the network part and why.
+
+Commands are sent in phases and the projection must settle between phases, because
 some commands depend on follow-ups of earlier ones that live in other partitions (the
 scheduler must know the hosts before an instance asks for a place; an instance must have
 joined its network before the network's deletion can be refused because of it). At the
@@ -16,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +41,13 @@ from rich.table import Table
 from rich.text import Text
 
 from events.bus import Publisher, publish_raw
+from events.heartbeats import read_heartbeats
 from events.subjects import CMD_STREAM, command_msg_id, command_subject, inventory_subject
 from events.topology import ensure_topology
 from orchestrator import queries, render
 from orchestrator.children import ChildExited, Children, uninterruptible
 from orchestrator.embedded import Stack, StackInfo, read_stack_file
+from orchestrator.fabric import Fabric, unavailable
 from orchestrator.replica import Replica, ReplicaConfig
 from orchestrator.store import connect_pg
 from schemas.codec import command_from_dict
@@ -47,6 +58,8 @@ AGENT_HOSTS = ("h1", "h2")
 AGENT_RESYNC_S = 5.0
 AGENT_STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this
 INVENTORY_TIMEOUT_S = 5.0
+GUEST_PORT = 8080  # namespace guests answer their instance id on it (agents.guest_service)
+PING_COUNT = 3
 AGENTS_DIR = "agents"  # under the demo directory: the agents' logs and their temp files
 # What a stale demo directory (a run that was killed) may contain; anything else is not ours.
 _DEMO_ENTRIES = {"nats", "pg", "stack.json", "stack.json.tmp", AGENTS_DIR}
@@ -66,6 +79,13 @@ class Step:
 
 _WEB = {"vcpus": 1, "memory_mib": 512, "image": "tiny"}
 _VM1 = {"vcpus": 2, "memory_mib": 2048, "image": "tiny", "nics": [{"network": "net1"}]}
+NET2_CIDR = "10.20.0.0/24"
+# One guest per host (equal empty hosts: the second goes where the first did not), each
+# answering on GUEST_PORT to anyone on the network.
+_APP = {"vcpus": 1, "memory_mib": 256, "image": "tiny", "nics": [{"network": "net2"}],
+        "rules": [{"protocol": p, "port": GUEST_PORT, "source": NET2_CIDR}
+                  for p in ("tcp", "udp")]}
+APPS = ("app1", "app2")
 STOPPED = {"vm1": "stopped"}  # what the scenario stops: it must be observed so
 
 PHASES: list[tuple[str, list[Step]]] = [
@@ -73,6 +93,11 @@ PHASES: list[tuple[str, list[Step]]] = [
         # Equal hosts: the scheduler (most free memory first) then spreads the instances.
         Step("admin", {"type": "RegisterHost", "id": "h1", "vcpus": 16, "memory_mib": 32768}),
         Step("admin", {"type": "RegisterHost", "id": "h2", "vcpus": 16, "memory_mib": 32768}),
+    ]),
+    ("a private network with a guest on each host", [
+        Step("user", {"type": "CreateNetwork", "id": "net2", "vni": 200, "cidr": NET2_CIDR}),
+        *(Step("user", {"type": "CreateInstance", "id": app, "template": _APP})
+          for app in APPS),
     ]),
     ("a network, an instance on it, a pool of 3 behind a load balancer", [
         Step("user", {"type": "CreateNetwork", "id": "net1", "vni": 100,
@@ -115,6 +140,8 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
     made_parent = not root.parent.exists()
     stack = Stack(root)
     agents = Children(root / AGENTS_DIR, dict(os.environ))
+    skipped = unavailable()  # None: the hosts can be namespaces on a fabric
+    fabric = Fabric(list(AGENT_HOSTS)) if skipped is None else None
     try:
         console.print(f"[bold]orch demo[/]: starting nats-server and PostgreSQL in {root}")
         try:
@@ -122,24 +149,48 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
         except (RuntimeError, OSError) as exc:
             raise DemoError(f"the embedded stack did not start: {exc}".splitlines()[0]) from None
         console.print(f"  nats  {info.nats_url}\n  pg    {info.pg_dsn}")
-        for host in AGENT_HOSTS:
-            agents.start(host, "agents", "--host", host, "--nats", info.nats_url,
-                         "--libvirt", "test", "--resync", str(AGENT_RESYNC_S))
-        console.print(f"  agents {', '.join(AGENT_HOSTS)} (libvirt test:///, one private"
-                      f" hypervisor each; logs in {agents.workdir})")
-        uvloop.run(_scenario(info, agents, console, timeout_s))
+        if fabric is not None:
+            _start_fabric(fabric, info, agents, console)
+        else:
+            for host in AGENT_HOSTS:
+                agents.start(host, "agents", "--host", host, "--nats", info.nats_url,
+                             "--libvirt", "test", "--resync", str(AGENT_RESYNC_S))
+            console.print(f"  agents {', '.join(AGENT_HOSTS)} (libvirt test:///, one private"
+                          f" hypervisor each; logs in {agents.workdir})")
+        uvloop.run(_scenario(info, agents, console, timeout_s, fabric, skipped))
     finally:
         with uninterruptible():
             killed = agents.stop(AGENT_STOP_GRACE_S)
             if killed:
                 console.print(f"agents {', '.join(killed)} did not exit within"
                               f" {AGENT_STOP_GRACE_S:.0f} s of SIGTERM: killed", style="dim")
+            if fabric is not None:  # its namespaces, guests and their service processes
+                fabric.teardown()
             stack.stop()
             shutil.rmtree(root, ignore_errors=True)
             if made_parent:
                 with contextlib.suppress(OSError):  # only if still empty
                     root.parent.rmdir()
-    console.print("agents and stack stopped, demo directory removed")
+    gone = ", namespaces removed" if fabric is not None else ""
+    console.print(f"agents and stack stopped, demo directory removed{gone}")
+
+
+def _start_fabric(fabric: Fabric, info: StackInfo, agents: Children, console: Console) -> None:
+    """The hosts as namespaces on an underlay bridge, an agent of namespace guests each."""
+    try:
+        fabric.setup()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        raise DemoError(f"the fabric of hosts could not be made: {exc}".splitlines()[0]) \
+            from None
+    console.print(f"  fabric {fabric.fabric_netns}: underlay {fabric.underlay} on bridge"
+                  f" {fabric.bridge}, {fabric.setup_s or 0:.2f} s")
+    for h in fabric.hosts:
+        agents.start(h.name, "agents", "--host", h.name, "--nats", info.nats_url,
+                     "--guests", "netns", "--netns", h.netns, "--underlay-ip", h.underlay_ip,
+                     "--resync", str(AGENT_RESYNC_S))
+        console.print(f"  agent {h.name}: namespace {h.netns}, underlay {h.underlay_ip},"
+                      " namespace guests")
+    console.print(f"  (agents' logs in {agents.workdir})")
 
 
 @dataclass(slots=True)
@@ -165,7 +216,7 @@ class Watch:
 
 
 async def _scenario(info: StackInfo, agents: Children, console: Console,
-                    timeout_s: float) -> None:
+                    timeout_s: float, fabric: Fabric | None, skipped: str | None) -> None:
     stop = asyncio.Event()
     replica = Replica(ReplicaConfig(info.nats_url, info.pg_dsn, replica_id="demo", tick_s=0.2))
     replica_task = asyncio.create_task(replica.run(stop), name="replica")
@@ -184,12 +235,22 @@ async def _scenario(info: StackInfo, agents: Children, console: Console,
                 await _publish(js, publisher, step, f"demo-{n}-{i}", console)
             folded = await _settle(js, conn, watch)
             console.print(f"  settled: {folded} commands folded (follow-ups included)")
+            if n == 1 and fabric is not None:
+                # Placement needs the hosts; a NIC's segment needs their VTEPs.
+                await _underlays_known(conn, watch)
         console.print(f"\n[bold]{len(PHASES) + 1}. the agents apply what is wanted[/]")
         applied = await _converge(conn, watch)
         stopped = ", ".join(f"{i} observed {p}" for i, p in STOPPED.items())
         console.print(f"  converged: {applied} instances applied by their agents ({stopped})")
         await _settle(js, conn, watch)
-        await _show(nc, conn, console)
+        await _show(nc, conn, console, "guests" if fabric is not None else "libvirt")
+        console.print("\n[bold]the private network net2 across hosts[/]")
+        if fabric is not None:
+            await _cross_hosts(nc, conn, fabric, console)
+        else:
+            console.print(f"  skipped (no ping, no TCP: the hosts are not namespaces here):"
+                          f" {skipped}; run as root or with CAP_NET_ADMIN to see it",
+                          style="yellow")
     finally:
         stop.set()
         try:
@@ -278,6 +339,65 @@ async def _converge(conn: asyncpg.Connection, watch: Watch) -> int:
         await asyncio.sleep(0.1)
 
 
+async def _underlays_known(conn: asyncpg.Connection, watch: Watch) -> None:
+    """Wait until every host is up with its underlay address known to the fold."""
+    while True:
+        watch.check()
+        rows = await queries.list_entities(conn, "host")
+        known = {r.id for r in rows if r.state.get("underlay")}
+        if known >= set(AGENT_HOSTS):
+            return
+        if watch.expired():
+            raise DemoError(f"the agents did not report their underlay within"
+                            f" {watch.timeout_s:.0f} s: only {sorted(known)}")
+        await asyncio.sleep(0.1)
+
+
+def _rtt(fabric: Fabric, netns: str, address: str) -> str:
+    """The ping's summary from `netns` to `address`: packets and round-trip times."""
+    fabric.wait_ping(netns, address, within_s=5.0)
+    out = fabric.exec(netns, "ping", "-n", "-q", "-c", str(PING_COUNT), "-i", "0.2", "-W", "1",
+                      address, check=False).stdout
+    lines = [line.strip() for line in out.splitlines() if "transmitted" in line or "rtt" in line]
+    return "; ".join(lines) or f"no answer: {out.strip()}"
+
+
+async def _cross_hosts(nc: Client, conn: asyncpg.Connection, fabric: Fabric,
+                       console: Console) -> None:
+    """Ping and TCP from app1's namespace to app2's, on another host, over VXLAN."""
+    guests = []
+    for app in APPS:
+        row = await queries.get_entity(conn, "instance", app)
+        if row is None or not row.state.get("host"):
+            raise DemoError(f"instance {app} was not placed")
+        host = fabric.host(row.state["host"])
+        # The namespace guest driver names a guest `<host netns>.<instance id>` (short ids).
+        guests.append((app, host, host.guest_prefix + app, row.state["nics"][0]["ip"]))
+    (a, ha, ns_a, ip_a), (b, hb, _, ip_b) = guests
+    where = "another host" if ha.name != hb.name else "the same host (placement put both there)"
+    console.print(f"  {a} {ip_a} on {ha.name} ({ha.underlay_ip})  ->  {b} {ip_b} on"
+                  f" {hb.name} ({hb.underlay_ip}), {where}")
+    try:
+        rtt = await asyncio.to_thread(_rtt, fabric, ns_a, ip_b)
+    except (TimeoutError, RuntimeError) as exc:
+        raise DemoError(f"ping {a} -> {b}: {exc}") from None
+    console.print(f"  ping {ip_b}: {rtt}")
+    for (src, _, ns, _), (dst, _, _, ip) in ((guests[0], guests[1]), (guests[1], guests[0])):
+        try:
+            answer = await asyncio.to_thread(Fabric.tcp, ns, ip, GUEST_PORT)
+        except OSError as exc:
+            raise DemoError(f"tcp {src} -> {ip}:{GUEST_PORT}: {exc}") from None
+        console.print(f"  tcp {src} -> {ip}:{GUEST_PORT} answered: {answer.strip()!r}"
+                      f" (the guest service says who it is: {dst})")
+    row = await queries.get_entity(conn, "network", "net2")
+    if row is not None:
+        console.print("\n[bold]orch get network/net2[/] (its ports: where each MAC and IP lives)")
+        console.print(render.entity_view(row))
+    beats = await read_heartbeats(nc.jetstream())
+    console.print("\n[bold]orch hosts[/] (each host's underlay: its VTEP)")
+    console.print(render.hosts_table(await queries.hosts(conn), beats, int(time.time() * 1000)))
+
+
 async def _inventory(nc: Client, host: str) -> dict[str, str] | str:
     """What the host's hypervisor runs, as its agent observes it, or why it is unknown."""
     try:
@@ -289,20 +409,21 @@ async def _inventory(nc: Client, host: str) -> dict[str, str] | str:
 
 
 def _inventory_table(host: str, inventory: dict[str, str],
-                     states: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title=f"libvirt on {host}", title_justify="left", header_style="bold")
-    for column in ("domain", "libvirt", "wanted"):
+                     states: dict[str, dict[str, Any]], what: str) -> Table:
+    table = Table(title=f"{what} on {host}", title_justify="left", header_style="bold")
+    libvirt = what == "libvirt"
+    for column in ("domain", "libvirt", "wanted") if libvirt else ("guest", "observed", "wanted"):
         table.add_column(column)
     wanted = {i: s["power"] for i, s in states.items()
               if s.get("host") == host and s["status"] != "deleted"}
     for id_ in sorted(inventory.keys() | wanted.keys()):
         real, want = inventory.get(id_, "absent"), wanted.get(id_, "absent")
-        table.add_row(f"orch-{id_}", Text(real, style="green" if real == want else "bold red"),
-                      want)
+        style = "green" if real == want else "bold red"
+        table.add_row(f"orch-{id_}" if libvirt else id_, Text(real, style=style), want)
     return table
 
 
-async def _show(nc: Client, conn: asyncpg.Connection, console: Console) -> None:
+async def _show(nc: Client, conn: asyncpg.Connection, console: Console, what: str) -> None:
     console.print("\n[bold]state of the world[/]")
     for kind in SHOWN_KINDS:
         rows = await queries.list_entities(conn, kind)
@@ -315,7 +436,7 @@ async def _show(nc: Client, conn: asyncpg.Connection, console: Console) -> None:
         if isinstance(inventory, str):
             console.print(inventory, style="red")
         else:
-            console.print(_inventory_table(host, inventory, states))
+            console.print(_inventory_table(host, inventory, states, what))
     for kind, id_ in (("instance", "vm1"), ("network", "net1")):
         console.print(f"\n[bold]timeline of {kind}/{id_}[/]")
         console.print(render.timeline(await queries.timeline(conn, kind, id_)))

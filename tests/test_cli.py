@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from events.bus import connect
 from events.subjects import CMD_STREAM
 from orchestrator import queries
+from orchestrator.fabric import unavailable
 
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
 ANSI = "\x1b["
@@ -348,6 +349,15 @@ async def test_demo(tmp_path: Path) -> None:
     assert "REJECTED CreateInstance: Object missing required field `template`" in timeline
     assert "REJECTED network net1 has 1 members: vm1" in out
     assert re.search(r"web\s+.*active\s+.*5\s+.*5\s+.*lb1", out)
+    if unavailable() is None:  # on the fabric: packets crossed hosts on net2
+        assert re.search(r"app1 \S+ on (h\d) .* app2 \S+ on (?!\1)h\d", out), out
+        assert re.search(r"ping \S+: 3 packets transmitted, 3 received", out), out
+        assert re.search(r"tcp app1 -> \S+:8080 answered: 'app2'", out), out
+        assert re.search(r"tcp app2 -> \S+:8080 answered: 'app1'", out), out
+        assert "orch get network/net2" in out and "orch hosts" in out
+        assert "namespaces removed" in out
+    else:
+        assert "skipped (no ping, no TCP: the hosts are not namespaces here)" in out
     assert not (tmp_path / ".orch" / "demo").exists()
 
 
