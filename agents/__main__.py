@@ -107,8 +107,14 @@ def _run(config: AgentConfig, guests: Guests, netns: str | None, bridge: str | N
             from agents.guest import build_guest_image  # reads the kernel: only for qemu
 
             guest = build_guest_image()
+        ports = None
+        if config.underlay_ip is not None and bridge is None:
+            from agents.net.ports import PortPlumbing  # taps land in the host's namespace
+
+            ports = PortPlumbing(netns)
         found["instance"] = VmDriver(config.libvirt_uri, config.host, guest=guest,
-                                     bridge=bridge)
+                                     bridge=bridge, ports=ports,
+                                     underlay_ip=config.underlay_ip if ports else None)
         return found
 
     async def run() -> None:

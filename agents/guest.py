@@ -20,8 +20,10 @@ builder changes.
   by MAC, not by name, so the order in which the kernel names NICs does not matter);
 - `orch.gw=ADDR`: optional default route.
 
-It then answers ping, powers off on an ACPI power button (busybox acpid), and keeps a shell
-on the console for debugging (`virsh console`).
+It then answers ping, serves TCP on `SERVICE_PORT` (8080, as the namespace guests of
+`agents.guest_service` do): every connection gets the instance id and a newline, then EOF
+(busybox `nc -ll -e`, one process per connection), powers off on an ACPI power button
+(busybox acpid), and keeps a shell on the console (`virsh console`; tests drive it).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 READY_MARKER = "ORCH-GUEST-READY"
+SERVICE_PORT = 8080  # agents.guest_service.PORT
 BUSYBOX = Path("/bin/busybox")
 # virtio_pci + virtio_net: the NIC (a module in Debian's kernel, with failover deps);
 # button + evdev: the ACPI power button reaches busybox acpid, so shutdown() works.
@@ -76,11 +79,15 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 [ -n "$gw" ] && ip route add default via "$gw"
+echo "$id" > /etc/orch-id
+nc -ll -p @PORT@ -e /bin/orch-answer </dev/null >/dev/null 2>&1 &
 acpid -c /etc/acpi -l /tmp/acpid.log
 echo "orch-guest: kernel uptime $(cut -d' ' -f1 /proc/uptime)s"
 echo "ORCH-GUEST-READY $id"
 while :; do setsid cttyhack sh; sleep 1; done
-"""
+""".replace("@PORT@", str(SERVICE_PORT))
+# What a connection to the service gets.
+ANSWER = "#!/bin/sh\ncat /etc/orch-id\n"
 
 # busybox acpid runs /etc/acpi/PWRF/00000080 on a power button press. (acpid needs a
 # writable log file: with its default /var/log/acpid.log missing it silently exits.)
@@ -239,6 +246,7 @@ def build_initrd(moddir: Path, busybox: Path = BUSYBOX) -> bytes:
         loaded.append(name)
     cpio.file("etc/modules", ("\n".join(loaded) + "\n").encode())
     cpio.file("etc/acpi/PWRF/00000080", POWER_BUTTON.encode(), 0o755)
+    cpio.file("bin/orch-answer", ANSWER.encode(), 0o755)
     cpio.file("init", INIT.encode(), 0o755)
     return cpio.bytes()
 
@@ -259,7 +267,8 @@ def build_guest_image(cache_dir: Path | None = None) -> GuestImage:
     mods = [(moddir / m).read_bytes() for m in module_load_order(moddir)]
     # BUILDER_VERSION stands for this file's code: bump it when the layout changes.
     key = _digest(
-        BUILDER_VERSION.encode(), INIT.encode(), POWER_BUTTON.encode(), bzimage, busybox, *mods
+        BUILDER_VERSION.encode(), INIT.encode(), ANSWER.encode(), POWER_BUTTON.encode(),
+        bzimage, busybox, *mods,
     )
     target = cache_dir / f"{vmlinuz.name.removeprefix('vmlinuz-')}-{key}"
     image = GuestImage(kernel=target / "vmlinux", initrd=target / "initrd.cpio")

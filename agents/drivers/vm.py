@@ -29,7 +29,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from xml.sax.saxutils import quoteattr
 
 import libvirt
@@ -38,6 +38,9 @@ import msgspec
 from agents.drivers.errors import DriverError, PermanentDriverError, TransientDriverError
 from agents.guest import READY_MARKER, GuestImage, build_guest_image
 from schemas.specs import InstanceSpec, InstanceTemplate, NicSpec
+
+if TYPE_CHECKING:
+    from agents.net.ports import PortPlumbing
 
 NS_URI = "urn:orch:instance:1"
 NS_PREFIX = "orch"
@@ -117,10 +120,20 @@ class VmDriver:
         console_dir: Path = DEFAULT_CONSOLE_DIR,
         shutdown_grace: float = 5.0,
         nic_prefix: int = DEFAULT_NIC_PREFIX,
+        ports: PortPlumbing | None = None,
+        underlay_ip: str | None = None,
     ) -> None:
+        """`bridge`: every NIC on that one flat bridge (legacy). Otherwise each NIC is a
+        bare tap; with `ports` (the plumbing of the namespace libvirtd puts taps in) and
+        `underlay_ip`, the driver plugs each running guest's taps into their segments
+        behind their firewalls, and unplugs them when the guest stops or goes."""
+        if ports is not None and (bridge is not None or underlay_ip is None):
+            raise ValueError("ports need an underlay_ip, and exclude a flat bridge")
         self.uri = uri
         self.host = host
         self.bridge = bridge
+        self.ports = ports
+        self.underlay_ip = underlay_ip
         self.console_dir = console_dir
         if not uri.startswith("test:"):
             console_dir.mkdir(parents=True, exist_ok=True)  # virtlogd will not create it
@@ -152,11 +165,14 @@ class VmDriver:
             return self._conn
 
     def close(self) -> None:
+        """Close the libvirt connection, and the port plumbing given to this driver."""
         with self._conn_lock:
             if self._conn is not None:
                 with contextlib.suppress(libvirt.libvirtError):
                     self._conn.close()
                 self._conn = None
+        if self.ports is not None:
+            self.ports.close()
 
     def __enter__(self) -> VmDriver:
         return self
@@ -334,6 +350,8 @@ class VmDriver:
             ET.SubElement(iface, "mac", address=mac)
             ET.SubElement(iface, "target", dev=tap_name(instance_id, i))
             ET.SubElement(iface, "model", type="virtio")
+            if i < len(resolved):  # the segment's MTU: the tap's and the guest's NIC's
+                ET.SubElement(iface, "mtu", size=str(resolved[i].mtu))
             if not self.is_test:
                 ET.SubElement(iface, "rom", enabled="no")  # no iPXE: we boot a kernel directly
         if not self.is_test:
@@ -405,6 +423,7 @@ class VmDriver:
 
         if spec is None:
             if dom is not None:
+                self._unplug(dom)
                 self._remove(dom, name)
             return "absent"
 
@@ -425,12 +444,56 @@ class VmDriver:
             elif (meta.get("generation"), meta.get("digest")) != (str(generation), digest):
                 self._set_metadata(dom, instance_id, generation, digest)
 
+        if spec.power != "running":
+            self._unplug(dom)
         with self._errors(f"power {name} {spec.power}"):
             if spec.power == "running":
                 self._start(dom)
             elif self._is_active(dom):
                 self._stop(dom)
+        if spec.power == "running":
+            self._plug(instance_id, spec)
         return self._observed(dom, name)
+
+    # -- ports ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _net(self, what: str) -> Iterator[None]:
+        from agents.net.errors import NetError
+
+        try:
+            yield
+        except NetError as exc:
+            cls = TransientDriverError if exc.transient else PermanentDriverError
+            raise cls(f"{what}: {exc}") from exc
+
+    def _plug(self, instance_id: str, spec: InstanceSpec) -> None:
+        """Each tap of the running guest on its segment (idempotent: the plumbing reads
+        the kernel and writes only what differs, so every apply and resync repairs it)."""
+        if self.ports is None or self.underlay_ip is None:
+            return
+        for i, nic in enumerate(spec.nics):
+            port = tap_name(instance_id, i)
+            with self._net(f"plug {port}"):
+                self.ports.plug(port, nic, spec.template.rules, self.underlay_ip)
+
+    def _unplug(self, dom: libvirt.virDomain) -> None:
+        """Unplug the domain's taps (before it stops: a tap still on its bridge lets the
+        plumbing remove a segment that is left without ports)."""
+        if self.ports is None:
+            return
+        with self._errors(f"interfaces of {dom.name()}"):
+            try:
+                xml = dom.XMLDesc(0)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                raise
+        for target in ET.fromstring(xml).iterfind("./devices/interface/target"):
+            port = target.get("dev", "")
+            if port:
+                with self._net(f"unplug {port}"):
+                    self.ports.unplug(port)
 
     def remove(self, instance_id: str) -> bool:
         """Destroy and undefine the instance's managed domain here; False if there is none."""
@@ -441,6 +504,7 @@ class VmDriver:
             meta = self._metadata(dom)
         if not meta or meta.get("id") != instance_id or meta.get("host") != self.host:
             return False  # not ours: never touched
+        self._unplug(dom)
         self._remove(dom, domain_name(instance_id))
         return True
 
