@@ -11,6 +11,9 @@ reads their output from the console log. Each guest pings the other and fetches 
 other's TCP service (busybox nc on port 8080, answering its instance id). Nothing of the
 test is on the segment: every packet crosses host A's bridge, VXLAN over the underlay, and
 host B's bridge.
+
+Then: a tap taken off its bridge by hand is plugged again by the agent's resync, and
+deleting the guests removes their domains and each host's segment.
 """
 
 from __future__ import annotations
@@ -189,9 +192,46 @@ async def test_two_qemu_guests_on_two_hosts_ping_and_reach_each_others_service(
             links = fabric.exec(fabric[hosts[g]].netns, "ip", "-o", "link", "show",
                                 names.port_name(g, 0)).stdout
             assert f"master {bridge} " in links, links
+        # Drift: a tap taken off its bridge by hand is plugged again by the next resync
+        # (every resync applies every job, and plugging writes only what differs).
+        victim = guest_ids[0]
+        netns, port = fabric[hosts[victim]].netns, names.port_name(victim, 0)
+        fabric.exec(netns, "ip", "link", "set", port, "nomaster")
+
+        async def replugged() -> bool:
+            out = fabric.exec(netns, "ip", "-o", "link", "show", port).stdout
+            return f"master {bridge} " in out
+
+        await eventually(replugged, timeout=15)
+        out = await asyncio.to_thread(consoles[guest_ids[1]].run,
+                                      f"nc -w 3 {ips[victim]} {SERVICE_PORT} </dev/null")
+        assert out == victim, out
     finally:
         for console in consoles.values():
             console.close()
+
+    # Deleting both: their domains go, and so does the segment on each host (no member
+    # is left there).
+    await pub.publish_many([("user", command_from_dict(dict(
+        type="DeleteInstance", cmd_id=f"delete-{g}", id=g))) for g in guest_ids])
+
+    async def gone() -> bool:
+        for h in fabric.hosts:
+            conn = daemons[h.name].connect()
+            try:
+                if conn.listAllDomains(0):
+                    return False
+            finally:
+                conn.close()
+            if bridge in fabric.links(h.netns) or names.vxlan_name(VNI) in fabric.links(
+                    h.netns):
+                return False
+        return True
+
+    await eventually(gone, timeout=30)
+    await eventually(lambda: pg.fetchval(
+        "SELECT count(*) = 2 FROM entities WHERE kind = 'instance'"
+        " AND state->>'observed' = 'absent'"), timeout=30)
 
 
 def test_a_host_libvirtd_is_private_to_its_host_and_leaves_nothing_behind(
