@@ -14,6 +14,13 @@ element (namespace NS_URI) with that id; nothing else is ever touched. The metad
 holds the generation last applied and a digest of the desired definition, so that a domain
 is redefined only when what it should be has materially changed.
 
+NICs: with `bridge`, every NIC joins that one flat bridge (legacy). Otherwise each is a bare
+tap named `tap_name(id, i)` (= `agents.net.names.port_name`) with the fold's MAC and the
+segment's MTU; given `ports` (the `PortPlumbing` of the namespace the taps land in) and
+`underlay_ip`, every apply of a running guest plugs its taps into their segments behind
+their firewalls (idempotent: a resync repairs a detached tap), and a stop or removal
+unplugs them first.
+
 All calls are synchronous libvirt calls: the agent runs them in a thread. Two calls for the
 same instance must not run concurrently (the agent's work queue guarantees it).
 """
