@@ -48,20 +48,14 @@ def partition_filter(partition: int) -> str:
     return f"cmd.{partition}.>"
 
 
-# The stream's transform partitions cmd.<source>.<kind>.<id> only when its tokens are
-# literal: a publish with a wildcard token (cmd.user.instance.*) is stored as it came, four
-# tokens and no partition, which no partition's subjects match. Partition 0 folds these
-# too (as dead letters), so that every stored message is folded.
+# The stream's transform partitions cmd.<source>.<kind>.<id> only when every token is
+# literal: a publish with a wildcard token (cmd.user.instance.*, cmd.>.instance.vm1) is
+# stored as it came, four tokens and no partition, where no partition's consumer looks.
 UNPARTITIONED: Final = "cmd.*.*.*"
-
-
-def fold_filters(partition: int) -> list[str]:
-    """The subjects a partition's fold consumer takes: its own, written with five tokens
-    so as not to overlap the four of UNPARTITIONED (the server refuses overlapping
-    filters); and for partition 0 the unpartitioned. Several filters are matched as a
-    subscription matches, where a literal `*` or `>` token is matched by a wildcard."""
-    own = f"cmd.{partition}.*.*.*"
-    return [own, UNPARTITIONED] if partition == 0 else [own]
+# With one filter the server matches a subject as a subset of it, and a literal `>` token
+# escapes `*`; with several it matches as a subscription does, any token for a wildcard.
+# The second matches nothing: a stored subject has four tokens or five.
+UNPARTITIONED_FILTERS: Final = (UNPARTITIONED, "cmd.*.*.*.*.*")
 
 
 def event_subject(kind: str, id_: str) -> str:

@@ -30,7 +30,8 @@ from events.subjects import (
     EVT_STREAM,
     HEARTBEAT_BUCKET,
     JOB_STREAM,
-    fold_filters,
+    UNPARTITIONED_FILTERS,
+    partition_filter,
 )
 
 REPLICAS_ENV = "ORCH_STREAM_REPLICAS"
@@ -196,7 +197,7 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
         ConsumerConfig(
             durable_name=name,
             deliver_subject=deliver_subject,
-            filter_subjects=fold_filters(partition),
+            filter_subject=partition_filter(partition),
             # An ack covers everything before it: the worker acks what it has committed.
             ack_policy=AckPolicy.ALL,
             ack_wait=ack_wait_s,
@@ -208,3 +209,23 @@ async def open_fold_consumer(js: JetStreamContext, partition: int, epoch: int,
             **start,
         ),
     )
+
+
+UNPARTITIONED_CONSUMER = "unpartitioned"
+
+
+async def open_unpartitioned_consumer(js: JetStreamContext) -> str:
+    """The durable pull consumer of what the stream stored unpartitioned, which no fold
+    consumer takes (events.subjects.UNPARTITIONED); returns its name. Its reader folds
+    each message (fold_message makes it a dead letter) and acks it once committed: then
+    every stored message is folded or dead-lettered.
+
+    Not a second filter of partition 0's consumer: a consumer of several filters costs the
+    server, for each message it delivers, in proportion to the subjects stored (seconds
+    per thousand messages over ten thousand entities), and nothing for the messages it
+    does not match. This one delivers only what was published wrong.
+    """
+    await js.add_consumer(CMD_STREAM, ConsumerConfig(
+        durable_name=UNPARTITIONED_CONSUMER, filter_subjects=list(UNPARTITIONED_FILTERS),
+        ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, max_deliver=-1))
+    return UNPARTITIONED_CONSUMER
