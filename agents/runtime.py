@@ -35,6 +35,7 @@ from events.retry import retried
 from events.subjects import HEARTBEAT_BUCKET, JOB_STREAM, inventory_subject, job_filter
 from events.topology import ensure_topology
 from schemas import commands as c
+from schemas.codec import printable
 from schemas.heartbeat import Heartbeat
 from schemas.jobs import SPECS, Job
 
@@ -263,7 +264,8 @@ class Agent:
             JOB_ENDS[source, "failed"].inc()
             await self._report(failed(
                 cmd_id=f"failed-{self.host}-{job.id}-{job.generation}-{job.attempt}",
-                id=job.id, generation=job.generation, error=str(exc), attempt=job.attempt + 1),
+                id=job.id, generation=job.generation, error=printable(str(exc)),
+                attempt=job.attempt + 1),
                 msg)
             return
         finally:

@@ -31,6 +31,20 @@ def server_urls(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
+class _Client(Client):
+    """nats-py decodes every subject it receives as strict UTF-8, in its read loop: one
+    stored command whose subject holds other bytes would end every subscription it
+    reaches (a fold consumer's among them), each time it is redelivered. Decoded with
+    surrogateescape it reaches the fold instead, which dead-letters it like any bad name.
+    """
+
+    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                       headers: dict[str, str] | None) -> Msg:
+        return self.msg_class(subject=subject.decode(errors="surrogateescape"),
+                              reply=reply.decode(), data=data, headers=headers,
+                              _client=self, _sid=sid)
+
+
 async def connect(url: str, name: str) -> Client:
     """A daemon's connection: reconnects forever, and says so in structured log events.
 
@@ -50,7 +64,8 @@ async def connect(url: str, name: str) -> Client:
         conn.info("nats_reconnected", server=str(nc.connected_url.netloc)
                   if nc.connected_url else None)
 
-    nc = await nats.connect(
+    nc = _Client()
+    await nc.connect(
         server_urls(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         connect_timeout=5, allow_reconnect=True, error_cb=error,
         disconnected_cb=disconnected, reconnected_cb=reconnected,

@@ -47,7 +47,7 @@ from orchestrator.replay import replay as run_replay
 from orchestrator.replica import Replica, ReplicaConfig
 from orchestrator.settings import NoStack, resolve, stack_dir
 from orchestrator.store import connect_pg
-from schemas.codec import CommandError, command_from_dict, encode
+from schemas.codec import CommandError, command_from_dict, encode, loads
 from schemas.commands import Command
 from schemas.export import json_schema
 from schemas.ids import ID_PATTERN, KINDS, is_valid_id
@@ -322,7 +322,9 @@ def _parse_json(text: str, what: str = "") -> Any:
     """JSON input, or CommandError (a usage error) saying why not."""
     where = f"{what}: " if what else ""
     try:
-        return json.loads(text)
+        return loads(text)  # a key given twice is refused, not the last one taken
+    except CommandError as exc:
+        raise CommandError(f"{where}{exc}") from None
     except ValueError as exc:
         raise CommandError(f"{where}not valid JSON: {exc}") from None
     except RecursionError:

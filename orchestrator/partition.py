@@ -26,8 +26,8 @@ from orchestrator.deciders import STATE_TYPES
 from orchestrator.fold import Folded, Key, fold_message, job_subject
 from orchestrator.metrics import ALERTS, BATCH_SECONDS, COMMANDS, DEAD_LETTERS, INTERNAL_ERRORS
 from orchestrator.store import NOTHING, Batch, Lease, Span, Store
-from schemas.codec import encode
-from schemas.ids import SYSTEM
+from schemas.codec import encode, printable
+from schemas.ids import SYSTEM, is_valid_id
 
 log = structlog.get_logger()
 QUIET_S = 0.05  # this long without a command, and relayed outbox rows are deleted
@@ -135,7 +135,8 @@ class PartitionWorker:
             tokens = msg.subject.split(".")
             if len(tokens) == 5:
                 key = (tokens[3], tokens[4])
-                if key not in self.known and tokens[3] in STATE_TYPES:
+                # A name the fold refuses (any bytes may reach us) is never looked up.
+                if key not in self.known and tokens[3] in STATE_TYPES and is_valid_id(key[1]):
                     wanted.append(key)
                     self.known[key] = None
         if wanted:
@@ -158,9 +159,9 @@ class PartitionWorker:
                              partitions)
             batch.checkpoint = d.stream_seq
             if f.dead_letter is not None:
-                batch.dead_letters.append((f.seq, msg.subject, f.dead_letter, msg.data,
+                batch.dead_letters.append((f.seq, printable(msg.subject), f.dead_letter, msg.data,
                                            _timestamp(d.timestamp_ns)))
-                self.log.warning("dead_letter", seq=f.seq, subject=msg.subject,
+                self.log.warning("dead_letter", seq=f.seq, subject=printable(msg.subject),
                                  reason=f.dead_letter)
                 if f.internal_error:
                     bugs.append(f)

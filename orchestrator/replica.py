@@ -35,6 +35,7 @@ from orchestrator.liveness import Liveness
 from orchestrator.partition import PartitionWorker, WorkerConfig
 from orchestrator.reconciler import Reconciler, ReconcilerConfig
 from orchestrator.store import Lease, Store, create_pool
+from orchestrator.strays import Strays
 
 log = structlog.get_logger()
 STOP_STEP_S = 2.0  # what a step of a replica's stop may take with PostgreSQL unreachable
@@ -95,10 +96,11 @@ class Replica:
             publisher = Publisher(js)
             liveness = Liveness(js, publisher, cfg.down_after_s)
             reconciler = Reconciler(publisher, cfg.reconcile)
+            strays = Strays(js, topology.partitions)
             while not stop.is_set():
                 await self._tick_or_log(store, js, worker_cfg, topology.partitions)
                 if await leadership.held():
-                    await self._lead(leadership, liveness, reconciler)
+                    await self._lead(leadership, liveness, reconciler, strays)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), cfg.tick_s)
         finally:
@@ -184,7 +186,7 @@ class Replica:
                 self.workers[lease.partition] = (lease, asyncio.create_task(worker.run()))
 
     async def _lead(self, leadership: Leadership, liveness: Liveness,
-                    reconciler: Reconciler) -> None:
+                    reconciler: Reconciler, strays: Strays) -> None:
         """The leader's duties; a failure here is logged and retried on the next tick."""
         assert leadership.conn is not None
         now_ms = int(time.time() * 1000)  # the shell may read the clock; the fold may not
@@ -194,6 +196,8 @@ class Replica:
             for cmd in await reconciler.tick(leadership.conn, now_ms):
                 log.info("reconcile", entity=f"{cmd.kind}/{cmd.id}",
                          generation=cmd.generation)
+            if count := await strays.tick(leadership.conn):
+                log.warning("dead_letters_unpartitioned", count=count)
         except Exception as exc:
             log.error("leader_duties_failed", replica=self.id, error=repr(exc))
 

@@ -205,6 +205,9 @@ async def test_invalid_input_publishes_nothing(env: Env, js: JetStreamContext) -
 
     for args, needle in [
         (("StopInstance", "VM 1"), "$.id"),
+        (("StopInstance", "vm1", "--set", "powr=stopped"), "unknown field `powr`"),
+        (("StopInstance", "vm1", "--json", '{"v": 1, "v": 2}'), "duplicate field `v`"),
+        (("StopInstance", "vm1", "--set", "v=0"), "`$.v`"),
         (("Reboot", "vm1"), "unknown command type 'Reboot'"),
         (("RegisterHost", "h1", "--set", "vcpus=8", "--set", "memory_mib=1024"),
          "may not come from source 'user'"),

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from events.subjects import partition_of, stored_command_subject
 from orchestrator.deciders import DECIDERS, STATE_TYPES
 from orchestrator.deciders.instance import Instance
+from orchestrator.deciders.network import Network
 from orchestrator.deciders.scheduler import Scheduler
 from orchestrator.fold import INTERNAL_ERROR, Folded, Key, fold_message, job_subject
 from schemas.codec import FLAVORS, MAX_COMMAND_BYTES, CommandError, decode_command, encode
@@ -534,6 +535,9 @@ def check_folded(before: Snapshot, states: dict[Key, Any], subject: str, f: Fold
 
 def check_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
     assert f.key is not None
+    if f.key[0] == "network" and f.key in states:
+        check_network_jobs(before, states, f)
+        return
     if f.key[0] != "instance" or f.key not in states:
         assert not f.jobs
         return
@@ -557,6 +561,27 @@ def check_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
         assert job.spec is not None
         assert (job.spec.template, job.spec.power, job.spec.host) == (
             state.template, state.power, state.host)
+
+
+def check_network_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
+    """A network sends jobs only when some host's view changed (a new generation, to every
+    host it spans, and removals to hosts it left) or to re-issue one to late hosts."""
+    assert f.key is not None and f.outcome is not None
+    state: Network = states[f.key]
+    old = before.get(f.key)
+    old_generation = msgspec.json.decode(old, type=Network).generation if old else 0
+    assert state.generation >= old_generation
+    hosts = {j.host for j in f.jobs}
+    assert len(hosts) == len(f.jobs), "one job per host"
+    assert all(j.kind == "network" and j.id == f.key[1] and j.generation == state.generation
+               for j in f.jobs)
+    if state.generation > old_generation:
+        assert {j.host for j in f.jobs if j.spec is not None} == set(state.hosts)
+        assert all(j.host not in state.hosts for j in f.jobs if j.spec is None)
+    elif "Reissued" in f.outcome.events:
+        assert all(j.attempt == state.attempts and j.spec is not None for j in f.jobs)
+    else:
+        assert not f.jobs
 
 
 def check_scheduler(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:

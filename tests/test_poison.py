@@ -221,9 +221,6 @@ async def test_the_unpartitioned_consumer_takes_what_no_partition_takes(
         await sub.fetch(1, timeout=1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "no worker reads events.topology.open_unpartitioned_consumer yet (orchestrator/"
-    "partition.py or the leader's duties): these messages are stored and never folded"))
 async def test_every_stored_message_is_folded_or_dead_lettered(
         env: Env, js: JetStreamContext, pg: asyncpg.Connection, processes: Processes) -> None:
     poisoned, _ = await publish_poison(js, UNPARTITIONED)
@@ -247,12 +244,6 @@ def raw_publish(url: str, subject: bytes, data: bytes) -> None:
         assert b"-ERR" not in reply, reply
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not fixed here: the stream stores any subject bytes. A NUL in a subject token reaches"
-    " dead_letters.subject (text: PostgreSQL refuses NUL), so the batch never commits;"
-    " invalid UTF-8 makes nats-py's reader raise (subject.decode()) and the message never"
-    " reaches the worker. Needs partition.py to store a printable subject, and a subject"
-    " decoded with errors='surrogateescape' (events/bus.py)"))
 @pytest.mark.parametrize("subject", [b"cmd.user.instance.a\x00b", b"cmd.user.instance.\xff"])
 async def test_a_subject_of_any_bytes_is_dead_lettered(
         env: Env, js: JetStreamContext, pg: asyncpg.Connection, processes: Processes,
