@@ -102,7 +102,8 @@ class AlertRow:
 
 
 async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
-    """Entities degraded after their retries ran out, and hosts down; newest first."""
+    """Entities degraded after their retries ran out, hosts down, and commands a bug of the
+    fold refused (internal errors); newest first."""
     rows = await conn.fetch(
         """
         SELECT kind, id, coalesce(state->>'error', '') AS reason,
@@ -112,6 +113,11 @@ async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
         SELECT kind, id, 'host down: its heartbeats stopped', NULL,
                (state->>'updated_at')::bigint
         FROM entities WHERE kind = 'host' AND state->>'condition' = 'down'
+        UNION ALL
+        -- A bug of ours met a command: cmd.<P>.<source>.<kind>.<id> names the entity.
+        SELECT split_part(subject, '.', 4), split_part(subject, '.', 5), reason, NULL,
+               (extract(epoch FROM at) * 1000)::bigint
+        FROM dead_letters WHERE reason LIKE 'internal error in %'
         ORDER BY since_ms DESC, kind, id
         """
     )

@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY
 from events.bus import Publisher
 from events.subjects import CMD_STREAM, partition_of
 from events.topology import open_unpartitioned_consumer
+from orchestrator import queries
 from orchestrator.deciders import DECIDERS
 from orchestrator.fold import INTERNAL_ERROR, fold_message
 from orchestrator.queries import fold_progress
@@ -341,6 +342,10 @@ async def test_a_decider_that_raises_is_an_internal_error_and_an_alert(
         alerts = [e for e in logs if e["event"] == "alert" and e["log_level"] == "error"]
         assert sorted(e["seq"] for e in alerts) == stop_seqs
         assert internal_errors("instance") - before == 4
+        # `orch alerts` lists them, each on its entity.
+        listed = [(a.kind, a.id) for a in await queries.alerts(pg)
+                  if a.reason.startswith(INTERNAL_ERROR)]
+        assert sorted(listed) == [("instance", f"vm{i}") for i in range(4)]
         # Replay folds with the same decider, raises on the same commands, and agrees.
         report = await replay(env.nats_url, env.pg_dsn, PARTITIONS, verify=True)
         assert report.differs == [] and report.dead_letters == 4
