@@ -100,13 +100,17 @@ class PortPlumbing:
         bridge = self._bridge(link.master)
         if bridge is None:
             return removed
-        self._write([set_link(port, link.index, master=0)])
         vni = names.vni_of(bridge.name)
-        holder = names.parse_alias(bridge.alias)
-        if vni is not None and (holder is None or holder.held):
-            with self.host.lock(("segment", vni)):
-                if not guest_ports(self.host, bridge):
-                    remove_segment(self.host, vni)
+        # Detach and decide under the segment's lock: a network's removal in between would
+        # see this port still attached and hold the bridge, while we read it not held yet,
+        # and the empty segment would stay until a sweep.
+        with self.host.lock(("segment", vni)):
+            self._write([set_link(port, link.index, master=0)])
+            bridge = self._bridge(bridge.index)
+            holder = names.parse_alias(bridge.alias) if bridge is not None else None
+            if (bridge is not None and vni is not None and (holder is None or holder.held)
+                    and not guest_ports(self.host, bridge)):
+                remove_segment(self.host, vni)
         return True
 
     def plugged(self) -> set[str]:
