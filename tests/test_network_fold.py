@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.deciders.addressing import mac_address
 from orchestrator.deciders.network import Network
 from orchestrator.fold import Folded
 from schemas.commands import REGISTRY_ID
+from schemas.ids import mac_address
 from schemas.specs import InstanceSpec, NetworkSpec, RemotePort
 from tests.test_deciders import T_SMALL, World, accepted, only, reason
 

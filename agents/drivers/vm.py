@@ -44,6 +44,8 @@ import msgspec
 
 from agents.drivers.errors import DriverError, PermanentDriverError, TransientDriverError
 from agents.guest import READY_MARKER, GuestImage, build_guest_image
+from agents.net.names import port_name as tap_name
+from schemas.ids import mac_address
 from schemas.specs import InstanceSpec, InstanceTemplate, NicSpec
 
 if TYPE_CHECKING:
@@ -95,25 +97,6 @@ def domain_name(instance_id: str) -> str:
 
 def domain_uuid(instance_id: str) -> uuid.UUID:
     return uuid.uuid5(uuid.NAMESPACE_URL, NS_URI + "/" + instance_id)
-
-
-def _hash(instance_id: str, index: int) -> bytes:
-    return hashlib.sha256(f"{instance_id}/{index}".encode()).digest()
-
-
-def mac_address(instance_id: str, index: int) -> str:
-    """Deterministic MAC of NIC `index`: locally administered, unicast, 46 bits of hash.
-
-    Not QEMU's 52:54:00 prefix: its 24 free bits make two NICs of one segment likely to
-    collide by a few thousand instances (the birthday bound), and 46 bits do not.
-    """
-    h = _hash(instance_id, index)
-    return ":".join(f"{b:02x}" for b in (h[0] & 0xFC | 0x02, *h[1:6]))
-
-
-def tap_name(instance_id: str, index: int) -> str:
-    """Deterministic host-side tap name (<= 15 chars) so the network driver can find it."""
-    return f"ot{_hash(instance_id, index)[:5].hex()}{index:x}"[:15]
 
 
 class VmDriver:

@@ -1,23 +1,11 @@
-"""Addresses decided by the fold: MACs from instance and NIC index, IPs from a network's CIDR.
+"""Addresses decided by the fold from a network's CIDR (MACs: schemas.ids.mac_address).
 
 Pure functions of their arguments, so a replay gives every NIC the same MAC and address.
 """
 
-import hashlib
 import ipaddress
 
 MIN_PREFIX, MAX_PREFIX = 8, 30
-
-
-def mac_address(instance_id: str, index: int) -> str:
-    """NIC ``index``'s MAC: locally administered, unicast, 46 bits of hash.
-
-    The same function the agents used before the fold decided MACs, so domains defined
-    then keep theirs. Not QEMU's 52:54:00 prefix: its 24 free bits make two NICs of one
-    segment likely to collide by a few thousand instances (the birthday bound).
-    """
-    h = hashlib.sha256(f"{instance_id}/{index}".encode()).digest()
-    return ":".join(f"{b:02x}" for b in (h[0] & 0xFC | 0x02, *h[1:6]))
 
 
 def check_cidr(cidr: str) -> str | None:

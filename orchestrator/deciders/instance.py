@@ -4,10 +4,10 @@ from typing import Literal
 
 import msgspec
 
-from orchestrator.deciders.addressing import mac_address
 from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
 from schemas import commands as c
 from schemas.commands import SCHEDULER_ID
+from schemas.ids import mac_address
 from schemas.jobs import Job
 from schemas.specs import InstanceSpec, InstanceTemplate, NicSpec, Power, SecurityRule
 
@@ -101,10 +101,9 @@ class Degraded(Event):
     at: int
 
 
-def _place(ctx: Ctx, instance_id: str, t: InstanceTemplate, start: int = 0) -> list[c.Command]:
+def _place(ctx: Ctx, instance_id: str, t: InstanceTemplate) -> list[c.Command]:
     return follow_ups(ctx, (c.Place, dict(id=SCHEDULER_ID, instance=instance_id,
-                                          vcpus=t.vcpus, memory_mib=t.memory_mib)),
-                      start=start)
+                                          vcpus=t.vcpus, memory_mib=t.memory_mib)))
 
 
 def _networks(state: Instance) -> list[str]:
