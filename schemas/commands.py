@@ -19,6 +19,7 @@ from schemas.specs import (
     Mac,
     MemoryMiB,
     Mtu,
+    Port,
     Power,
     SecurityRule,
     Service,
@@ -360,6 +361,36 @@ class PoolMembers(Command, tag=True, kw_only=True):
     members: tuple[EntityId, ...]
 
 
+class LbApplied(Command, tag=True, kw_only=True):
+    """An LB node's report that it serves the balancer at a generation (or, for a
+    removal, that it holds nothing of it any more)."""
+
+    kind = "lb"
+    sources = ("host",)
+    generation: Count
+    observed: Text
+
+
+class LbFailed(Command, tag=True, kw_only=True):
+    kind = "lb"
+    sources = ("host",)
+    generation: Count
+    error: Text
+    attempt: Attempt = 1
+
+
+class BackendHealth(Command, tag=True, kw_only=True):
+    """An LB node saw a backend's service cross its rise or fall threshold."""
+
+    kind = "lb"
+    sources = ("host",)
+    instance: EntityId
+    port: Port  # the service's port (not the target port)
+    healthy: bool
+    generation: Count  # of the job the node was probing under
+    detail: Text = ""  # what the last probe saw, e.g. "connection refused"
+
+
 # ---- the scheduler: one entity that owns placement, so it is folded in order --
 
 
@@ -428,6 +459,9 @@ AnyCommand = (
     | CreateLoadBalancer
     | DeleteLoadBalancer
     | PoolMembers
+    | LbApplied
+    | LbFailed
+    | BackendHealth
     | HostCapacity
     | Place
     | Release

@@ -99,3 +99,25 @@ class NetworkSpec(msgspec.Struct, frozen=True):
     mtu: Mtu
     vteps: tuple[IPv4, ...]  # every other host with a port on it: one flood entry each
     ports: tuple[RemotePort, ...]  # every port on those hosts, sorted by MAC
+
+
+class Backend(msgspec.Struct, frozen=True):
+    """A pool member behind a balancer, at its address on the pool's private network."""
+
+    instance: EntityId
+    ip: IPv4
+    network: EntityId
+    # The service ports on which the fold counts it healthy: only those give it new flows.
+    # Every backend listed is probed, healthy or not, so that a recovery is seen.
+    healthy: tuple[Port, ...] = ()
+
+
+class LbSpec(msgspec.Struct, frozen=True):
+    """One balancer as one of its two nodes must serve it, in full; both get the same
+    services, backends and seed, so that both pick the same backend for a flow."""
+
+    vip: IPv4
+    services: tuple[Service, ...]
+    backends: tuple[Backend, ...]  # sorted by instance
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # of the consistent table
+    port: NicSpec  # this node's own port on the backends' network, fold-assigned
