@@ -1,0 +1,82 @@
+"""What every verb shares: exit codes, errors as one line, the console, JSON lines, and
+running an async verb with every expected failure mapped to an exit code."""
+
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import asyncpg
+import msgspec
+import typer
+import uvloop
+from rich.console import Console
+
+from orchestrator.settings import NoStack
+from schemas.codec import CommandError
+
+T = TypeVar("T")
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_TIMEOUT = 124  # as timeout(1): the wait ran out before everything it waited for
+
+
+class CliError(Exception):
+    """Reported as one `error: ...` line, then the process exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def console() -> Console:
+    out = Console(highlight=False)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        # Piped: no colours (rich decides), and no 80-column wrapping of long lines either.
+        out = Console(highlight=False, width=240)
+    return out
+
+
+def fail(message: str, code: int) -> NoReturn:
+    line = " ".join(message.split())  # one line, whatever the exception text held
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+_json = msgspec.json.Encoder()
+
+
+def print_json(doc: Any) -> None:
+    """One compact JSON document on its own line (msgspec: Structs and dicts alike)."""
+    sys.stdout.write(_json.encode(doc).decode() + "\n")
+    sys.stdout.flush()
+
+
+def list_rows(rows: list[T], as_json: bool, as_doc: Callable[[T], Any],
+              table: Callable[[list[T]], Any], empty: str) -> None:
+    """A listing verb's output: one JSON object per row, or a table, or one line if empty."""
+    if as_json:
+        for row in rows:
+            print_json(as_doc(row))
+    elif rows:
+        console().print(table(rows))
+    else:
+        print(empty, flush=True)
+
+
+def run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> None:
+    """Run an async verb; map every expected failure to one error line and an exit code."""
+    try:
+        code = uvloop.run(main())
+    except CliError as exc:
+        fail(str(exc), exc.code)
+    except CommandError as exc:
+        fail(str(exc), EXIT_USAGE)
+    except NoStack as exc:
+        fail(str(exc), EXIT_FAILURE)
+    except asyncpg.UndefinedTableError:
+        fail("no projection in this database yet: start `orch orchestrator` first", EXIT_FAILURE)
+    except Exception as exc:  # connection lost, server refusal, a bug: still one line
+        if os.environ.get("ORCH_DEBUG"):
+            raise
+        fail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, EXIT_FAILURE)
+    raise typer.Exit(code or EXIT_OK)
