@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	@# libvirt-python builds against the system's libvirt, pip-nftables against libnftables:
-	@# install them (and QEMU, nft, conntrack) if missing.
-	@(pkg-config --exists libvirt && command -v nft && command -v conntrack) >/dev/null 2>&1 || bash .ci/setup-libvirt.sh
+	@# install them (and QEMU, nft, conntrack, bird2) if missing.
+	@(pkg-config --exists libvirt && command -v nft && command -v conntrack && command -v bird) >/dev/null 2>&1 || bash .ci/setup-libvirt.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -19,6 +19,7 @@ PKGS=(
     nftables                   # nft, and libnftables1 that pip-nftables binds to
     conntrack                  # the network driver cuts connections a removed rule allowed
     netcat-openbsd             # the tests open TCP and UDP connections between guests
+    bird2                      # BGP: the LB nodes' VIP speakers and the test topology's router
 )
 
 missing=()
