@@ -427,7 +427,7 @@ def part_b(fabric: Any, ports: int, local: int) -> None:
                            ("_plan", "  Firewall._plan (reads the sets, picks a mark)"),
                            ("_complete", "  Firewall._complete (reads the port's rules)"),
                            ("nft", "  HostNet.nft (libnftables transaction)"),
-                           ("sysctl", "HostNet.sysctl (disable_ipv6, under the lock)")):
+                           ("sysctl", "HostNet.sysctl (disable_ipv6, on its own thread)")):
             t, n = timers[name]
             say(f"      {what:<52} {t:6.2f} s in {int(n):4d} calls"
                 f"  {1000 * t / max(1, n):6.2f} ms each")

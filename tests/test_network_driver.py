@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ipaddress
+import itertools
 import json
 import os
 import secrets
@@ -27,7 +28,7 @@ from agents.drivers.network import NetworkDriver
 from agents.drivers.vm import PermanentDriverError, TransientDriverError, tap_name
 from agents.net import names
 from agents.net.errors import TransientNetError
-from agents.net.firewall import PortPolicy
+from agents.net.firewall import MARK_BASE, PortPolicy
 from agents.net.ports import PortPlumbing
 from schemas.specs import NetworkSpec, NicSpec, RemotePort, SecurityRule
 from tests.fabric import FabricHost, free_underlay
@@ -424,6 +425,33 @@ def test_ports_plugged_at_once_share_transactions_and_fail_alone(net: Net) -> No
             agent.ports.unplug(port)
             sh("ip", "-n", h1.netns, "link", "del", port, check=False)
     assert not set(ports) & agent.ports.plugged()
+
+
+def marks(host: FabricHost) -> dict[str, int]:
+    """Port -> mark, as the kernel's bridge table holds them."""
+    out = sh("ip", "netns", "exec", host.netns, "nft", "-j", "list", "map", "bridge",
+             names.PORTS_TABLE, "to_mark").stdout
+    elems = next(o["map"] for o in json.loads(out)["nftables"] if "map" in o).get("elem", [])
+    return {port: mark for port, mark in elems}
+
+
+def test_a_mark_another_writer_took_is_not_given_again(net: Net) -> None:
+    """The firewall keeps the marks maps between plugs, keyed by the ruleset's generation:
+    a write by anyone else in between makes it read them again."""
+    h1 = net.topo.hosts[0]
+    a = net.guest(h1, 10)
+    held = marks(h1)
+    free = next(m for m in itertools.count(MARK_BASE + 1) if m not in held.values())
+    sh("ip", "netns", "exec", h1.netns, "nft", "add", "element", "bridge", names.PORTS_TABLE,
+       "to_mark", f"{{ \"op-squatter\" : {free} }}")
+    try:
+        b = net.guest(h1, 11)
+        now = marks(h1)
+        assert now[b.port] != free
+        assert len({now[a.port], now[b.port], free}) == 3
+    finally:
+        sh("ip", "netns", "exec", h1.netns, "nft", "delete", "element", "bridge",
+           names.PORTS_TABLE, "to_mark", '{ "op-squatter" }')
 
 
 # -- convergence ----------------------------------------------------------------------------

@@ -232,6 +232,20 @@ class _Batch:
     marks: set[int] = field(default_factory=set)
     zones: dict[str, int] = field(default_factory=dict)  # bridge -> zone
     dropped: set[str] = field(default_factory=set)  # bridges whose stale zone goes
+    generation: int = 0  # of the ruleset, read before planning
+    fresh: dict[str, int] = field(default_factory=dict)  # chain -> mark taken for a new port
+    moved: bool = False  # a mark was taken from a chain: the cached maps are not kept
+
+
+@dataclass
+class _Marks:
+    """The two marks maps as they stood at a ruleset generation. Reading them for every new
+    port made plugging N ports cost N^2; the generation says whether anyone else wrote
+    since, which keeps the cache right without trusting it."""
+
+    generation: int
+    used: set[int]  # every mark either map holds
+    by_chain: dict[str, list[int]]  # chain -> the marks the inet map sends to it
 
 
 class Firewall:
@@ -243,6 +257,7 @@ class Firewall:
         self.reader = NftReader(host.nfnl)
         self._pending: list[tuple[PortPolicy, concurrent.futures.Future[int]]] = []
         self._pending_lock = threading.Lock()
+        self._marks: _Marks | None = None
         self.transactions = 0  # nft transactions written
         self.commands = 0  # nft commands in them
         self.forgotten = 0  # conntrack entries deleted
@@ -303,9 +318,9 @@ class Firewall:
             return {p.port: exc for p in policies}
         plans: dict[str, tuple[list[Json], set[Allow]]] = {}
         for attempt in range(2):
-            batch = _Batch()
             plans.clear()
             try:
+                batch = _Batch(generation=self._generation())
                 bridge_ok, inet_ok = self._base_ok()
             except NetError as exc:
                 return {p.port: exc for p in policies}
@@ -320,8 +335,10 @@ class Firewall:
             try:
                 self._nft(_base(bridge_ok, inet_ok) + body,
                           f"firewall of {', '.join(sorted(plans)) or 'the host'}")
+                self._wrote(batch)
                 break
             except TransientNetError as exc:
+                self._marks = None
                 if len(plans) > 1:  # whichever port's commands were refused fails alone
                     for policy in policies:
                         if policy.port in plans:
@@ -373,7 +390,8 @@ class Firewall:
             mark_elem = r.element(NFPROTO_BRIDGE, names.PORTS_TABLE, "to_mark", key)
             mark = _U32.unpack(mark_elem.value)[0] if mark_elem and mark_elem.value else None
             if mark is None:  # a new port, or its bridge table was lost
-                mark = self._mark_of(to_chain) or self._free_mark(batch)
+                mark = self._mark_of(to_chain, batch) or self._free_mark(batch)
+                batch.fresh[to_chain] = mark
             batch.marks.add(mark)
             if not self._complete(NFPROTO_BRIDGE, names.PORTS_TABLE, in_chain,
                                   len(_in_rules(policy.mac, policy.ip)), _in_comment(policy)):
@@ -394,12 +412,13 @@ class Firewall:
             if not self._complete(NFPROTO_INET, names.GUESTS_TABLE, to_chain,
                                   len(_to_rules(port)), _to_comment(policy)):
                 body += _chain_rules(I, to_chain, _to_rules(port), _to_comment(policy))
-            body += self._map_elements(port, mark, mark_elem is not None)
+            body += self._map_elements(port, mark, mark_elem is not None, batch)
         except NetlinkError as exc:
             raise classify(exc) from exc
         return body, removed
 
-    def _map_elements(self, port: str, mark: int, mark_known: bool) -> list[Json]:
+    def _map_elements(self, port: str, mark: int, mark_known: bool,
+                      batch: _Batch) -> list[Json]:
         r, out = self.reader, []
         jump_in = r.element(NFPROTO_BRIDGE, names.PORTS_TABLE, "from_port", ifname_key(port))
         if jump_in is None or jump_in.jump != names.chain_in(port):
@@ -412,8 +431,48 @@ class Firewall:
         if jump_to is None or jump_to.jump != names.chain_to(port):
             if jump_to is not None:
                 out.append({"delete": _element(I, "to_port", mark)})
+                batch.moved = True
             out.append({"add": _element(I, "to_port", [mark, _jump(names.chain_to(port))])})
         return out
+
+    def _generation(self) -> int:
+        try:
+            return self.reader.generation()
+        except NetlinkError as exc:
+            raise classify(exc) from exc
+
+    def _marks_at(self, batch: _Batch) -> _Marks:
+        """The marks maps at the batch's generation: the cache, or read again."""
+        if self._marks is None or self._marks.generation != batch.generation:
+            used: set[int] = set()
+            by_chain: dict[str, list[int]] = {}
+            for e in self.reader.elements(NFPROTO_BRIDGE, names.PORTS_TABLE, "to_mark") or []:
+                if e.value and len(e.value) == 4:
+                    used.add(_U32.unpack(e.value)[0])
+            for e in self.reader.elements(NFPROTO_INET, names.GUESTS_TABLE, "to_port") or []:
+                if len(e.key) == 4:
+                    used.add(mark := _U32.unpack(e.key)[0])
+                    if e.jump:
+                        by_chain.setdefault(e.jump, []).append(mark)
+            self._marks = _Marks(batch.generation, used, by_chain)
+        return self._marks
+
+    def _wrote(self, batch: _Batch) -> None:
+        """Keep the cached maps in step with the transaction just written, if it was the
+        only one since they were read (any other writer moves the generation further)."""
+        marks = self._marks
+        if marks is None or batch.moved or marks.generation != batch.generation:
+            self._marks = None
+            return
+        generation = self._generation()
+        if generation != batch.generation + 1:
+            self._marks = None
+            return
+        for chain, mark in batch.fresh.items():
+            marks.used.add(mark)
+            if mark not in marks.by_chain.get(chain, []):
+                marks.by_chain.setdefault(chain, []).append(mark)
+        marks.generation = generation
 
     def _marks_to(self, chain: str) -> list[int]:
         """The marks that the inet table sends to a port's chain."""
@@ -421,20 +480,14 @@ class Firewall:
                 for e in self.reader.elements(NFPROTO_INET, names.GUESTS_TABLE, "to_port") or []
                 if e.jump == chain and len(e.key) == 4]
 
-    def _mark_of(self, chain: str) -> int | None:
-        marks = self._marks_to(chain)
+    def _mark_of(self, chain: str, batch: _Batch) -> int | None:
+        marks = self._marks_at(batch).by_chain.get(chain)
         return min(marks) if marks else None
 
     def _free_mark(self, batch: _Batch) -> int:
-        used = set(batch.marks)
-        for family, table, name in ((NFPROTO_BRIDGE, names.PORTS_TABLE, "to_mark"),
-                                    (NFPROTO_INET, names.GUESTS_TABLE, "to_port")):
-            for e in self.reader.elements(family, table, name) or []:
-                raw = e.value if name == "to_mark" else e.key
-                if raw and len(raw) == 4:
-                    used.add(_U32.unpack(raw)[0])
+        used = self._marks_at(batch).used
         for mark in range(MARK_BASE + 1, MARK_BASE + MARK_SPAN + 1):
-            if mark not in used:
+            if mark not in used and mark not in batch.marks:
                 return mark
         raise PermanentNetError(f"no free mark for a guest port ({MARK_SPAN} in use)")
 
@@ -542,6 +595,7 @@ class Firewall:
             if to_chain in chains:
                 commands.append({"delete": {"chain": {**I, "name": to_chain}}})
             if commands:
+                self._marks = None  # its marks are free again
                 self._nft(commands, f"remove firewall of {port}")
             if len(identity) == 3 and identity[0] == LAYOUT:
                 self._forget_guest(ip=identity[1], bridge=identity[2])

@@ -129,11 +129,19 @@ class HostNet:
         self.timeout = timeout
         self.thread = NamespaceThread(netns, timeout)
         try:
+            # Sysctls are quick file writes: on a thread of their own, they do not queue
+            # behind the nft transactions of the namespace thread (plugs waited there).
+            self.sysctl_thread = NamespaceThread(netns, timeout)
+        except BaseException:
+            self.thread.close()
+            raise
+        try:
             self.rtnl: Rtnl = self.thread.call(lambda: Rtnl(timeout), "open rtnetlink")
             self.nfnl: NetlinkSocket = self.thread.call(
                 lambda: NetlinkSocket(NETLINK_NETFILTER, timeout), "open nfnetlink")
         except BaseException:
             self.thread.close()
+            self.sysctl_thread.close()
             raise
         self._users = 0
         self._nft: nftables.Nftables | None = None  # created and used in the thread only
@@ -160,6 +168,7 @@ class HostNet:
         self.rtnl.close()
         self.nfnl.close()
         self.thread.close()
+        self.sysctl_thread.close()
 
     def __enter__(self) -> HostNet:
         return self
@@ -214,7 +223,10 @@ class HostNet:
                 f.write(value)
 
         try:
-            self.inside(write, f"sysctl {key}={value}")
+            if self.thread.is_current() or self.sysctl_thread.is_current():
+                write()
+            else:
+                self.sysctl_thread.call(write, f"sysctl {key}={value}")
         except FileNotFoundError as exc:
             raise PermanentNetError(f"sysctl {key} does not exist in network namespace "
                                     f"{self.netns or '(own)'}") from exc

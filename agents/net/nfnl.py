@@ -32,7 +32,8 @@ from agents.net.netlink import (
 
 NFNL_SUBSYS_CTNETLINK = 1
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSETELEM = 4, 7, 13
+NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSETELEM, NFT_MSG_GETGEN = 4, 7, 13, 16
+NFTA_GEN_ID = 1
 IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
 
 NFPROTO_INET, NFPROTO_BRIDGE = 1, 7
@@ -138,6 +139,16 @@ class NftReader:
         """A dump of nf_tables objects; nothing if their table does not exist."""
         return get_or_none(self.sock, _nft(msg), query, what, missing=(errno.ENOENT,),
                            flags=NLM_F_DUMP) or []
+
+    def generation(self) -> int:
+        """The ruleset's generation: every committed transaction, anyone's, moves it by 1."""
+        answers = self.sock.dump(_nft(NFT_MSG_GETGEN), _head(socket.AF_UNSPEC),
+                                 "get ruleset generation", flags=0)
+        for _kind, body in answers:
+            raw = attrs(body, _NFGEN.size).get(NFTA_GEN_ID)
+            if raw is not None:
+                return int(_BE32.unpack(raw)[0]) & 0xFFFFFFFF
+        raise OSError(errno.EPROTO, "no generation in the answer to NFT_MSG_GETGEN")
 
     def rules(self, family: int, table: str, chain: str) -> list[Rule]:
         """The rules of one chain, in order (empty if the chain or its table is missing)."""

@@ -8,8 +8,9 @@ QEMU guest's tap (libvirt creates it, bare) or a namespace guest's veth. Pluggin
    its flows are written); ports plugged at the same time share one nft transaction;
 2. ensures its segment (bridge and VXLAN device): the instance's job may come before its
    network's job;
-3. turns IPv6 off on the port (the host then sends nothing of its own to the guest), sets
-   its MTU to the segment's, attaches it to the bridge and brings it up.
+3. sets its MTU to the segment's, attaches it to the bridge and brings it up.
+
+IPv6 is turned off on the port first (the host then sends nothing of its own to the guest).
 
 Everything is read from the kernel first and only what differs is written.
 """
@@ -68,6 +69,10 @@ class PortPlumbing:
         _check(port, nic)
         if self._link(port) is None:
             raise TransientNetError(f"port {port} does not exist")
+        # IPv6 off before the port joins anything. Outside the segment's lock: the sysctl
+        # runs on the namespace thread, and under the lock it kept every other plug of the
+        # segment waiting behind the firewall transactions queued there.
+        self.host.sysctl(f"net.ipv6.conf.{port}.disable_ipv6", "1", optional=True)
         # The firewall first: nothing of the guest is forwarded before it is in place.
         # (Outside the segment's lock, so that ports of one segment plugged at the same time
         # share an nft transaction.)
@@ -80,7 +85,6 @@ class PortPlumbing:
             link = self._link(port)
             if link is None:
                 raise TransientNetError(f"port {port} vanished while being plugged")
-            self.host.sysctl(f"net.ipv6.conf.{port}.disable_ipv6", "1", optional=True)
             changes: list[Message] = []
             if link.mtu != nic.mtu:
                 changes.append(set_link(port, link.index, mtu=nic.mtu))
