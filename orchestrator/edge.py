@@ -27,12 +27,15 @@ kills their processes if the edge's own teardown did not run; the router's files
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ipaddress
 import json
 import secrets
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +51,77 @@ BFD_MULTIPLIER = 3
 EDGE_RUN_DIR = Path("/run/orch-edge")
 MAX_NODES = 32  # the /30s of .0/25
 START_TIMEOUT_S = 5.0
+
+
+# Serves one name per connection, sequentially: a hung (SIGSTOPped) one leaves its
+# clients unanswered once the kernel's accept queue has them.
+_STAND_IN_SERVER = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((sys.argv[1], int(sys.argv[2])))
+server.listen(64)
+answer = sys.argv[3].encode() + b"\\n"
+while True:
+    conn, _ = server.accept()
+    try:
+        conn.sendall(answer)
+    except OSError:
+        pass
+    conn.close()
+"""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One probe connection: when it started and ended (monotonic), and its answer."""
+
+    started: float
+    ended: float
+    answer: str | None
+
+
+class Prober:
+    """New connections from the client to vip:port at a fixed rate while the block runs,
+    each in a thread of its own pool (one that hangs does not delay the next), so that
+    failures are seen at a resolution of 1/rate_hz:
+    `with Prober(edge, vip, 80) as probe: ...; probe.attempts`."""
+
+    def __init__(self, edge: Edge, vip: str, port: int, *, rate_hz: float = 100.0,
+                 timeout_s: float = 0.5) -> None:
+        self.edge, self.vip, self.port = edge, vip, port
+        self.interval_s, self.timeout_s = 1.0 / rate_hz, timeout_s
+        self.attempts: list[Attempt] = []
+        self._stop = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=int(rate_hz * timeout_s * 2) + 8)
+        self._launcher = threading.Thread(target=self._launch, daemon=True)
+
+    def _attempt(self) -> None:
+        started = time.monotonic()
+        answer = self.edge.connect(self.vip, self.port, self.timeout_s)
+        self.attempts.append(Attempt(started, time.monotonic(), answer))
+
+    def _launch(self) -> None:
+        tick = time.monotonic()
+        while not self._stop.is_set():
+            self._pool.submit(self._attempt)
+            tick += self.interval_s
+            self._stop.wait(max(0.0, tick - time.monotonic()))
+
+    def __enter__(self) -> Prober:
+        self._launcher.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._launcher.join()
+        self._pool.shutdown(wait=True)
+
+    def last_failure(self) -> Attempt | None:
+        """The failed attempt that started last: every later one was answered."""
+        failed = [a for a in self.attempts if a.answer is None]
+        return max(failed, key=lambda a: a.started) if failed else None
 
 
 @dataclass(frozen=True)
@@ -187,6 +261,35 @@ class Edge:
                 if key == "BGP state":
                     states[host] = value.strip()
         return states
+
+    def connect(self, vip: str, port: int, timeout_s: float = 1.0) -> str | None:
+        """One TCP connection from the client: what the server said (stripped), or None
+        (refused, reset, or no answer within timeout_s)."""
+        try:
+            return self.fabric.tcp(self.client, vip, port, timeout_s=timeout_s).strip() or None
+        except OSError:
+            return None
+
+    def serve(self, host: str, vip: str, port: int) -> subprocess.Popen[bytes]:
+        """A stand-in for an LB node's dataplane: `vip` on the node's `lo` (this kernel has
+        no dummy module) and a process in its namespace answering every connection to
+        vip:port with the host's name, one line. Signal it to kill or hang the node; the
+        fabric's teardown kills it anyway."""
+        netns = self.uplinks[host].netns
+        self._run(["ip", "-n", netns, "addr", "replace", f"{vip}/32", "dev", "lo"])
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-S", "-c", _STAND_IN_SERVER,
+             vip, str(port), host], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            with contextlib.suppress(OSError):
+                if self.fabric.tcp(netns, vip, port, timeout_s=1.0).strip() == host:
+                    return server
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the stand-in server of {host} on {vip}:{port} "
+                                   f"does not answer (exit {server.poll()})")
+            time.sleep(0.01)
 
     def router_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError):
