@@ -134,3 +134,69 @@ async def fold_progress(conn: asyncpg.Connection) -> tuple[int, int]:
         " (SELECT count(*) FROM outbox) AS outbox"
     )
     return row["folded"], row["outbox"]
+
+
+# ---- causes and effects: what orchestrator/tracer.py looks up by key --------------------
+
+
+def _like(text: str) -> str:
+    """``text`` matched literally in a LIKE pattern (ids and keys may hold ``_``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+async def outcome_at(conn: asyncpg.Connection, seq: int) -> Outcome | None:
+    raw = await conn.fetchval("SELECT outcome FROM history WHERE seq = $1", seq)
+    return None if raw is None else _outcome.decode(raw)
+
+
+async def outcomes_with_key(conn: asyncpg.Connection, cmd_id: str) -> list[Outcome]:
+    """Every folded command whose idempotency key is ``cmd_id`` (one per source and entity).
+    No index covers keys: this reads the whole history."""
+    rows = await conn.fetch(
+        "SELECT outcome FROM history WHERE outcome->>'cmd_id' = $1 ORDER BY seq", cmd_id)
+    return [_outcome.decode(r["outcome"]) for r in rows]
+
+
+async def follow_ups(conn: asyncpg.Connection, seq: int,
+                     entities: list[tuple[str, str]]) -> list[Outcome]:
+    """The folded follow-ups of the command at ``seq``, on the entities it sent them to."""
+    rows = await conn.fetch(
+        "SELECT h.outcome FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS"
+        " e(kind, id), LATERAL (SELECT outcome, seq FROM history WHERE kind = e.kind"
+        " AND id = e.id AND seq > $3 AND outcome->>'cmd_id' LIKE $4) AS h ORDER BY h.seq",
+        [k for k, _ in entities], [i for _, i in entities], seq,
+        _like(f"fx-{seq}-") + "%")
+    return [_outcome.decode(r["outcome"]) for r in rows]
+
+
+async def answers(conn: asyncpg.Connection, kind: str, id_: str, after_seq: int, host: str,
+                  report_suffix: str, reconcile_key: str) -> list[Outcome]:
+    """Reports of ``host`` whose key ends with ``report_suffix``, and the command keyed
+    ``reconcile_key``, on one entity after ``after_seq``."""
+    rows = await conn.fetch(
+        "SELECT outcome FROM history WHERE kind = $1 AND id = $2 AND seq > $3"
+        " AND ((outcome->>'source' = $4 AND outcome->>'cmd_id' LIKE $5)"
+        "      OR outcome->>'cmd_id' = $6) ORDER BY seq",
+        kind, id_, after_seq, host, "%" + _like(report_suffix), reconcile_key)
+    return [_outcome.decode(r["outcome"]) for r in rows]
+
+
+async def newer_report(conn: asyncpg.Connection, kind: str, id_: str, after_seq: int,
+                       host: str, key_prefix: str, generation: int) -> Outcome | None:
+    """The first accepted report of ``host`` on the entity after ``after_seq`` keyed
+    ``<key_prefix><host>-<id>-<generation>-<attempt>`` with a generation at least this."""
+    raw = await conn.fetchval(
+        "SELECT outcome FROM history WHERE kind = $1 AND id = $2 AND seq > $3"
+        " AND outcome->>'source' = $4 AND outcome->>'cmd_id' LIKE $5"
+        " AND (outcome->>'accepted')::boolean"
+        " AND (substring(outcome->>'cmd_id' FROM '-([0-9]+)-[0-9]+$'))::numeric >= $6"
+        " ORDER BY seq LIMIT 1",
+        kind, id_, after_seq, host, _like(f"{key_prefix}{host}-{id_}-") + "%", generation)
+    return None if raw is None else _outcome.decode(raw)
+
+
+async def outcomes_at(conn: asyncpg.Connection, seqs: list[int]) -> dict[int, Outcome]:
+    """The folded commands among ``seqs``, by seq."""
+    rows = await conn.fetch(
+        "SELECT seq, outcome FROM history WHERE seq = ANY($1::bigint[])", seqs)
+    return {r["seq"]: _outcome.decode(r["outcome"]) for r in rows}

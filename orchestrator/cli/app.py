@@ -1,15 +1,44 @@
 """The `orch` application and its global options; each verb module registers on ``app``."""
 
 import os
+import sys
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from events import logs
 from orchestrator.settings import resolve
 
-app = typer.Typer(
+WAIT_MODES = ("outcome", "applied")
+
+
+def wait_argument(argv: list[str]) -> list[str]:
+    """`--wait` takes an optional word (`--wait` or `--wait applied`), which click cannot
+    parse: spell it `--wait=outcome` or `--wait=applied` for it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + argv[i:]
+        if argv[i] == "--wait":
+            mode = argv[i + 1] if i + 1 < len(argv) and argv[i + 1] in WAIT_MODES else None
+            out.append(f"--wait={mode or 'outcome'}")
+            i += 2 if mode else 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+class _Orch(typer.Typer):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and "args" not in kwargs:
+            kwargs["args"] = wait_argument(sys.argv[1:])
+        return super().__call__(*args, **kwargs)
+
+
+app = _Orch(
     name="orch",
     help="Event-sourced cloud orchestrator: publish commands, inspect state and timelines.",
     no_args_is_help=True,

@@ -1,20 +1,25 @@
-"""`orch publish`: validate and append commands; `orch schema`: what the bus carries."""
+"""`orch publish`: validate and append commands, and wait for what they caused if asked;
+`orch schema`: what the bus carries."""
 
 import json
 import sys
 import uuid
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
-from events.bus import Publisher, same_as_stored
+from events.bus import Published, Publisher, same_as_stored
 from events.topology import ensure_topology
 from orchestrator import render
 from orchestrator.cli.app import Options, app
+from orchestrator.cli.causes import Progress, reader
 from orchestrator.cli.connect import open_nats
 from orchestrator.cli.output import (
     EXIT_FAILURE,
+    EXIT_OK,
     EXIT_USAGE,
     CliError,
     console,
@@ -22,6 +27,7 @@ from orchestrator.cli.output import (
     print_json,
     run,
 )
+from orchestrator.cli.wait import Waited, report, wait_all
 from orchestrator.fold import source_class
 from schemas.codec import CommandError, command_from_dict, loads
 from schemas.commands import Command
@@ -104,6 +110,11 @@ def _read_lines(file: str, default_source: str) -> list[tuple[str, Command]]:
     return items
 
 
+class WaitMode(StrEnum):
+    outcome = "outcome"
+    applied = "applied"
+
+
 @app.command()
 def publish(
     ctx: typer.Context,
@@ -124,6 +135,13 @@ def publish(
         "--key", help="Idempotency key (cmd_id) [default: random]")] = None,
     json_out: Annotated[bool, typer.Option(
         "--json-out", help='Print {"seq":..,"duplicate":..} per command')] = False,
+    wait: Annotated[WaitMode | None, typer.Option(
+        "--wait", metavar="[applied]", help="Wait for each command's outcome and print it"
+        " (exit 1 if rejected); `--wait applied`: and until every job it caused is applied"
+        " (exit 1 on a failure that ran out of retries)")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        min=0, metavar="SECONDS", help="Give up waiting after this long (exit 124, saying"
+        " what is missing)")] = None,
 ) -> None:
     """Validate and publish one command (TYPE ID and fields) or many (--file, - for stdin).
 
@@ -152,10 +170,12 @@ def publish(
             doc["id"] = id_
         return [_build(doc, source, key)]
 
-    async def main() -> None:
+    async def main() -> int:
+        if timeout is not None and wait is None:
+            raise CliError("--timeout bounds --wait: give --wait too", EXIT_USAGE)
         items = commands()  # all validated before anything is sent
         if not items:
-            return
+            return EXIT_OK
         nc = await open_nats(opts.nats_url(), "orch-publish")
         try:
             js = nc.jetstream()
@@ -171,6 +191,14 @@ def publish(
         finally:
             await nc.close()
         out = console()
+        if conflicts:
+            first = items[min(conflicts)][1]
+            raise CliError(
+                f"{len(conflicts)} command(s) not published: idempotency key {first.cmd_id!r}"
+                f" of {first.kind}/{first.id} was already used for a different command"
+                f" (seq {results[min(conflicts)].seq}); use a new --key")
+        if wait is not None:
+            return await _wait(opts, items, results, wait, timeout, json_out, out)
         for n, ((_, cmd), result) in enumerate(zip(items, results, strict=True)):
             if json_out:
                 print_json({"seq": result.seq, "duplicate": result.duplicate,
@@ -178,15 +206,28 @@ def publish(
                              "type": type(cmd).__name__, "kind": cmd.kind, "id": cmd.id})
             else:
                 out.print(render.published_line(type(cmd).__name__, cmd.kind, cmd.id,
-                                                    result.seq, result.duplicate))
-        if conflicts:
-            first = items[min(conflicts)][1]
-            raise CliError(
-                f"{len(conflicts)} command(s) not published: idempotency key {first.cmd_id!r}"
-                f" of {first.kind}/{first.id} was already used for a different command"
-                f" (seq {results[min(conflicts)].seq}); use a new --key")
+                                                result.seq, result.duplicate))
+        return EXIT_OK
 
     run(main)
+
+
+async def _wait(opts: Options, items: list[tuple[str, Command]], results: list[Published],
+                mode: WaitMode, timeout: float | None, json_out: bool, out: Console) -> int:
+    waited = [Waited(r.seq, {"seq": r.seq, "duplicate": r.duplicate, "cmd_id": cmd.cmd_id,
+                             "type": type(cmd).__name__, "kind": cmd.kind, "id": cmd.id})
+              for (_, cmd), r in zip(items, results, strict=True)]
+    applied = mode is WaitMode.applied
+    progress = Progress(Console(stderr=True), enabled=not json_out)
+    try:
+        async with reader(opts.nats_url(), opts.pg_dsn(), "orch-publish-wait") as r:
+            settled = await wait_all(r, waited, applied, timeout, progress)
+    finally:
+        progress.close()
+    code, error = report(waited, applied, settled, json_out, out, timeout)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return code
 
 
 @app.command()

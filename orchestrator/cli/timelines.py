@@ -1,4 +1,4 @@
-"""Verbs over the log, entity by entity or across them: `orch tail`."""
+"""Verbs over the log, entity by entity or across them: `orch tail`, `orch trace`."""
 
 from collections.abc import Callable
 from typing import Annotated
@@ -12,9 +12,12 @@ from events.bus import read_stream
 from events.subjects import EVT_STREAM, event_subject
 from orchestrator import queries, render
 from orchestrator.cli.app import Options, app
+from orchestrator.cli.causes import find_command, reader
 from orchestrator.cli.connect import open_nats, open_pg, stop_event, until_stopped
 from orchestrator.cli.output import EXIT_FAILURE, CliError, console, print_json, run
 from orchestrator.cli.parse import parse_target
+from orchestrator.logview import trace_tree
+from orchestrator.trace import to_json as trace_json
 from schemas.outcomes import Outcome
 
 
@@ -80,3 +83,25 @@ async def follow_outcomes(nc: Client, subject: str, after_seq: int,
                 last = outcome.seq
                 emit(outcome)
 
+
+
+@app.command()
+def trace(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(metavar="SEQ|CMD_ID",
+                                       help="The command: its CMD seq, or its cmd id")],
+    as_json: Annotated[bool, typer.Option("--json", help="The tree as one JSON object")] = False,
+) -> None:
+    """Everything one command caused: follow-ups, theirs in turn, jobs and agents' reports."""
+    opts: Options = ctx.obj
+
+    async def main() -> None:
+        async with reader(opts.nats_url(), opts.pg_dsn(), "orch-trace") as r:
+            root = await find_command(r, ref)
+            tree = await r.tracer().tree(root)
+        if as_json:
+            print_json(trace_json(tree, root.at))
+        else:
+            console().print(trace_tree(tree))
+
+    run(main)

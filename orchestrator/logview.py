@@ -1,0 +1,96 @@
+"""Rendering the operator's views of the log: outcomes across entities, what a command
+changed, the tree of what it caused, and waits. Pure: rich renderables, no I/O."""
+
+from typing import Any
+
+import msgspec
+from rich.text import Text
+from rich.tree import Tree
+
+from orchestrator.history import Change
+from orchestrator.render import format_ms, outcome_line
+from orchestrator.trace import Node
+from schemas.outcomes import Outcome
+
+_STATUS_STYLE = {"applied": "green", "superseded": "green", "failed": "bold red",
+                 "pending": "yellow"}
+
+
+def log_line(o: Outcome) -> Text:
+    """A timeline entry that names its entity: the log mixes them all."""
+    line = outcome_line(o)
+    head = Text(f"{o.kind}/{o.id}", style="bold")
+    head.pad_right(max(0, 24 - len(head)))
+    # After the seq and the time (two fixed-width fields), before the source.
+    cut = len(f"{o.seq:>6}  ") + len(format_ms(o.at)) + 2
+    return line[:cut] + head + Text(" ") + line[cut:]
+
+
+def _value(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return msgspec.json.encode(v).decode()
+
+
+def change_line(c: Change) -> Text:
+    line = Text("        ")
+    line.append(c.path, style="bold")
+    line.append(": ")
+    line.append(_value(c.before), style="red")
+    line.append(" → ")
+    line.append(_value(c.after), style="green")
+    return line
+
+
+def change_json(c: Change) -> dict[str, Any]:
+    return {"field": c.path, "before": c.before, "after": c.after}
+
+
+def _label(node: Node, root_at: int) -> Text:
+    line = Text()
+    if node.outcome is not None:
+        o = node.outcome
+        line.append(f"{o.seq} ", style="dim")
+        line.append(format_ms(o.at) if o.at == root_at else f"+{o.at - root_at} ms",
+                    style="dim")
+        line.append(f"  {o.type} ", style="bold")
+        line.append(f"{o.kind}/{o.id}")
+        line.append(f" from {o.source} ", style="dim")
+        if o.accepted:
+            line.append("ACCEPTED", style="green")
+            if o.events:
+                line.append(f" {', '.join(o.events)}")
+        else:
+            line.append("REJECTED", style="bold red")
+            line.append(f" {o.reason or ''}", style="red")
+    elif node.job is not None:
+        j = node.job
+        line.append("job ", style="cyan")
+        line.append(f"{j.subject} generation {j.generation} attempt {j.attempt}",
+                    style="cyan")
+        if j.removal:
+            line.append(" (removal)", style="cyan")
+        status = node.status or "pending"
+        line.append(f"  {status}", style=_STATUS_STYLE[status])
+        if node.superseded_by is not None:
+            line.append(f" (a newer generation applied, seq {node.superseded_by})", style="dim")
+        elif status == "pending":
+            line.append(": no report yet", style="yellow")
+    else:
+        line.append(f"MISSING {node.missing}", style="yellow")
+    return line
+
+
+def trace_tree(root: Node) -> Tree:
+    assert root.outcome is not None
+    at = root.outcome.at
+
+    def grow(branch: Tree, node: Node) -> None:
+        for child in node.children:
+            grow(branch.add(_label(child, at)), child)
+
+    tree = Tree(_label(root, at), guide_style="dim")
+    grow(tree, root)
+    return tree
