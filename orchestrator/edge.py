@@ -170,6 +170,7 @@ def router_config(router_id: str, uplinks: Sequence[Uplink], log: Path, bfd: boo
     return (
         f"router id {router_id};\n"
         f"log \"{log}\" {{ info, warning, error, auth, fatal, bug }};\n"
+        "timeformat log iso long ms;\n"
         "protocol device { scan time 10; }\n"
         f"{bfd_protocol}"
         "protocol kernel {\n"
@@ -248,19 +249,23 @@ class Edge:
             if time.monotonic() - started > within_s:
                 raise TimeoutError(f"route to {vip}: nexthops {have}, not {want}, "
                                    f"after {within_s} s; sessions {self.sessions()}")
-            time.sleep(0.005)
+            time.sleep(0.02)  # each look is an ip process: 50 a second at most
         return time.monotonic() - started
 
     def sessions(self) -> dict[str, str]:
         """Each LB node's BGP session as the router sees it ("Established", "Active", ...)."""
-        states: dict[str, str] = {}
-        for host, u in self.uplinks.items():
-            out = self._birdc("show", "protocols", "all", u.protocol)
-            for line in out.splitlines():
-                key, _, value = line.strip().partition(":")
-                if key == "BGP state":
-                    states[host] = value.strip()
-        return states
+        return {host: self.session_info(host).get("BGP state", "") for host in self.uplinks}
+
+    def session_info(self, host: str) -> dict[str, str]:
+        """The router's `show protocols all` of one node's session, as key: value pairs
+        ("BGP state", "Last error", "Neighbor address", ...)."""
+        out = self._birdc("show", "protocols", "all", self.uplinks[host].protocol)
+        info: dict[str, str] = {}
+        for line in out.splitlines():
+            key, colon, value = line.strip().partition(":")
+            if colon and key and key not in info:
+                info[key] = value.strip()
+        return info
 
     def connect(self, vip: str, port: int, timeout_s: float = 1.0) -> str | None:
         """One TCP connection from the client: what the server said (stripped), or None

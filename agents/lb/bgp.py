@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def render(router_id: str, local_asn: int, peer_ip: str, peer_asn: int, vips: se
     return (
         f"router id {router_id};\n"
         f"log \"{log}\" {{ info, warning, error, auth, fatal, bug }};\n"
+        "timeformat log iso long ms;\n"
         "protocol device { scan time 10; }\n"
         f"{bfd_protocol}"
         f"protocol static {STATIC_PROTOCOL} {{\n    ipv4;\n{routes}}}\n"
@@ -136,6 +138,7 @@ class Speaker:
         self.log = self.run_dir / "bird.log"
         if len(str(self.ctl)) > _SOCKET_PATH_MAX:
             raise PermanentDriverError(f"control socket path too long: {self.ctl}")
+        self._lock = threading.Lock()  # one change of bird at a time, from any thread
 
     # -- the interface -----------------------------------------------------------------------
 
@@ -143,6 +146,10 @@ class Speaker:
         """Announce exactly `vips` (and withdraw any other VIP this speaker announced)."""
         wanted = {_address(vip, "VIP") for vip in vips}
         self._check_environment()
+        with self._lock:
+            self._announce(wanted)
+
+    def _announce(self, wanted: set[str]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         text = render(self.router_id, self.local_asn, self.peer_ip, self.peer_asn, wanted,
                       self.log, self.bfd)
@@ -176,14 +183,15 @@ class Speaker:
 
     def close(self) -> None:
         """Stop bird (the router withdraws every VIP on its Cease) and remove its files."""
-        pid = self.pid()
-        if pid is not None:
-            self._stop(pid)
-        for path in (self.conf, self.conf.with_suffix(".tmp"), self.ctl, self.pidfile,
-                     self.log):
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.run_dir.rmdir()  # only if nothing else lives there
+        with self._lock:
+            pid = self.pid()
+            if pid is not None:
+                self._stop(pid)
+            for path in (self.conf, self.conf.with_suffix(".tmp"), self.ctl, self.pidfile,
+                         self.log):
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only if nothing else lives there
 
     def pid(self) -> int | None:
         """bird's pid, if the pid file names a live bird of this run_dir."""
