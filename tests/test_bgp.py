@@ -22,7 +22,7 @@ import pytest
 from agents.drivers.errors import PermanentDriverError
 from agents.lb.bgp import HOLD_S, Speaker
 from orchestrator.edge import EDGE_RUN_DIR, Edge, Prober
-from tests.fabric import Fabric, unavailable
+from tests.fabric import Fabric, _alive, unavailable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -202,7 +202,7 @@ def test_close_withdraws_everything_and_leaves_no_process_or_file(
     edge.wait_routes(b, [])
     # bird said goodbye (a Cease on SIGTERM): the router did not wait for its hold timer.
     assert edge.session_info("lb1")["Last error"] == "Received: Administrative shutdown"
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    assert not _alive(pid)
     assert not lb1.run_dir.exists()
     assert lb1.announced() == set() and lb1.session() is None
     lb1.close()  # twice is fine
@@ -222,6 +222,25 @@ def test_a_dead_bird_is_restarted_by_the_next_announce(edge: Edge, nodes: Nodes)
     edge.wait_routes(vip, ["lb1"])
     assert lb1.pid() not in (None, old)
     assert lb1.announced() == {vip}
+
+
+def test_a_hung_or_unreachable_bird_is_replaced_by_the_next_announce(
+        edge: Edge, nodes: Nodes) -> None:
+    vip = edge.vip(0)
+    lb1 = nodes.speakers["lb1"]
+    lb1.announce({vip})
+    edge.wait_routes(vip, ["lb1"])
+    hung = lb1.pid()
+    assert hung is not None
+    os.kill(hung, signal.SIGSTOP)
+    lb1.announce({vip})  # birdc times out: a new bird
+    edge.wait_routes(vip, ["lb1"])
+    assert lb1.pid() not in (None, hung) and not _alive(hung)
+    unreachable = lb1.pid()
+    lb1.ctl.unlink()
+    lb1.announce({vip, edge.vip(1)})
+    edge.wait_routes(edge.vip(1), ["lb1"])
+    assert lb1.pid() not in (None, unreachable)
 
 
 def test_bad_input_is_a_permanent_error(edge: Edge, tmp_path: Path) -> None:

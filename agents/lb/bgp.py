@@ -3,7 +3,9 @@
 `Speaker.announce(vips)` makes bird export exactly those /32s to the upstream router (over
 eBGP, next hop self), starting bird on first use and after it died, and otherwise
 reconfiguring the running daemon (`birdc configure`: only the static protocol of the VIPs
-changes, so the session stays up). `close()` stops bird, whose Cease makes the router
+changes, so the session stays up). A bird that is alive but does not answer its control
+socket within 5 s (hung, or its socket removed) is replaced by a new one. A restarted
+agent finds its bird by the pid file and keeps it. `close()` stops bird, whose Cease makes the router
 withdraw everything at once, and removes its files. `announced()` asks bird what it
 really exports, for observe and drift repair.
 
@@ -156,12 +158,19 @@ class Speaker:
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(self.conf)  # bird never reads half a file
-        if self.pid() is None:
-            self._start()
-            return
-        out = self._birdc("configure")
-        if not any(marker in out for marker in _RECONFIGURED):
-            raise PermanentDriverError(f"bird refused its configuration: {out.strip()}")
+        pid = self.pid()
+        if pid is not None:
+            try:
+                out = self._birdc("configure")
+            except TransientDriverError:
+                # Alive but not answering (hung, or its socket gone): its session is lost
+                # with the hold timer anyway, and a new bird is the quickest way back.
+                self._stop(pid)
+            else:
+                if not any(marker in out for marker in _RECONFIGURED):
+                    raise PermanentDriverError(f"bird refused its configuration: {out.strip()}")
+                return
+        self._start()
 
     def announced(self) -> set[str]:
         """The VIPs bird exports to the router now: empty while bird is not running or
@@ -234,7 +243,7 @@ class Speaker:
         while True:
             if self.pid() is not None:
                 with contextlib.suppress(TransientDriverError):
-                    if "Daemon is up" in self._birdc("show status", kill_on_timeout=False):
+                    if "Daemon is up" in self._birdc("show status"):
                         return
             if time.monotonic() > deadline:
                 raise TransientDriverError(
@@ -254,17 +263,13 @@ class Speaker:
             while _alive(pid):
                 time.sleep(0.01)
 
-    def _birdc(self, command: str, *, kill_on_timeout: bool = True) -> str:
-        """One birdc command's output. A bird that does not answer is killed (it is hung,
-        and its session lost with the hold timer anyway), so the next announce restarts it."""
+    def _birdc(self, command: str) -> str:
+        """One birdc command's output; TransientDriverError if bird does not answer."""
         try:
             done = subprocess.run(["birdc", "-s", str(self.ctl), *command.split()],
                                   capture_output=True, text=True, timeout=BIRDC_TIMEOUT_S,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:
-            pid = self.pid()
-            if kill_on_timeout and pid is not None:
-                self._stop(pid)
             raise TransientDriverError(
                 f"bird did not answer {command!r} within {BIRDC_TIMEOUT_S} s") from exc
         if done.returncode != 0:
