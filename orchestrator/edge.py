@@ -20,9 +20,15 @@ fabric's underlay, or `avoid` (the pools' private networks): uplinks are the /30
 .0 (router .4i+1, node .4i+2), the client's /30 is .128 (router .129, client .130), and
 the VIPs are offered from .192/26 (`vip(i)`), a block that no link holds.
 
+What the LB nodes' speakers are told: `uplink(host)` (their address, the router's) and
+`node_asn` / `router_asn`. What tests read: `router_routes(vip)` (the nexthops in the
+router's kernel), `wait_routes`, `sessions()`, and real connections from the client
+(`connect`, or `Prober` at a fixed rate while a node dies). `serve` stands in for a node's
+dataplane where a test has none (the VIP on `lo`, a process answering the node's name).
+
 Its namespaces are named `<prefix>-...`, so the fabric's teardown also removes them and
 kills their processes if the edge's own teardown did not run; the router's files live in
-`/run/orch-edge/<router netns>/`. Standard library and the `ip` command only.
+`/run/orch-edge/<router netns>/`. The standard library and the `ip` and `birdc` commands.
 """
 
 from __future__ import annotations
