@@ -200,3 +200,32 @@ async def outcomes_at(conn: asyncpg.Connection, seqs: list[int]) -> dict[int, Ou
     rows = await conn.fetch(
         "SELECT seq, outcome FROM history WHERE seq = ANY($1::bigint[])", seqs)
     return {r["seq"]: _outcome.decode(r["outcome"]) for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class LogFilter:
+    kind: str | None = None
+    source: str | None = None
+    type: str | None = None
+    rejected: bool = False
+
+    def matches(self, o: Outcome) -> bool:
+        return ((self.kind is None or o.kind == self.kind)
+                and (self.source is None or o.source == self.source)
+                and (self.type is None or o.type == self.type)
+                and not (self.rejected and o.accepted))
+
+
+async def log(conn: asyncpg.Connection, where: LogFilter, after_seq: int = 0,
+              limit: int | None = None) -> list[Outcome]:
+    """Folded commands across entities after ``after_seq``, oldest first: the newest
+    ``limit`` of them if given (the primary key read backwards stops there)."""
+    rows = await conn.fetch(
+        "SELECT outcome FROM history WHERE seq > $1"
+        " AND ($2::text IS NULL OR kind = $2)"
+        " AND ($3::text IS NULL OR outcome->>'source' = $3)"
+        " AND ($4::text IS NULL OR outcome->>'type' = $4)"
+        " AND (NOT $5 OR outcome->>'accepted' = 'false')"
+        " ORDER BY seq DESC LIMIT $6",
+        after_seq, where.kind, where.source, where.type, where.rejected, limit)
+    return [_outcome.decode(r["outcome"]) for r in reversed(rows)]

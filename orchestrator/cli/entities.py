@@ -2,24 +2,31 @@
 
 import dataclasses
 import time
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
+from events.bus import last_seq_at
 from events.heartbeats import read_heartbeats
+from events.subjects import CMD_STREAM
+from events.topology import ensure_topology
 from orchestrator import queries, render
 from orchestrator.cli.app import Options, app
 from orchestrator.cli.connect import open_nats, open_pg, query
 from orchestrator.cli.output import (
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_USAGE,
     CliError,
     console,
     list_rows,
     print_json,
     run,
 )
-from orchestrator.cli.parse import parse_target
+from orchestrator.cli.parse import not_in_future, parse_point, parse_target
+from orchestrator.history import fold_entity, state_at
+from orchestrator.logreader import read_entity
 
 
 @app.command()
@@ -28,12 +35,27 @@ def get(
     target: Annotated[str, typer.Argument(metavar="KIND[/ID]",
                                           help="e.g. instance/vm1, or instance to list")],
     as_json: Annotated[bool, typer.Option("--json", help="JSON (one object per line)")] = False,
+    at: Annotated[str | None, typer.Option(
+        "--at", metavar="SEQ|TIME", help="The entity as it was after this CMD seq, or after"
+        " the last command stored at or before this ISO-8601 time (UTC unless it names a"
+        " zone): its history folded again")] = None,
 ) -> None:
     """Show one entity's projected state, or list the entities of a kind."""
     opts: Options = ctx.obj
 
     async def main() -> None:
         kind, id_ = parse_target(target, need_id=False)
+        if at is not None:
+            if id_ is None:
+                raise CliError("--at shows one entity: give KIND/ID", EXIT_USAGE)
+            row, seq = await _state_at(opts, kind, id_, parse_point(at, "--at"))
+            if as_json:
+                print_json({"kind": kind, "id": id_, "last_seq": row.last_seq, "at_seq": seq,
+                            "state": row.state})
+            else:
+                print(f"{kind}/{id_} as of seq {seq}", flush=True)
+                console().print(render.entity_view(row))
+            return
         conn = await open_pg(opts.pg_dsn())
         try:
             if id_ is not None:
@@ -57,6 +79,37 @@ def get(
             print(f"no {kind} entities", flush=True)
 
     run(main)
+
+
+async def _state_at(opts: Options, kind: str, id_: str,
+                    point: int | datetime) -> tuple[queries.EntityRow, int]:
+    """The entity folded from its own commands up to a point of the log, and that seq."""
+    nc = await open_nats(opts.nats_url(), "orch-get-at")
+    try:
+        js = nc.jetstream()
+        partitions = (await ensure_topology(js)).partitions
+        state = (await js.stream_info(CMD_STREAM)).state
+        if isinstance(point, datetime):
+            not_in_future(point, "--at")
+            seq = await last_seq_at(js, CMD_STREAM, point)
+            if seq < state.first_seq:
+                raise CliError(f"--at: {point.isoformat()} is before the log's first command",
+                               EXIT_USAGE)
+        else:
+            seq = point
+            if seq > state.last_seq:
+                raise CliError(f"--at: seq {seq} is past the log's end (seq {state.last_seq})",
+                               EXIT_USAGE)
+        messages = await read_entity(js, kind, id_)
+    finally:
+        await nc.close()
+    if not messages:
+        raise CliError(f"no {kind}/{id_}: nothing in its history", EXIT_FAILURE)
+    last = state_at(fold_entity((kind, id_), (m for m in messages if m.seq <= seq), partitions))
+    if last is None or last.after is None:
+        raise CliError(f"{kind}/{id_} did not exist yet at seq {seq}: its first command is"
+                       f" seq {messages[0].seq}", EXIT_FAILURE)
+    return queries.EntityRow(kind, id_, last.after, last.last_seq), seq
 
 
 @app.command()

@@ -11,6 +11,7 @@ import msgspec
 import typer
 import uvloop
 from rich.console import Console
+from rich.text import Text
 
 from orchestrator.settings import NoStack
 from schemas.codec import CommandError
@@ -34,6 +35,16 @@ def console() -> Console:
         # Piped: no colours (rich decides), and no 80-column wrapping of long lines either.
         out = Console(highlight=False, width=240)
     return out
+
+
+def text(out: Console, line: Text) -> None:
+    """One line of a long listing: rich renders it on a TTY; on a pipe, where it would only
+    drop the styles, its plain text is written at once (a timeline may have 10,000)."""
+    if out.is_terminal:
+        out.print(line, soft_wrap=True)
+    else:
+        sys.stdout.write(line.plain + "\n")
+        sys.stdout.flush()
 
 
 def fail(message: str, code: int) -> NoReturn:

@@ -191,6 +191,16 @@ def publish(
         finally:
             await nc.close()
         out = console()
+        for n, ((_, cmd), result) in enumerate(zip(items, results, strict=True)):
+            if wait is not None and not conflicts:
+                break  # the outcomes say it all
+            if json_out:
+                print_json({"seq": result.seq, "duplicate": result.duplicate,
+                             "conflict": n in conflicts, "cmd_id": cmd.cmd_id,
+                             "type": type(cmd).__name__, "kind": cmd.kind, "id": cmd.id})
+            else:
+                out.print(render.published_line(type(cmd).__name__, cmd.kind, cmd.id,
+                                                result.seq, result.duplicate))
         if conflicts:
             first = items[min(conflicts)][1]
             raise CliError(
@@ -199,14 +209,6 @@ def publish(
                 f" (seq {results[min(conflicts)].seq}); use a new --key")
         if wait is not None:
             return await _wait(opts, items, results, wait, timeout, json_out, out)
-        for n, ((_, cmd), result) in enumerate(zip(items, results, strict=True)):
-            if json_out:
-                print_json({"seq": result.seq, "duplicate": result.duplicate,
-                             "conflict": n in conflicts, "cmd_id": cmd.cmd_id,
-                             "type": type(cmd).__name__, "kind": cmd.kind, "id": cmd.id})
-            else:
-                out.print(render.published_line(type(cmd).__name__, cmd.kind, cmd.id,
-                                                result.seq, result.duplicate))
         return EXIT_OK
 
     run(main)

@@ -1,22 +1,28 @@
-"""Verbs over the log, entity by entity or across them: `orch tail`, `orch trace`."""
+"""Verbs over the log, entity by entity or across them: `orch tail`, `orch trace`,
+`orch log`."""
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Annotated
 
 import asyncpg
 import msgspec
 import typer
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
-from events.bus import read_stream
-from events.subjects import EVT_STREAM, event_subject
+from events.bus import last_seq_at, read_stream
+from events.subjects import CMD_STREAM, EVT_STREAM, event_subject
+from events.topology import ensure_topology
 from orchestrator import queries, render
 from orchestrator.cli.app import Options, app
 from orchestrator.cli.causes import find_command, reader
-from orchestrator.cli.connect import open_nats, open_pg, stop_event, until_stopped
-from orchestrator.cli.output import EXIT_FAILURE, CliError, console, print_json, run
-from orchestrator.cli.parse import parse_target
-from orchestrator.logview import trace_tree
+from orchestrator.cli.connect import open_nats, open_pg, query, stop_event, until_stopped
+from orchestrator.cli.output import EXIT_FAILURE, CliError, console, print_json, run, text
+from orchestrator.cli.parse import not_in_future, parse_kind, parse_point, parse_target
+from orchestrator.history import Change, EntityFold, Step, diff
+from orchestrator.logreader import read_entity
+from orchestrator.logview import change_json, change_line, log_line, trace_tree
 from orchestrator.trace import to_json as trace_json
 from schemas.outcomes import Outcome
 
@@ -27,17 +33,13 @@ def tail(
     target: Annotated[str, typer.Argument(metavar="KIND/ID")],
     follow: Annotated[bool, typer.Option("--follow", "-f",
                                          help="Keep printing new outcomes")] = False,
+    diff: Annotated[bool, typer.Option(
+        "--diff", help="Under each command, the fields of the state it changed")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One Outcome object per line")] = False,
 ) -> None:
     """The timeline of an entity: every command folded, accepted or rejected, and why."""
     opts: Options = ctx.obj
     out = console()
-
-    def emit(outcome: Outcome) -> None:
-        if as_json:
-            print_json(outcome)
-        else:
-            out.print(render.outcome_line(outcome), soft_wrap=True)
 
     async def main() -> None:
         stop = stop_event() if follow else None
@@ -54,23 +56,63 @@ def tail(
             await conn.close()
         if not history and stop is None:
             raise CliError(f"no {kind}/{id_}: nothing in its timeline", EXIT_FAILURE)
-        for outcome in history:
-            emit(outcome)
-        if stop is None:
-            return
-        nc = await open_nats(opts.nats_url(), "orch-tail", follow=True)
+        nc = await open_nats(opts.nats_url(), "orch-tail", follow=True) if (
+            follow or diff) else None
         try:
+            changes = None
+            if diff and nc is not None:
+                changes = Changes(nc.jetstream(), kind, id_,
+                                  (await ensure_topology(nc.jetstream())).partitions)
+
+            async def emit(outcome: Outcome) -> None:
+                found = None if changes is None else await changes.of(outcome)
+                if as_json:
+                    print_json(outcome if found is None else {
+                        **msgspec.to_builtins(outcome),
+                        "changes": [change_json(c) for c in found]})
+                    return
+                text(out, render.outcome_line(outcome))
+                for change in found or ():
+                    text(out, change_line(change))
+
+            for outcome in history:
+                await emit(outcome)
+            if stop is None or nc is None:
+                return
             await until_stopped(
                 follow_outcomes(nc, event_subject(kind, id_),
                                 history[-1].seq if history else 0, emit), stop)
         finally:
-            await nc.close()
+            if nc is not None:
+                await nc.close()
 
     run(main)
 
 
+class Changes:
+    """What each command of one entity changed, from its commands folded again in order."""
+
+    def __init__(self, js: JetStreamContext, kind: str, id_: str, partitions: int) -> None:
+        self.js, self.kind, self.id = js, kind, id_
+        self.fold = EntityFold((kind, id_), partitions)
+        self.steps: dict[int, Step] = {}
+
+    async def of(self, outcome: Outcome) -> list[Change]:
+        if outcome.seq > self.fold.read_upto:
+            # Read on: everything up to the end when the history is printed, then as
+            # followed outcomes come.
+            messages = await read_entity(self.js, self.kind, self.id,
+                                         start_seq=self.fold.read_upto + 1)
+            for step in self.fold.feed(messages):
+                self.steps[step.folded.seq] = step
+        step = self.steps.pop(outcome.seq, None)
+        if step is None or not step.folded.changed:
+            return []
+        return diff(step.before, step.after)
+
+
 async def follow_outcomes(nc: Client, subject: str, after_seq: int,
-                          emit: Callable[[Outcome], None]) -> None:
+                          emit: Callable[[Outcome], Awaitable[None]]) -> None:
     """Outcomes published on EVT after ``after_seq`` (a relay may repeat one: skip it)."""
     last = after_seq
     async for msgs in read_stream(nc.jetstream(), EVT_STREAM, subject, follow=True):
@@ -81,8 +123,7 @@ async def follow_outcomes(nc: Client, subject: str, after_seq: int,
                 continue  # not an outcome: nothing a timeline can show
             if outcome.seq > last:
                 last = outcome.seq
-                emit(outcome)
-
+                await emit(outcome)
 
 
 @app.command()
@@ -105,3 +146,84 @@ def trace(
             console().print(trace_tree(tree))
 
     run(main)
+
+
+# Outcomes a follower remembers having printed: a relay may publish one again.
+_SEEN = 100_000
+
+
+@app.command("log")
+def log_(
+    ctx: typer.Context,
+    kind: Annotated[str | None, typer.Option(help="Only commands on entities of this kind")]
+    = None,
+    source: Annotated[str | None, typer.Option(
+        help="Only commands from this source: user, admin, system or a host")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Only this command type")]
+    = None,
+    rejected: Annotated[bool, typer.Option("--rejected", help="Only rejected commands")]
+    = False,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="SEQ|TIME", help="From this CMD seq, or from the first command"
+        " stored after this ISO-8601 time (UTC unless it names a zone)")] = None,
+    limit: Annotated[int | None, typer.Option(
+        min=0, help="At most the newest N [default: 100, all with --since; 0: all]")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f",
+                                         help="Keep printing new outcomes")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One Outcome object per line")] = False,
+) -> None:
+    """The whole log across entities, newest last: every command folded, and its outcome."""
+    opts: Options = ctx.obj
+    out = console()
+
+    async def main() -> None:
+        stop = stop_event() if follow else None
+        where = queries.LogFilter(kind=None if kind is None else parse_kind(kind),
+                                  source=source, type=type_, rejected=rejected)
+        point = None if since is None else parse_point(since, "--since")
+        if isinstance(point, datetime):
+            not_in_future(point, "--since")
+        nc = await open_nats(opts.nats_url(), "orch-log", follow=follow)
+        try:
+            js = nc.jetstream()
+            # Where following starts: before the history is read, so nothing falls between.
+            evt_from = (await js.stream_info(EVT_STREAM)).state.last_seq + 1 if follow else 0
+            after = (await last_seq_at(js, CMD_STREAM, point) if isinstance(point, datetime)
+                     else 0 if point is None else point - 1)
+            shown = limit if limit is not None else (100 if point is None else 0)
+            history = await query(opts.pg_dsn(),
+                                  lambda conn: queries.log(conn, where, after, shown or None))
+            seen: dict[int, None] = {}
+
+            async def emit(o: Outcome) -> None:
+                if o.seq in seen or o.seq <= after or not where.matches(o):
+                    return
+                seen[o.seq] = None
+                if len(seen) > _SEEN:
+                    del seen[next(iter(seen))]
+                if as_json:
+                    print_json(o)
+                else:
+                    text(out, log_line(o))
+
+            for o in history:
+                await emit(o)
+            if stop is not None:
+                subject = "evt.>" if where.kind is None else f"evt.{where.kind}.>"
+                await until_stopped(follow_events(js, subject, evt_from, emit), stop)
+        finally:
+            await nc.close()
+
+    run(main)
+
+
+async def follow_events(js: JetStreamContext, subject: str, start_seq: int,
+                        emit: Callable[[Outcome], Awaitable[None]]) -> None:
+    """Every outcome EVT stores on ``subject`` from ``start_seq`` on, as it comes."""
+    async for msgs in read_stream(js, EVT_STREAM, subject, start_seq=start_seq, follow=True):
+        for msg in msgs:
+            try:
+                outcome = queries.decode_outcome(msg.data)
+            except msgspec.DecodeError:
+                continue
+            await emit(outcome)
