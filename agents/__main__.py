@@ -13,6 +13,7 @@ import prometheus_client
 import typer
 import uvloop
 
+from agents.drivers.lb import BgpConfig, LbDriver
 from agents.drivers.netns_guest import NetnsGuestDriver
 from agents.drivers.network import NetworkDriver
 from agents.drivers.testnode import test_node_uri
@@ -50,6 +51,17 @@ def main(
         metavar="IP", help="This host's VTEP address on the underlay")] = None,
     underlay_dev: Annotated[str | None, typer.Option(
         metavar="IFACE", help="...or the interface whose IPv4 address it is")] = None,
+    lb: Annotated[bool, typer.Option(
+        "--lb", help="This host is an LB node: it serves load balancers (nftables, health"
+                     " checks, BGP with --bgp-peer) and no instances; needs the underlay"
+                     " address")] = False,
+    bgp_peer: Annotated[str | None, typer.Option(
+        metavar="IP", help="--lb: the upstream router to announce the VIPs to by BGP"
+                           " (bird2) [default: no announcement]")] = None,
+    bgp_peer_asn: Annotated[int, typer.Option(metavar="ASN", help="The router's AS")] = 65000,
+    bgp_asn: Annotated[int, typer.Option(metavar="ASN", help="This LB node's AS")] = 65001,
+    bgp_router_id: Annotated[str | None, typer.Option(
+        metavar="IP", help="This node's BGP router id [default: its underlay address]")] = None,
     heartbeat: Annotated[float, typer.Option(help="Heartbeat period, seconds")] = 1.0,
     resync: Annotated[float, typer.Option(help="Full resync period, seconds")] = 30.0,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs applied at once")] = 8,
@@ -74,6 +86,17 @@ def main(
             _usage(f"--underlay-ip {underlay_ip!r} is not an IPv4 address")
     if guests is Guests.netns and underlay_ip is None:
         _usage("--guests netns: give the host's --underlay-ip or --underlay-dev")
+    if lb and underlay_ip is None:
+        _usage("--lb: give the node's --underlay-ip or --underlay-dev")
+    if bgp_peer is not None and not lb:
+        _usage("--bgp-peer: only an LB node (--lb) announces VIPs")
+    bgp = None
+    if bgp_peer is not None:
+        try:
+            bgp = BgpConfig(str(ipaddress.IPv4Address(bgp_peer)), bgp_peer_asn, bgp_asn,
+                            str(ipaddress.IPv4Address(bgp_router_id or underlay_ip)))
+        except ValueError as exc:
+            _usage(f"--bgp-peer/--bgp-router-id: {exc}")
     logs.configure(log_level, json=True)
     if metrics_port is not None:
         prometheus_client.start_http_server(metrics_port, addr="127.0.0.1")
@@ -84,7 +107,7 @@ def main(
             uri = test_node_uri(host, Path(scratch))
         _run(AgentConfig(nats, host, uri, heartbeat_s=heartbeat, resync_s=resync,
                          concurrency=concurrency, underlay_ip=underlay_ip), guests, netns,
-             bridge)
+             bridge, lb, bgp)
 
 
 def _usage(message: str) -> NoReturn:
@@ -92,12 +115,18 @@ def _usage(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _run(config: AgentConfig, guests: Guests, netns: str | None, bridge: str | None) -> None:
+def _run(config: AgentConfig, guests: Guests, netns: str | None, bridge: str | None,
+         lb: bool, bgp: BgpConfig | None) -> None:
     def drivers() -> dict[str, Driver]:
-        """One driver per kind of job: the guests, and their networks' segments."""
+        """One driver per kind of job: the guests (or, on an LB node, the balancers), and
+        their networks' segments."""
         found: dict[str, Driver] = {}
         if config.underlay_ip is not None:
             found["network"] = NetworkDriver(config.underlay_ip, netns)
+        if lb:
+            assert config.underlay_ip is not None
+            found["lb"] = LbDriver(config.host, config.underlay_ip, netns, bgp=bgp)
+            return found
         if guests is Guests.netns:
             assert config.underlay_ip is not None
             found["instance"] = NetnsGuestDriver(netns, config.host, config.underlay_ip)

@@ -48,6 +48,7 @@ _DECODERS = {kind: msgspec.json.Decoder(Job[spec]) for kind, spec in SPECS.items
 REPORTS: dict[str, tuple[type[c.Command], type[c.Command]]] = {
     "instance": (c.Applied, c.Failed),
     "network": (c.NetworkApplied, c.NetworkFailed),
+    "lb": (c.LbApplied, c.LbFailed),
 }
 
 
@@ -154,6 +155,11 @@ class Agent:
         js = nc.jetstream()
         await ensure_topology(js)
         self.publisher = Publisher(js)
+        loop = asyncio.get_running_loop()
+        for driver in self.drivers.values():  # drivers that observe (the LB's health checks)
+            set_reporter = getattr(driver, "set_reporter", None)
+            if set_reporter is not None:
+                set_reporter(lambda cmd: loop.call_soon_threadsafe(self._observed, cmd))
         # What an earlier run of this agent left on the host, at which generation.
         for kind, driver in self.drivers.items():
             held = await asyncio.to_thread(driver.generations)
@@ -363,6 +369,19 @@ class Agent:
                         removed.append(f"{kind}/{id_}")
         return removed
 
+    def _observed(self, cmd: c.Command) -> None:
+        """Publish what a driver observed (a backend's health), from this host's source."""
+        task = asyncio.create_task(self._publish_observed(cmd))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    async def _publish_observed(self, cmd: c.Command) -> None:
+        try:
+            await self.publisher.publish(self.host, cmd)
+        except Exception:
+            self.log.exception("observation_lost", type=type(cmd).__name__, id=cmd.id,
+                               cmd_id=cmd.cmd_id)
+
     # ---- heartbeats and inventory -------------------------------------------------
 
     async def _heartbeats(self, js: JetStreamContext, stop: asyncio.Event) -> None:
@@ -376,6 +395,6 @@ class Agent:
 
     async def _inventory(self, msg: Msg) -> None:
         """What the host's guests really are, as their driver observes them."""
-        driver = self.drivers["instance"]
-        observed = await self._driver_call(driver, driver.observe)
+        driver = self.drivers.get("instance")  # an LB node has none
+        observed = await self._driver_call(driver, driver.observe) if driver else {}
         await msg.respond(msgspec.json.encode(observed))

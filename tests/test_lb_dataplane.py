@@ -9,6 +9,7 @@ or both (multipath). No BGP here: tests/test_bgp.py proves the announcement.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import os
@@ -31,8 +32,13 @@ from agents.drivers.netns_guest import NetnsGuestDriver
 from agents.drivers.network import NetworkDriver
 from agents.guest_service import PORT as GUEST_PORT
 from agents.lb.health import Transition
+from agents.runtime import Agent, AgentConfig
+from events.bus import read_stream
+from events.subjects import CMD_STREAM, JOB_STREAM
 from schemas import commands as c
+from schemas.codec import command_from_dict
 from schemas.ids import mac_address
+from schemas.jobs import Job
 from schemas.specs import (
     Backend,
     HealthCheck,
@@ -46,6 +52,7 @@ from schemas.specs import (
     SecurityRule,
     Service,
 )
+from tests.conftest import Env, eventually
 from tests.fabric import Fabric, FabricHost, free_underlay, netns_socket, unavailable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -497,3 +504,50 @@ def test_transition_keys_stay_valid_for_long_names() -> None:
     cmd = c.BackendHealth(cmd_id=key, id="l" * 63, instance="i_" * 31, port=80,
                           healthy=False, generation=7)
     assert msgspec.json.decode(msgspec.json.encode(cmd), type=c.BackendHealth) == cmd
+
+
+async def test_an_agent_applies_lb_jobs_and_publishes_health_from_its_own_source(
+        clean: Lab, env: Env, js) -> None:
+    """The runtime's part: a job on job.<node>.lb.<id> is applied and reported as
+    LbApplied, and the prober's transitions reach the log as BackendHealth from the node."""
+    lab = clean
+    node = lab.nodes["lb1"]
+    driver = LbDriver("lb1", node.host.underlay_ip, node.host.netns)  # the agent closes it
+    agent = Agent(AgentConfig(env.nats_url, "lb1", "none", resync_s=3600),
+                  lambda: {"lb": driver})
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+
+    async def publish(generation: int, spec: LbSpec | None) -> None:
+        job = Job(kind="lb", id=LB, host="lb1", generation=generation, spec=spec)
+        await js.publish(f"job.lb1.lb.{LB}", msgspec.json.encode(job), stream=JOB_STREAM)
+
+    async def reports() -> list[c.Command]:
+        return [command_from_dict(msgspec.json.decode(m.data)) async for batch in
+                read_stream(js, CMD_STREAM, f"cmd.*.lb1.lb.{LB}") for m in batch]
+
+    try:
+        lab.generation += 1
+        await publish(lab.generation, lab.spec((TCP,), None, "lb1"))
+
+        async def all_healthy() -> bool:
+            got = await reports()
+            return (any(isinstance(r, c.LbApplied) and r.observed == "serving" for r in got)
+                    and {r.instance for r in got if isinstance(r, c.BackendHealth)
+                         and r.healthy} == set(lab.members))
+
+        await eventually(all_healthy, timeout=10)
+        lab.route("lb1")
+        assert lab.ask(80) in lab.members
+        lab.generation += 1
+        await publish(lab.generation, None)
+
+        async def removed() -> bool:
+            return any(isinstance(r, c.LbApplied) and r.observed == "absent"
+                       and r.generation == lab.generation for r in await reports())
+
+        await eventually(removed, timeout=10)
+    finally:
+        stop.set()
+        await running
+    assert driver.prober._loop.is_closed()

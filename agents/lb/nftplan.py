@@ -34,7 +34,6 @@ there, and the mark is cleared before the packet leaves the node.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agents.lb import maglev
@@ -115,7 +114,7 @@ def check(spec: LbSpec) -> None:
         if key in seen:
             raise PlanError(f"two services on {service.protocol} port {service.port}")
         seen.add(key)
-        if service.strategy not in STRATEGIES:
+        if strategy_of(service) not in STRATEGIES:
             raise PlanError(f"strategy {service.strategy} is not offered (this dataplane "
                             f"offers {', '.join(STRATEGIES)})")
         if service.health.timeout_ms >= service.health.interval_ms:
@@ -134,18 +133,24 @@ def check(spec: LbSpec) -> None:
             raise PlanError(f"backend {backend.instance} {backend.ip} is outside {port_net}")
 
 
+def strategy_of(service: Service) -> str:
+    """A service's strategy; none named is the consistent table."""
+    return service.strategy or "maglev"
+
+
 def service_table(service: Service, spec: LbSpec) -> ServiceTable:
     """A service's buckets over the backends the fold counts healthy on its port."""
     healthy = sorted((b for b in spec.backends if service.port in b.healthy),
                      key=lambda b: b.instance)
     ips = [b.ip for b in healthy]
-    if service.strategy == "maglev" and healthy:
+    strategy = strategy_of(service)
+    if strategy == "maglev" and healthy:
         table = maglev.build([b.instance for b in healthy], spec.seed)
         buckets = tuple(ips[i] for i in table)
     else:
         buckets = tuple(ips)
-    return ServiceTable(service.protocol, service.port, service.target_port,
-                        service.strategy, spec.seed, buckets)
+    return ServiceTable(service.protocol, service.port, service.target_port, strategy,
+                        spec.seed, buckets)
 
 
 def desired(spec: LbSpec, egress: str) -> LbTables:
@@ -308,7 +313,3 @@ def removed_backends(held: LbTables | None, wanted: LbTables | None,
         keep = set(want[s.name].buckets) if s.name in want else set()
         out += [(s.port, ip) for ip in sorted(set(s.buckets) - keep)]
     return out
-
-
-def addresses(tables: Iterable[LbTables]) -> set[str]:
-    return {t.vip for t in tables}
