@@ -264,10 +264,16 @@ class Edge:
 
     def session_info(self, host: str) -> dict[str, str]:
         """The router's `show protocols all` of one node's session, as key: value pairs
-        ("BGP state", "Last error", "Neighbor address", ...)."""
-        out = self._birdc("show", "protocols", "all", self.uplinks[host].protocol)
+        ("BGP state", "Last error", "Neighbor address", ...), and "Since": when the
+        protocol last changed state (a session that flapped has a new one)."""
+        protocol = self.uplinks[host].protocol
+        out = self._birdc("show", "protocols", "all", protocol)
         info: dict[str, str] = {}
         for line in out.splitlines():
+            words = line.split()
+            if words and words[0] == protocol:  # name, proto, table, state, since, info
+                info["Since"] = words[4] if len(words) > 4 else ""
+                continue
             key, colon, value = line.strip().partition(":")
             if colon and key and key not in info:
                 info[key] = value.strip()

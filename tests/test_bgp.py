@@ -171,6 +171,7 @@ def test_announce_changes_what_the_router_routes_without_restarting_bird(
     lb2.announce({a})
     edge.wait_routes(a, NODES)
     pid = lb1.pid()
+    since = edge.session_info("lb1")["Since"]
     lb1.announce({a, b})
     edge.wait_routes(b, ["lb1"])
     assert lb1.announced() == {a, b}
@@ -181,12 +182,14 @@ def test_announce_changes_what_the_router_routes_without_restarting_bird(
     lb1.announce({b, c})  # the same again: nothing changes
     assert lb1.announced() == {b, c}
     assert lb1.pid() == pid  # reconfigured, never restarted
+    assert edge.session_info("lb1")["Since"] == since  # the session never went down
     assert edge.sessions()["lb1"] == "Established"
     lb1.announce(set())
     for vip in (b, c):
         edge.wait_routes(vip, [])
     assert lb1.announced() == set()
     assert lb1.session() == "Established"  # announcing nothing keeps the session
+    assert edge.session_info("lb1")["Since"] == since
 
 
 def test_close_withdraws_everything_and_leaves_no_process_or_file(
