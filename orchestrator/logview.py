@@ -94,3 +94,26 @@ def trace_tree(root: Node) -> Tree:
     tree = Tree(_label(root, at), guide_style="dim")
     grow(tree, root)
     return tree
+
+
+def verify_lines(differences: dict[tuple[str, str], list[Change]]) -> list[Text]:
+    """Each entity the replay disagrees with the projection on, field by field."""
+    if not differences:
+        return [Text("verify: OK", style="bold green")]
+    lines = [Text(f"verify: FAILED, {len(differences)} entities differ (live → replayed):",
+                  style="bold red")]
+    for (kind, id_), changes in sorted(differences.items()):
+        lines.append(Text(f"{kind}/{id_}", style="bold"))
+        if changes and all(c.before is None for c in changes):
+            lines.append(Text("        only in the replay", style="yellow"))
+        elif changes and all(c.after is None for c in changes):
+            lines.append(Text("        only in the live projection", style="yellow"))
+        else:
+            lines.extend(change_line(c) for c in changes)
+    return lines
+
+
+def verify_json(differences: dict[tuple[str, str], list[Change]]) -> dict[str, Any]:
+    return {f"{kind}/{id_}": [{"field": c.path, "live": c.before, "replayed": c.after}
+                              for c in changes]
+            for (kind, id_), changes in sorted(differences.items())}

@@ -12,8 +12,10 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -23,6 +25,7 @@ from events.bus import connect, read_stream
 from events.meta import delivery
 from events.subjects import CMD_STREAM, partition_filter
 from orchestrator.fold import Key, fold_message
+from orchestrator.history import Change, diff
 from orchestrator.store import connect_pg
 from schemas.codec import encode
 
@@ -39,6 +42,8 @@ class ReplayReport:
     entities: int = 0
     workers: int = 0
     differs: list[Key] = field(default_factory=list)  # only with verify
+    # Field by field, each entity that differs: before is the live state, after the replayed.
+    differences: dict[Key, list[Change]] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -92,6 +97,9 @@ async def _fold_share(share: _Share) -> _Done:
                         folded = fold_message(states, msg.subject, msg.data, d.stream_seq,
                                               d.at_ms, share.partitions)
                         done.commands += 1
+                        if done.commands % _COUNT_EVERY == 0 and _folded is not None:
+                            with _folded.get_lock():
+                                _folded.value += _COUNT_EVERY
                         done.dead_letters += folded.dead_letter is not None
                         done.last_seq = max(done.last_seq, d.stream_seq)
                     else:
@@ -110,13 +118,27 @@ async def _fold_share(share: _Share) -> _Done:
     return done
 
 
+# Commands folded by every worker so far, for a progress display: shared memory, made
+# before the workers fork, so each inherits it.
+_folded: Any = None
+_COUNT_EVERY = 1000
+
+
 def _work(share: _Share) -> _Done:
     return uvloop.run(_fold_share(share))
 
 
+async def _report_progress(progress: Callable[[int], None]) -> None:
+    while True:
+        progress(_folded.value)
+        await asyncio.sleep(0.2)
+
+
 async def replay(nats_url: str, pg_dsn: str, partitions: int, *, schema: str = "replay",
-                 to_seq: int | None = None, verify: bool = False,
-                 workers: int | None = None) -> ReplayReport:
+                 to_seq: int | None = None, verify: bool = False, workers: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> ReplayReport:
+    """``progress``, if given, is called a few times a second with the commands folded."""
+    global _folded
     if not _SCHEMA_RE.match(schema) or schema == "public":
         raise ValueError(f"invalid scratch schema name {schema!r}")
     if verify and to_seq is not None:
@@ -137,11 +159,20 @@ async def replay(nats_url: str, pg_dsn: str, partitions: int, *, schema: str = "
                          {p: limits[p] for p in range(w, partitions, workers)})
                   for w in range(workers)]
         started = time.perf_counter()
+        fork = multiprocessing.get_context("fork")
+        _folded = fork.Value("q", 0) if progress is not None else None
         # fork: the workers start at once, with everything imported already.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=fork) as pool:
             loop = asyncio.get_running_loop()
-            results = await asyncio.gather(*(loop.run_in_executor(pool, _work, s)
-                                              for s in shares))
+            shown = None if progress is None else asyncio.create_task(
+                _report_progress(progress))
+            try:
+                results = await asyncio.gather(*(loop.run_in_executor(pool, _work, s)
+                                                  for s in shares))
+            finally:
+                if shown is not None:
+                    shown.cancel()
+                _folded = None
         report = ReplayReport(
             schema=schema, seconds=time.perf_counter() - started, workers=workers,
             commands=sum(r.commands for r in results),
@@ -151,10 +182,11 @@ async def replay(nats_url: str, pg_dsn: str, partitions: int, *, schema: str = "
         if verify:
             replayed = {(r["kind"], r["id"]): msgspec.json.decode(r["state"]) for r in
                         await conn.fetch(f"SELECT kind, id, state FROM {schema}.entities")}
-            report.differs = sorted(
-                key for key in replayed.keys() | live.keys()
-                if replayed.get(key) != (msgspec.json.decode(live[key]) if key in live else None)
-            )
+            lived = {key: msgspec.json.decode(raw) for key, raw in live.items()}
+            report.differs = sorted(key for key in replayed.keys() | lived.keys()
+                                    if replayed.get(key) != lived.get(key))
+            report.differences = {key: diff(lived.get(key), replayed.get(key))
+                                  for key in report.differs}
         return report
     finally:
         await conn.close()

@@ -132,3 +132,29 @@ async def test_bad_input_is_one_line_and_exit_2(
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert done.stderr.startswith("error: ") and needle in done.stderr, (args, done.stderr)
         assert done.stderr.count("\n") == 1 and done.stdout == "", args
+
+
+async def test_replay_verify_names_the_fields_that_differ(
+        env: Env, js: JetStreamContext, pg: asyncpg.Connection, processes: Processes) -> None:
+    environ = env.environ()
+    await world(env, js, pg, processes)
+    done = await orch(environ, "replay", "--verify")
+    assert done.returncode == 0 and "verify: OK" in done.stdout, done.stdout + done.stderr
+    assert done.stderr == ""  # on a pipe: no progress
+    # The projection tampered with behind the fold's back: one field, and one entity gone.
+    await pg.execute("UPDATE entities SET state = jsonb_set(state, '{power}', '\"paused\"')"
+                     " WHERE kind = 'instance' AND id = 'vm1'")
+    await pg.execute("DELETE FROM entities WHERE kind = 'network' AND id = 'net1'")
+    done = await orch(environ, "replay", "--verify")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "verify: FAILED, 2 entities differ (live → replayed):" in done.stdout
+    lines = done.stdout.splitlines()
+    at = lines.index("instance/vm1")
+    assert lines[at + 1] == "        power: paused → running"
+    assert lines[lines.index("network/net1") + 1] == "        only in the replay"
+    done = await orch(environ, "replay", "--verify", "--json")
+    doc = json.loads(done.stdout)
+    assert doc["verified"] is False
+    assert doc["differences"]["instance/vm1"] == [
+        {"field": "power", "live": "paused", "replayed": "running"}]
+    assert {c["field"] for c in doc["differences"]["network/net1"]} >= {"vni", "cidr"}

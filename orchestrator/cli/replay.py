@@ -1,10 +1,21 @@
 """`orch replay`: fold the CMD log again into a scratch schema, to a point or to verify."""
 
+import contextlib
 import re
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from events.bus import last_seq_at
 from events.subjects import CMD_STREAM
@@ -22,10 +33,34 @@ from orchestrator.cli.output import (
     run,
 )
 from orchestrator.cli.parse import parse_point
+from orchestrator.logview import verify_json, verify_lines
 from orchestrator.replay import replay as run_replay
 
 # Same rule as orchestrator.replay; checked here so a bad name is a usage error (exit 2).
 _SCRATCH_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@contextlib.contextmanager
+def shown(enabled: bool, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr, on a TTY only: commands folded, per second, and an ETA.
+    (The total counts every command up to the end, some of which no partition reads.)"""
+    err = Console(stderr=True)
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("[progress.data.speed]{task.fields[rate]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("replay", total=total, rate="")
+        started = time.perf_counter()
+
+        def update(done: int) -> None:
+            elapsed = time.perf_counter() - started
+            bar.update(task, completed=min(done, total),
+                       rate=f"{done / elapsed:,.0f} commands/s" if elapsed > 0 else "")
+
+        yield update
 
 
 @app.command()
@@ -56,16 +91,24 @@ def replay(
             topology = await ensure_topology(js)
             to_seq = (await last_seq_at(js, CMD_STREAM, target)
                       if isinstance(target, datetime) else target)
+            last = (await js.stream_info(CMD_STREAM)).state.last_seq
         finally:
             await nc.close()
         await (await open_pg(opts.pg_dsn())).close()  # a clear error if it is unreachable
-        report = await run_replay(opts.nats_url(), opts.pg_dsn(), topology.partitions,
-                                  schema=schema, to_seq=to_seq, verify=verify)
+        with shown(not as_json, to_seq or last) as progress:
+            report = await run_replay(opts.nats_url(), opts.pg_dsn(), topology.partitions,
+                                      schema=schema, to_seq=to_seq, verify=verify,
+                                      progress=progress)
         if as_json:
-            print_json(render.replay_json(report, verify))
+            doc = render.replay_json(report, verify)
+            if verify:
+                doc["differences"] = verify_json(report.differences)
+            print_json(doc)
         else:
             out = console()
-            for line in render.replay_lines(report, verify):
+            for line in render.replay_lines(report, verify=False):
+                out.print(line)
+            for line in verify_lines(report.differences) if verify else ():
                 out.print(line)
         return EXIT_FAILURE if verify and report.differs else EXIT_OK
 
