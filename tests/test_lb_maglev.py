@@ -79,3 +79,14 @@ def test_a_backend_joining_takes_buckets_mostly_from_the_others_evenly() -> None
     # About 1/9 of the buckets go to the new backend; little else moves.
     assert to_new >= len(before) // 9 - 1
     assert changed - to_new <= 0.02 * len(before)
+
+
+@pytest.mark.parametrize(("n", "seed"), [(1, 0), (3, 1), (16, 2**32 - 1), (200, 12345)])
+def test_the_c_loop_builds_exactly_what_the_python_loop_builds(n: int, seed: int) -> None:
+    if maglev.native_fill() is None:
+        pytest.skip("no C compiler: only the Python loop runs here")
+    order = names(n)
+    assert maglev.build(order, seed) == maglev.build(order, seed, native=False)
+    size = 1009  # any prime will do
+    assert maglev.build(order[:5], seed, size) == maglev.build(order[:5], seed, size,
+                                                                native=False)

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from itertools import compress
+from operator import ne
 
 from agents.lb import maglev
 from schemas.specs import LbSpec, Service
@@ -146,7 +148,7 @@ def service_table(service: Service, spec: LbSpec) -> ServiceTable:
     strategy = strategy_of(service)
     if strategy == "maglev" and healthy:
         table = maglev.build([b.instance for b in healthy], spec.seed)
-        buckets = tuple(ips[i] for i in table)
+        buckets = tuple(map(ips.__getitem__, table))
     else:
         buckets = tuple(ips)
     return ServiceTable(service.protocol, service.port, service.target_port, strategy,
@@ -205,8 +207,11 @@ def _service_rule(lb_id: str, s: ServiceTable) -> list[Json]:
 def _element_changes(lb_id: str, name: str, have: tuple[str, ...],
                      want: tuple[str, ...]) -> list[Json]:
     base = {**_t(lb_id), "name": f"bk_{name}"}
-    gone = [i for i in range(len(have)) if i >= len(want) or have[i] != want[i]]
-    new = [[i, ip] for i, ip in enumerate(want) if i >= len(have) or have[i] != ip]
+    # C-speed comparisons: a maglev table has 65,537 buckets or more.
+    common = min(len(have), len(want))
+    changed = list(compress(range(common), map(ne, have, want)))
+    gone = changed + list(range(common, len(have)))
+    new = [[i, want[i]] for i in changed] + [[i, want[i]] for i in range(common, len(want))]
     out: list[Json] = []
     if gone:
         out.append({"delete": {"element": {**base, "elem": gone}}})
