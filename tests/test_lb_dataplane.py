@@ -96,6 +96,7 @@ class Lab:
     members: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (host, ip)
     generation: int = 0
     echo: list[socket.socket] = field(default_factory=list)
+    extra_ports: list[tuple[str, str, str]] = field(default_factory=list)  # mac, ip, node
 
     # -- the fold's part, by hand ---------------------------------------------------------
 
@@ -109,6 +110,7 @@ class Lab:
                  for i, (h, ip) in self.members.items()]
         ports += [(self.port(n).mac, self.nodes[n].port_ip, self.fabric.host(n).underlay_ip)
                   for n in NODES]
+        ports += [(mac, ip, self.fabric.host(n).underlay_ip) for mac, ip, n in self.extra_ports]
         self.generation += 1
         for name, driver in [*self.networks.items(),
                              *((n, node.network) for n, node in self.nodes.items())]:
@@ -154,27 +156,29 @@ class Lab:
 
     # -- the client -----------------------------------------------------------------------
 
-    def route(self, *via: str) -> None:
+    def route(self, *via: str, vip: str | None = None) -> None:
         hops = [w for n in via for w in ("nexthop", "via", self.nodes[n].client_side)]
-        sh("ip", "-n", self.client, "route", "replace", f"{self.vip}/32", *hops)
+        sh("ip", "-n", self.client, "route", "replace", f"{vip or self.vip}/32", *hops)
 
-    def ask(self, port: int, sport: int = 0, *, udp: bool = False, timeout: float = 2.0) -> str:
+    def ask(self, port: int, sport: int = 0, *, udp: bool = False, timeout: float = 2.0,
+            vip: str | None = None) -> str:
         """One connection (or datagram) from the client's address: who answered."""
+        vip = vip or self.vip
         kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
         with netns_socket(self.client, socket.AF_INET, kind) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.settimeout(timeout)
             sock.bind((self.client_ip, sport))
             if udp:
-                sock.connect((self.vip, port))
+                sock.connect((vip, port))
                 for _ in range(3):  # the first may be lost to ARP resolution
                     sock.send(b"?\n")
                     with contextlib.suppress(TimeoutError):
                         return sock.recv(200).decode().strip()
-                raise TimeoutError(f"no UDP answer from {self.vip}:{port}")
+                raise TimeoutError(f"no UDP answer from {vip}:{port}")
             # No TIME_WAIT on close (RST): the same 5-tuple can be used again at once.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.connect((self.vip, port))
+            sock.connect((vip, port))
             sock.shutdown(socket.SHUT_WR)
             data = b""
             while chunk := sock.recv(200):
@@ -433,6 +437,38 @@ def test_health_transitions_are_reported_when_a_service_stops_and_comes_back(
             time.sleep(0.05)
     ids = [r.cmd_id for n in lab.nodes.values() for r in n.reports]
     assert len(ids) == len(set(ids))
+
+
+def test_two_balancers_on_one_network_share_both_nodes(clean: Lab) -> None:
+    """Each node then has two ports on one subnet: the flows of both balancers leave by
+    whichever the kernel routes through, with that port's address."""
+    lab = clean
+    lab.serve((TCP,))
+    vip2 = str(free_underlay()[10])
+    ports = {n: NicSpec(network=NET, vni=VNI, mac=mac_address(f"lb.api.{n}", 0),
+                        ip=str(lab.cidr[211 + i]), prefix=lab.cidr.prefixlen)
+             for i, n in enumerate(NODES)}
+    lab.extra_ports = [(p.mac, p.ip, n) for n, p in ports.items()]
+    lab.apply_network()
+    try:
+        lab.generation += 1
+        for n, node in lab.nodes.items():
+            spec = replace(lab.spec((TCP,), None, n), vip=vip2, port=ports[n], seed=1)
+            assert node.lb.apply("api", spec, lab.generation) == "serving"
+        for via in NODES:
+            lab.route(via)
+            lab.route(via, vip=vip2)
+            assert {lab.ask(80) for _ in range(20)} == set(lab.members)
+            assert {lab.ask(80, vip=vip2) for _ in range(20)} == set(lab.members)
+    finally:
+        lab.generation += 1
+        for node in lab.nodes.values():
+            assert node.lb.apply("api", None, lab.generation) == "absent"
+        lab.extra_ports = []
+        lab.apply_network()
+    for via in NODES:
+        lab.route(via)
+        assert {lab.ask(80) for _ in range(20)} == set(lab.members)
 
 
 def test_removal_leaves_no_nft_state_no_port_and_no_vip(clean: Lab) -> None:

@@ -11,9 +11,9 @@ node's own port on the backends' network. Applying it:
 2. ``net.ipv4.ip_forward=1``, and the VIP as a /32 on ``lo`` (what the BGP speaker
    announces);
 3. the nftables of the balancer (`agents.lb.nftplan`): DNAT VIP:port -> backend per
-   strategy, SNAT out of the port, in ONE transaction of only what differs from what the
-   node holds; the UDP conntrack entries of backends that left a UDP service are deleted
-   (a TCP flow stays on its backend until it ends);
+   strategy, SNAT (masquerade) out of the node's ports, in ONE transaction of only what
+   differs from what the node holds; the UDP conntrack entries of backends that left a
+   UDP service are deleted (a TCP flow stays on its backend until it ends);
 4. the generation, last, in the alias of the port's node end
    (``orch:lb:<id>:<generation>:<vip>``), which is how a restarted agent adopts it;
 5. the health prober (`agents.lb.health`) probes every listed backend on every service
@@ -282,7 +282,7 @@ class LbDriver:
 
     def _apply(self, lb_id: str, spec: LbSpec, generation: int, held: Held | None) -> str:
         bridge_end, node_end = port_names(lb_id)
-        wanted = nftplan.desired(spec, node_end)  # checks the spec first
+        wanted = nftplan.desired(spec, f"{NODE_END_PREFIX}*")  # checks the spec first
         if held is not None and held.vip != spec.vip:
             self._vip(held.vip, present=False, keep=lb_id)
         self._port(bridge_end, node_end, spec.port)

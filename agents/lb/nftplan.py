@@ -21,9 +21,12 @@ One table per balancer, ``ip orch_lb_<id>``:
   - ``round_robin``: ``numgen inc mod N``;
   with no healthy backend, ``counter drop``;
 - ``bk_<proto>_<port>``: ``type mark : ipv4_addr``, bucket -> backend address;
-- ``postrouting`` (nat, srcnat): ``oifname <egress> ct status dnat meta mark set 0 snat
-  to <port ip>``: replies come back through this node (direct server return would need
-  IPIP, which this kernel setup does not offer).
+- ``postrouting`` (nat, srcnat): ``oifname <egress> ct status dnat meta mark set 0
+  masquerade``: replies come back through this node (direct server return would need
+  IPIP, which this kernel setup does not offer). ``egress`` names the node ends of every
+  balancer's port (a wildcard): two balancers on one network give the node two ports on
+  one subnet, the kernel routes both balancers' flows through one of them, and the flow
+  must then leave with that port's address (its firewall admits no other).
 
 Why the mark: libnftables 1.0.6 cannot create a ``typeof`` map from JSON, and a map typed
 ``mark`` refuses a hash or numgen key ("datatype mismatch"); the hash is put in the
@@ -78,8 +81,7 @@ class LbTables:
     """One balancer's table, as held or wanted."""
 
     vip: str
-    egress: str  # the node's own end of its port on the backends' network
-    source: str  # its address there: the SNAT source
+    egress: str  # the node ends of the balancers' ports (an nft wildcard name)
     services: tuple[ServiceTable, ...]  # sorted by (protocol, port)
 
     def by_name(self) -> dict[str, ServiceTable]:
@@ -159,7 +161,7 @@ def desired(spec: LbSpec, egress: str) -> LbTables:
     check(spec)
     services = sorted((service_table(s, spec) for s in spec.services),
                       key=lambda s: (s.protocol, s.port))
-    return LbTables(spec.vip, egress, spec.port.ip, tuple(services))
+    return LbTables(spec.vip, egress, tuple(services))
 
 
 # -- JSON ----------------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def _base_rules(lb_id: str, wanted: LbTables, tag: str) -> list[Json]:
     snat = [_match({"meta": {"key": "oifname"}}, wanted.egress),
             _match({"ct": {"key": "status"}}, "dnat", "in"),
             {"mangle": {"key": MARK, "value": 0}},
-            {"snat": {"addr": wanted.source}}]
+            {"masquerade": None}]
     return [{"flush": {"chain": {**t, "name": "prerouting"}}},
             {"add": {"rule": {**t, "chain": "prerouting", "expr": dispatch,
                               "comment": tag}}},
