@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -27,11 +28,11 @@ import pytest
 from msgspec.structs import replace
 
 from agents.drivers.errors import PermanentDriverError
-from agents.drivers.lb import LbDriver, port_names
+from agents.drivers.lb import LbDriver, health_cmd_id, port_names
 from agents.drivers.netns_guest import NetnsGuestDriver
 from agents.drivers.network import NetworkDriver
 from agents.guest_service import PORT as GUEST_PORT
-from agents.lb.health import Transition
+from agents.lb.health import Check, Prober, Target, Threshold, Transition
 from agents.runtime import Agent, AgentConfig
 from events.bus import read_stream
 from events.subjects import CMD_STREAM, JOB_STREAM
@@ -495,6 +496,9 @@ def test_an_older_job_changes_nothing_and_a_restarted_driver_adopts(clean: Lab) 
     lab = clean
     generation = lab.serve((TCP,))
     node = lab.nodes["lb1"]
+    written = node.lb.transactions
+    assert node.lb.apply(LB, lab.spec((TCP,), None, "lb1"), generation) == "serving"
+    assert node.lb.transactions == written  # the same job again: no transaction
     stale = lab.spec((TCP,), {"b1": (80,)}, "lb1")
     assert node.lb.apply(LB, stale, generation - 1) == "serving"
     lab.route("lb1")
@@ -530,10 +534,44 @@ def test_bad_specs_fail_clearly(clean: Lab, change: dict[str, object], message: 
     assert lab.nodes["lb1"].lb.observe() == {}
 
 
-def test_transition_keys_stay_valid_for_long_names() -> None:
-    from agents.drivers.lb import health_cmd_id
-    from agents.lb.health import Check, Target
+def test_the_prober_checks_http_and_udp_from_the_node(clean: Lab) -> None:
+    lab = clean
+    lab.serve((TCP,))  # the node's port on the backends' network
+    ip = lab.members["b1"][1]
+    seen: list[Transition] = []
+    prober = Prober(lab.nodes["lb1"].host.netns, seen.append)
+    check = Check(0.6, 0.5, 1, 1)
+    try:
+        prober.update("p", [
+            Target("p", "http", 80, ip, GUEST_PORT, dataclasses.replace(check, http_path="/"), 1),
+            Target("p", "udp", 53, ip, GUEST_PORT, dataclasses.replace(check, protocol="udp"), 1),
+            Target("p", "closed", 81, ip, 1, check, 1),
+            Target("p", "silent", 54, ip, 1, dataclasses.replace(check, protocol="udp"), 1)])
+        deadline = time.monotonic() + 3
+        while len({t.target.instance for t in seen}) < 4:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.02)
+    finally:
+        prober.close()
+    first = {t.target.instance: t for t in reversed(seen)}
+    assert first["http"].healthy and first["http"].detail.startswith("HTTP 200")
+    assert first["udp"].healthy and first["udp"].detail.startswith("answered")
+    assert not first["closed"].healthy and not first["silent"].healthy
 
+
+def test_thresholds_rise_and_fall() -> None:
+    t = Threshold(rise=2, fall=3)
+    assert [t.observe(ok) for ok in (True, False, True, True)] == [False, False, False, True]
+    assert t.healthy is True
+    assert [t.observe(ok) for ok in (False, False, True, False, False, False)] == [
+        False, False, False, False, False, True]
+    assert t.healthy is False
+    assert [t.observe(ok) for ok in (False, True, True, True)] == [False, False, True, False]
+    first_down = Threshold(rise=1, fall=1)
+    assert first_down.observe(False) and first_down.healthy is False
+
+
+def test_transition_keys_stay_valid_for_long_names() -> None:
     target = Target("l" * 63, "i_" * 31, 80, "10.0.0.1", 8080, Check(1, 0.5, 2, 2), 7)
     key = health_cmd_id("h" * 63, Transition(target, False, "refused", 3), "abc123")
     assert len(key) <= 128 and key.startswith("health-") and key.endswith("-7-abc1233")
