@@ -28,7 +28,7 @@ import pytest
 from msgspec.structs import replace
 
 from agents.drivers.errors import PermanentDriverError
-from agents.drivers.lb import LbDriver, health_cmd_id, port_names
+from agents.drivers.lb import BgpConfig, LbDriver, health_cmd_id, port_names
 from agents.drivers.netns_guest import NetnsGuestDriver
 from agents.drivers.network import NetworkDriver
 from agents.guest_service import PORT as GUEST_PORT
@@ -36,6 +36,7 @@ from agents.lb.health import Check, Prober, Target, Threshold, Transition
 from agents.runtime import Agent, AgentConfig
 from events.bus import read_stream
 from events.subjects import CMD_STREAM, JOB_STREAM
+from orchestrator.edge import Edge
 from schemas import commands as c
 from schemas.codec import command_from_dict
 from schemas.ids import mac_address
@@ -470,6 +471,42 @@ def test_two_balancers_on_one_network_share_both_nodes(clean: Lab) -> None:
     for via in NODES:
         lab.route(via)
         assert {lab.ask(80) for _ in range(20)} == set(lab.members)
+
+
+def test_each_node_announces_the_vip_by_bgp_while_it_serves(clean: Lab) -> None:
+    """With a router (bird, ECMP): both nodes announce, connections through the router
+    reach the backends through both nodes, and a node that stops serving withdraws."""
+    lab = clean
+    ports = {n: NicSpec(network=NET, vni=VNI, mac=mac_address(f"lb.bgp.{n}", 0),
+                        ip=str(lab.cidr[221 + i]), prefix=lab.cidr.prefixlen)
+             for i, n in enumerate(NODES)}
+    lab.extra_ports = [(p.mac, p.ip, n) for n, p in ports.items()]
+    lab.apply_network()
+    drivers: dict[str, LbDriver] = {}
+    with Edge(lab.fabric, NODES, avoid=[lab.cidr]) as edge:
+        vip = edge.vip(0)
+        try:
+            for n in NODES:
+                local, router = edge.uplink(n)
+                drivers[n] = LbDriver(n, lab.fabric.host(n).underlay_ip,
+                                      lab.fabric.host(n).netns, bgp=BgpConfig(
+                                          router, edge.router_asn, edge.node_asn, local))
+                spec = replace(lab.spec((TCP,), None, n), vip=vip, port=ports[n])
+                assert drivers[n].apply("bgp", spec, 1) == "serving"
+            print(f"\nbgp: both nexthops after {edge.wait_routes(vip, NODES):.2f} s")
+            answers = Counter(edge.connect(vip, 80) for _ in range(100))
+            assert set(answers) == set(lab.members), answers
+            assert all(d.counters("bgp")["tcp_80"] > 0 for d in drivers.values())
+            assert drivers["lb1"].apply("bgp", None, 2) == "absent"
+            edge.wait_routes(vip, ["lb2"])
+            assert {edge.connect(vip, 80) for _ in range(30)} <= set(lab.members)
+            assert drivers["lb2"].apply("bgp", None, 2) == "absent"
+            edge.wait_routes(vip, [])
+        finally:
+            for driver in drivers.values():
+                driver.close()  # stops bird: the router withdraws whatever is left
+            lab.extra_ports = []
+            lab.apply_network()
 
 
 def test_removal_leaves_no_nft_state_no_port_and_no_vip(clean: Lab) -> None:
