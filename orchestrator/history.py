@@ -50,8 +50,9 @@ def as_stored(state: Any) -> dict[str, Any] | None:
 class EntityFold:
     """An entity's fold that can be fed more of its commands later, where it stopped."""
 
-    def __init__(self, key: Key, partitions: int) -> None:
-        self.key, self.partitions = key, partitions
+    def __init__(self, key: Key, partitions: int, states: bool = True) -> None:
+        """``states``: keep each step's state as stored (diffs need it, jobs do not)."""
+        self.key, self.partitions, self.track = key, partitions, states
         self.states: dict[Key, Any] = {}
         self.current: dict[str, Any] | None = None
         self.last_seq = 0  # of the last command that changed the state
@@ -62,38 +63,40 @@ class EntityFold:
             folded = fold_message(self.states, m.subject, m.data, m.seq, m.at, self.partitions)
             before = self.current
             if folded.changed:
-                self.current, self.last_seq = as_stored(self.states.get(self.key)), m.seq
+                self.last_seq = m.seq
+                if self.track:
+                    self.current = as_stored(self.states.get(self.key))
             self.read_upto = m.seq
             yield Step(folded, before, self.current, self.last_seq)
 
-
-def fold_entity(key: Key, messages: Iterable[Stored], partitions: int) -> Iterator[Step]:
-    """Fold the entity's own commands in order; one step per command."""
-    return EntityFold(key, partitions).feed(messages)
-
-
-def state_at(steps: Iterable[Step]) -> Step | None:
-    """The last step: the entity after every command given, or None if there was none."""
-    last = deque(steps, maxlen=1)
-    return last[0] if last else None
+    def skim(self, messages: Iterable[Stored]) -> None:
+        """Fold them, keeping only the end: the state as of the last one."""
+        deque(self.feed(messages), maxlen=0)
 
 
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, Mapping) and value:
-        for k, v in value.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
-    elif prefix:
-        out[prefix] = value
+def _changes(path: str, old: Any, new: Any, out: list[Change]) -> None:
+    """Only called where ``old != new`` (compared in C: most of a state does not change)."""
+    if type(old) is dict and type(new) is dict and old and new:
+        for key in sorted(old.keys() | new.keys()):
+            o, n = old.get(key, _MISSING), new.get(key, _MISSING)
+            if o != n:
+                _changes(f"{path}.{key}" if path else key, o, n, out)
+    elif type(old) is dict and old:  # a whole object appeared or went: its leaves
+        _changes(path, old, dict.fromkeys(old, _MISSING), out)
+    elif type(new) is dict and new:
+        _changes(path, dict.fromkeys(new, _MISSING), new, out)
+    elif path:
+        out.append(Change(path, None if old is _MISSING else old,
+                          None if new is _MISSING else new))
 
 
 def diff(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[Change]:
-    """Fields that differ, by dotted path, in path order; lists compare whole."""
-    old: dict[str, Any] = {}
-    new: dict[str, Any] = {}
-    _flatten(before or {}, "", old)
-    _flatten(after or {}, "", new)
-    return [Change(path, old.get(path), new.get(path)) for path in sorted(old.keys() | new.keys())
-            if old.get(path, _MISSING) != new.get(path, _MISSING)]
+    """Fields that differ, by dotted path, in key order at each level; lists compare whole."""
+    out: list[Change] = []
+    old, new = dict(before or {}), dict(after or {})
+    if old != new:
+        _changes("", old, new, out)
+    return out
 
 
-_MISSING = object()
+_MISSING: Any = object()

@@ -16,6 +16,23 @@ _STATUS_STYLE = {"applied": "green", "superseded": "green", "failed": "bold red"
                  "pending": "yellow"}
 
 
+def outcome_plain(o: Outcome) -> str:
+    """``render.outcome_line(o).plain``, without building styled text: for a pipe."""
+    parts = [f"{o.seq:>6}  {format_ms(o.at)}  {o.source:<8} {o.type:<20} "]
+    if o.accepted:
+        parts.append("ACCEPTED")
+        parts.append(f" {', '.join(o.events)}" if o.events else " (no change)")
+        if o.reason:
+            parts.append(f": {o.reason}")
+    else:
+        parts.append(f"REJECTED {o.reason or ''}")
+    if o.jobs:
+        parts.append(f"  jobs: {', '.join(o.jobs)}")
+    if o.commands:
+        parts.append(f"  -> {', '.join(o.commands)}")
+    return "".join(parts)
+
+
 def log_line(o: Outcome) -> Text:
     """A timeline entry that names its entity: the log mixes them all."""
     line = outcome_line(o)
@@ -32,6 +49,10 @@ def _value(v: Any) -> str:
     if isinstance(v, str):
         return v
     return msgspec.json.encode(v).decode()
+
+
+def change_plain(c: Change) -> str:
+    return f"        {c.path}: {_value(c.before)} → {_value(c.after)}"
 
 
 def change_line(c: Change) -> Text:

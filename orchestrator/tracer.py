@@ -61,7 +61,7 @@ class Tracer:
             return []
         if o.seq not in self._jobs:
             key = (o.kind, o.id)
-            fold = self._folds.setdefault(key, EntityFold(key, self.partitions))
+            fold = self._folds.setdefault(key, EntityFold(key, self.partitions, states=False))
             messages = [] if o.seq <= fold.read_upto else await read_entity(
                 self.js, o.kind, o.id, to_seq=o.seq, start_seq=fold.read_upto + 1)
             for step in fold.feed(messages):

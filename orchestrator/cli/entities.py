@@ -25,7 +25,7 @@ from orchestrator.cli.output import (
     run,
 )
 from orchestrator.cli.parse import not_in_future, parse_point, parse_target
-from orchestrator.history import fold_entity, state_at
+from orchestrator.history import EntityFold, as_stored
 from orchestrator.logreader import read_entity
 
 
@@ -105,11 +105,13 @@ async def _state_at(opts: Options, kind: str, id_: str,
         await nc.close()
     if not messages:
         raise CliError(f"no {kind}/{id_}: nothing in its history", EXIT_FAILURE)
-    last = state_at(fold_entity((kind, id_), (m for m in messages if m.seq <= seq), partitions))
-    if last is None or last.after is None:
+    fold = EntityFold((kind, id_), partitions, states=False)
+    fold.skim(m for m in messages if m.seq <= seq)
+    state = as_stored(fold.states.get((kind, id_)))
+    if state is None:
         raise CliError(f"{kind}/{id_} did not exist yet at seq {seq}: its first command is"
                        f" seq {messages[0].seq}", EXIT_FAILURE)
-    return queries.EntityRow(kind, id_, last.after, last.last_seq), seq
+    return queries.EntityRow(kind, id_, state, fold.last_seq), seq
 
 
 @app.command()

@@ -37,23 +37,36 @@ def console() -> Console:
     return out
 
 
-def text(out: Console, line: Text) -> None:
-    """One line of a long listing: rich renders it on a TTY; on a pipe, where it would only
-    drop the styles, its plain text is written at once (a timeline may have 10,000)."""
-    if out.is_terminal:
-        out.print(line, soft_wrap=True)
-    else:
-        sys.stdout.write(line.plain + "\n")
-        sys.stdout.flush()
+_json = msgspec.json.Encoder()
+
+
+class Lines:
+    """The lines of a long listing: rich renders them on a TTY; on a pipe, where it would
+    only drop the styles, their plain text is written at once (a timeline may have 10,000)."""
+
+    def __init__(self, out: Console, follow: bool = False) -> None:
+        """``follow``: each line is flushed as it comes, for whoever reads them live."""
+        self.out, self.terminal, self.follow = out, out.is_terminal, follow
+
+    def text(self, line: Text) -> None:
+        if self.terminal:
+            self.out.print(line, soft_wrap=True)
+        else:
+            self.plain(line.plain)
+
+    def plain(self, line: str) -> None:
+        sys.stdout.write(line + "\n")
+        if self.follow:
+            sys.stdout.flush()
+
+    def json(self, doc: Any) -> None:
+        self.plain(_json.encode(doc).decode())
 
 
 def fail(message: str, code: int) -> NoReturn:
     line = " ".join(message.split())  # one line, whatever the exception text held
     print(f"error: {line}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
-
-
-_json = msgspec.json.Encoder()
 
 
 def print_json(doc: Any) -> None:

@@ -1,6 +1,7 @@
 """Verbs over the log, entity by entity or across them: `orch tail`, `orch trace`,
 `orch log`."""
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated
@@ -18,11 +19,18 @@ from orchestrator import queries, render
 from orchestrator.cli.app import Options, app
 from orchestrator.cli.causes import find_command, reader
 from orchestrator.cli.connect import open_nats, open_pg, query, stop_event, until_stopped
-from orchestrator.cli.output import EXIT_FAILURE, CliError, console, print_json, run, text
+from orchestrator.cli.output import EXIT_FAILURE, CliError, Lines, console, print_json, run
 from orchestrator.cli.parse import not_in_future, parse_kind, parse_point, parse_target
 from orchestrator.history import Change, EntityFold, Step, diff
 from orchestrator.logreader import read_entity
-from orchestrator.logview import change_json, change_line, log_line, trace_tree
+from orchestrator.logview import (
+    change_json,
+    change_line,
+    change_plain,
+    log_line,
+    outcome_plain,
+    trace_tree,
+)
 from orchestrator.trace import to_json as trace_json
 from schemas.outcomes import Outcome
 
@@ -39,23 +47,13 @@ def tail(
 ) -> None:
     """The timeline of an entity: every command folded, accepted or rejected, and why."""
     opts: Options = ctx.obj
-    out = console()
+    lines = Lines(console(), follow)
 
     async def main() -> None:
         stop = stop_event() if follow else None
         kind, id_ = parse_target(target, need_id=True)
         assert id_ is not None
         conn = await open_pg(opts.pg_dsn())
-        try:
-            history = await queries.timeline(conn, kind, id_)
-        except asyncpg.UndefinedTableError:
-            if stop is None:
-                raise
-            history = []  # no replica has run yet: everything will come from the stream
-        finally:
-            await conn.close()
-        if not history and stop is None:
-            raise CliError(f"no {kind}/{id_}: nothing in its timeline", EXIT_FAILURE)
         nc = await open_nats(opts.nats_url(), "orch-tail", follow=True) if (
             follow or diff) else None
         try:
@@ -63,17 +61,34 @@ def tail(
             if diff and nc is not None:
                 changes = Changes(nc.jetstream(), kind, id_,
                                   (await ensure_topology(nc.jetstream())).partitions)
+            try:
+                # The entity's commands are read from CMD while PostgreSQL answers.
+                history, _ = await asyncio.gather(queries.timeline(conn, kind, id_),
+                                                  changes.read() if changes else noop())
+            except asyncpg.UndefinedTableError:
+                if stop is None:
+                    raise
+                history = []  # no replica has run yet: everything will come from the stream
+            finally:
+                await conn.close()
+            if not history and stop is None:
+                raise CliError(f"no {kind}/{id_}: nothing in its timeline", EXIT_FAILURE)
 
             async def emit(outcome: Outcome) -> None:
                 found = None if changes is None else await changes.of(outcome)
                 if as_json:
-                    print_json(outcome if found is None else {
+                    lines.json(outcome if found is None else {
                         **msgspec.to_builtins(outcome),
                         "changes": [change_json(c) for c in found]})
                     return
-                text(out, render.outcome_line(outcome))
+                if lines.terminal:
+                    lines.text(render.outcome_line(outcome))
+                    for change in found or ():
+                        lines.text(change_line(change))
+                    return
+                lines.plain(outcome_plain(outcome))
                 for change in found or ():
-                    text(out, change_line(change))
+                    lines.plain(change_plain(change))
 
             for outcome in history:
                 await emit(outcome)
@@ -89,6 +104,10 @@ def tail(
     run(main)
 
 
+async def noop() -> None:
+    pass
+
+
 class Changes:
     """What each command of one entity changed, from its commands folded again in order."""
 
@@ -97,14 +116,16 @@ class Changes:
         self.fold = EntityFold((kind, id_), partitions)
         self.steps: dict[int, Step] = {}
 
+    async def read(self) -> None:
+        """Everything stored after what was read so far."""
+        messages = await read_entity(self.js, self.kind, self.id,
+                                     start_seq=self.fold.read_upto + 1)
+        for step in self.fold.feed(messages):
+            self.steps[step.folded.seq] = step
+
     async def of(self, outcome: Outcome) -> list[Change]:
-        if outcome.seq > self.fold.read_upto:
-            # Read on: everything up to the end when the history is printed, then as
-            # followed outcomes come.
-            messages = await read_entity(self.js, self.kind, self.id,
-                                         start_seq=self.fold.read_upto + 1)
-            for step in self.fold.feed(messages):
-                self.steps[step.folded.seq] = step
+        if outcome.seq > self.fold.read_upto:  # a followed outcome: read on
+            await self.read()
         step = self.steps.pop(outcome.seq, None)
         if step is None or not step.folded.changed:
             return []
@@ -174,7 +195,7 @@ def log_(
 ) -> None:
     """The whole log across entities, newest last: every command folded, and its outcome."""
     opts: Options = ctx.obj
-    out = console()
+    lines = Lines(console(), follow)
 
     async def main() -> None:
         stop = stop_event() if follow else None
@@ -202,9 +223,9 @@ def log_(
                 if len(seen) > _SEEN:
                     del seen[next(iter(seen))]
                 if as_json:
-                    print_json(o)
+                    lines.json(o)
                 else:
-                    text(out, log_line(o))
+                    lines.text(log_line(o))
 
             for o in history:
                 await emit(o)
