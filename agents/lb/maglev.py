@@ -133,7 +133,10 @@ def _load() -> Fill | None:
         if done.returncode != 0:
             return None
         scratch.replace(library)  # atomic: another process may be building it too
-    function = ctypes.CDLL(str(library)).maglev_fill
+    try:
+        function = ctypes.CDLL(str(library)).maglev_fill
+    except (OSError, AttributeError):  # a broken cache entry: the Python loop will do
+        return None
     u32p = ctypes.POINTER(ctypes.c_uint32)
     function.argtypes = [ctypes.c_uint32, ctypes.c_uint32, u32p, u32p, u32p]
     function.restype = ctypes.c_int
