@@ -77,7 +77,7 @@ class Step:
     raw_kind: str | None = None
 
 
-_WEB = {"vcpus": 1, "memory_mib": 512, "image": "tiny"}
+_WEB = {"vcpus": 1, "memory_mib": 512, "image": "tiny", "nics": [{"network": "net2"}]}
 _VM1 = {"vcpus": 2, "memory_mib": 2048, "image": "tiny", "nics": [{"network": "net1"}]}
 NET2_CIDR = "10.20.0.0/24"
 # One guest per host (equal empty hosts: the second goes where the first did not), each
@@ -105,7 +105,7 @@ PHASES: list[tuple[str, list[Step]]] = [
         Step("user", {"type": "CreateInstance", "id": "vm1", "template": _VM1}),
         Step("user", {"type": "CreatePool", "id": "web", "size": 3, "template": _WEB}),
         # Same partition as the pool's creation, so the pool exists when it is attached.
-        Step("user", {"type": "CreateLoadBalancer", "id": "lb1", "vip": "10.0.0.100",
+        Step("user", {"type": "CreateLoadBalancer", "id": "lb1", "vip": "198.51.100.10",
                       "pool": "web", "services": [{"port": 80, "target_port": 8080}]}),
     ]),
     ("scale, stop, and two commands that must be refused", [

@@ -161,8 +161,9 @@ def _fold_command(folded: Folded, states: States, data: bytes, source: str,
     state = states.get(key)
     generation = getattr(state, "generation", 0)
     stage, touched, before = "decide", False, None
+    ctx = Ctx(source=source, seq=seq, at=at)
     try:
-        decision = decider.decide(state, cmd, Ctx(source=source, seq=seq, at=at))
+        decision = decider.decide(state, cmd, ctx)
         if not decision.accepted:
             # Its follow-ups, if any, answer whoever asked: they must hear the refusal.
             folded.commands = decision.commands
@@ -173,10 +174,18 @@ def _fold_command(folded: Folded, states: States, data: bytes, source: str,
             if state is not None:
                 before = _keep(kind, state)
             touched = True
+            # What other entities follow of this one (a pool, of its members), before and
+            # after: a change is told to them by the decider's react.
+            observe = getattr(decider, "observe", None)
+            seen = observe(state) if observe is not None else None
             for event in decision.events:
                 state = decider.evolve(state, event)
             states[key] = state
             folded.changed = True
+            if observe is not None and (now := observe(state)) != seen:
+                stage = "react"
+                decision.commands = [*decision.commands, *decider.react(
+                    id_, seen, now, state, ctx, start=len(decision.commands))]
             emit_jobs = getattr(decider, "jobs", None)
             if emit_jobs is not None:
                 stage = "jobs"

@@ -76,11 +76,23 @@ def _create_instance_v1(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _create_load_balancer_v1(doc: dict[str, Any]) -> dict[str, Any]:
+    """v1's default strategy was round_robin: say so, since v2's is maglev."""
+    services = doc.get("services")
+    if isinstance(services, list):
+        services = [{"strategy": "round_robin", **s} if isinstance(s, dict) else s
+                    for s in services]
+    return {**doc, "v": 2, "services": services}
+
+
 # (type, version read) -> function lifting the raw document one version up.
 UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {
     ("CreateInstance", 1): _create_instance_v1,
     # v1 knew no underlay: the host's VTEP stays unknown until a v2 HostUp says it.
     ("HostUp", 1): lambda doc: {**doc, "v": 2},
+    # v1 knew one role: every host was a hypervisor.
+    ("RegisterHost", 1): lambda doc: {**doc, "v": 2},
+    ("CreateLoadBalancer", 1): _create_load_balancer_v1,
 }
 
 _head_decoder = msgspec.json.Decoder(_Head)

@@ -21,6 +21,7 @@ from schemas.specs import (
     Mtu,
     Port,
     Power,
+    Role,
     SecurityRule,
     Service,
     Vcpus,
@@ -31,6 +32,8 @@ from schemas.specs import (
 SourceClass = Literal["user", "admin", "system", "host"]
 PEOPLE: tuple[SourceClass, ...] = ("user", "admin")
 
+# Who a network's port belongs to: an instance's NIC, or a balancer's node.
+PortOwner = Literal["instance", "lb"]
 # A counter the fold compares and stores: PostgreSQL and JetStream count in 64 bits.
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Attempt = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
@@ -55,10 +58,15 @@ class Command(msgspec.Struct, tag_field="type", kw_only=True, frozen=True,
 
 
 class RegisterHost(Command, tag=True, kw_only=True):
+    """v2: the host's role. LB nodes carry balancers; only hypervisors carry instances."""
+
     kind = "host"
     sources = ("admin",)
+    version = 2
+    v: int = 2
     vcpus: HostVcpus
     memory_mib: MemoryMiB
+    role: Role = "hypervisor"
 
 
 class SetHostCondition(Command, tag=True, kw_only=True):
@@ -201,7 +209,11 @@ NicIndex = Annotated[int, msgspec.Meta(ge=0, le=63)]
 
 
 class AttachPort(Command, tag=True, kw_only=True):
-    """An instance's NIC asks its network for an address (the one it names, or any)."""
+    """An instance's NIC asks its network for an address (the one it names, or any).
+
+    A balancer's node asks the same for its port (``owner`` lb, ``instance`` the balancer,
+    ``index`` the node's slot), and is answered with ``LbPortAddressed``.
+    """
 
     kind = "network"
     sources = ("system",)
@@ -209,21 +221,26 @@ class AttachPort(Command, tag=True, kw_only=True):
     index: NicIndex
     mac: Mac
     ip: IPv4 | None = None
+    owner: PortOwner = "instance"
 
 
 class BindPort(Command, tag=True, kw_only=True):
-    """Placement put the instance on a host: its ports live there now."""
+    """Placement put the instance on a host: its ports live there now (with ``index``, only
+    that one: a balancer's two ports live on two nodes)."""
 
     kind = "network"
     sources = ("system",)
     instance: EntityId
     host: EntityId
+    owner: PortOwner = "instance"
+    index: NicIndex | None = None
 
 
 class DetachPort(Command, tag=True, kw_only=True):
     kind = "network"
     sources = ("system",)
     instance: EntityId
+    owner: PortOwner = "instance"
 
 
 class VniGranted(Command, tag=True, kw_only=True):
@@ -286,6 +303,13 @@ class NicAddressed(Command, tag=True, kw_only=True):
     mtu: Mtu
 
 
+class MemberDrained(Command, tag=True, kw_only=True):
+    """The pool's balancers no longer send the instance anything: it may stop, or go."""
+
+    kind = "instance"
+    sources = ("system",)
+
+
 class NicRefused(Command, tag=True, kw_only=True):
     kind = "instance"
     sources = ("system",)
@@ -329,6 +353,28 @@ class DeletePool(Command, tag=True, kw_only=True):
     kind = "pool"
 
 
+class MemberState(Command, tag=True, kw_only=True):
+    """A member tells its pool whether it should get traffic (placed, running, addressed,
+    not degraded) and whether it is leaving (stopping or deleted: its pool's balancers let
+    go of it first, and the pool answers MemberDrained)."""
+
+    kind = "pool"
+    sources = ("system",)
+    instance: EntityId
+    serving: bool
+    leaving: bool = False
+    ip: IPv4 | None = None  # on the pool's network (its first NIC)
+
+
+class BalancerDrained(Command, tag=True, kw_only=True):
+    """Every node of a balancer applied a job without the instance."""
+
+    kind = "pool"
+    sources = ("system",)
+    lb: EntityId
+    instance: EntityId
+
+
 class AttachBalancer(Command, tag=True, kw_only=True):
     kind = "pool"
     sources = ("system",)
@@ -345,10 +391,15 @@ class DetachBalancer(Command, tag=True, kw_only=True):
 
 
 class CreateLoadBalancer(Command, tag=True, kw_only=True):
+    """v2: a service without a strategy gets the consistent table (v1's default was
+    round_robin, which the upcaster writes out)."""
+
     kind = "lb"
+    version = 2
+    v: int = 2
     vip: IPv4
     pool: EntityId
-    services: Annotated[tuple[Service, ...], msgspec.Meta(min_length=1)]
+    services: Annotated[tuple[Service, ...], msgspec.Meta(min_length=1, max_length=64)]
 
 
 class DeleteLoadBalancer(Command, tag=True, kw_only=True):
@@ -356,9 +407,67 @@ class DeleteLoadBalancer(Command, tag=True, kw_only=True):
 
 
 class PoolMembers(Command, tag=True, kw_only=True):
+    """Retired: pools send their serving members with their addresses (PoolBackends)."""
+
     kind = "lb"
     sources = ("system",)
     members: tuple[EntityId, ...]
+
+
+class Member(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """A pool member that should get traffic, at its address on the pool's network."""
+
+    instance: EntityId
+    ip: IPv4
+
+
+class PoolBackends(Command, tag=True, kw_only=True):
+    """A pool's answer to AttachBalancer, and its news whenever its serving set changes:
+    the whole set (never a delta), on the network of its template's first NIC."""
+
+    kind = "lb"
+    sources = ("system",)
+    network: EntityId | None  # None: the template has no NIC, nothing can be reached
+    backends: tuple[Member, ...]
+
+
+class PoolRefused(Command, tag=True, kw_only=True):
+    kind = "lb"
+    sources = ("system",)
+    reason: Text
+
+
+class BalancerPlaced(Command, tag=True, kw_only=True):
+    """The scheduler's answer: the LB nodes that serve the balancer now (two, or fewer
+    with the reason it waits)."""
+
+    kind = "lb"
+    sources = ("system",)
+    nodes: Annotated[tuple[EntityId, ...], msgspec.Meta(max_length=2)]
+    reason: Text = ""
+
+
+class LbPortAddressed(Command, tag=True, kw_only=True):
+    """A network's answer to a balancer's AttachPort: the node's port in that slot."""
+
+    kind = "lb"
+    sources = ("system",)
+    index: NicIndex
+    # The fields of NicAddressed (a NicSpec's, flat: a command refuses unknown fields).
+    network: EntityId
+    vni: Vni
+    mac: Mac
+    ip: IPv4
+    prefix: Annotated[int, msgspec.Meta(ge=8, le=30)]
+    mtu: Mtu
+
+
+class LbPortRefused(Command, tag=True, kw_only=True):
+    kind = "lb"
+    sources = ("system",)
+    index: NicIndex
+    network: EntityId
+    reason: Text
 
 
 class LbApplied(Command, tag=True, kw_only=True):
@@ -417,6 +526,27 @@ class Release(Command, tag=True, kw_only=True):
     instance: EntityId
 
 
+class LbNode(Command, tag=True, kw_only=True):
+    """An LB node's condition, from its host: only an up node serves balancers."""
+
+    kind = "scheduler"
+    sources = ("system",)
+    host: EntityId
+    condition: HostCondition
+
+
+class PlaceBalancer(Command, tag=True, kw_only=True):
+    kind = "scheduler"
+    sources = ("system",)
+    lb: EntityId
+
+
+class ReleaseBalancer(Command, tag=True, kw_only=True):
+    kind = "scheduler"
+    sources = ("system",)
+    lb: EntityId
+
+
 AnyCommand = (
     RegisterHost
     | SetHostCondition
@@ -447,6 +577,7 @@ AnyCommand = (
     | ReconcileNetwork
     | NicAddressed
     | NicRefused
+    | MemberDrained
     | ReserveVni
     | ReleaseVni
     | SpanNetwork
@@ -454,17 +585,27 @@ AnyCommand = (
     | CreatePool
     | ScalePool
     | DeletePool
+    | MemberState
+    | BalancerDrained
     | AttachBalancer
     | DetachBalancer
     | CreateLoadBalancer
     | DeleteLoadBalancer
     | PoolMembers
+    | PoolBackends
+    | PoolRefused
+    | BalancerPlaced
+    | LbPortAddressed
+    | LbPortRefused
     | LbApplied
     | LbFailed
     | BackendHealth
     | HostCapacity
     | Place
     | Release
+    | LbNode
+    | PlaceBalancer
+    | ReleaseBalancer
 )
 
 COMMAND_TYPES: dict[str, type[Command]] = {

@@ -8,7 +8,10 @@ from schemas.ids import EntityId
 
 Power = Literal["running", "stopped"]
 Protocol = Literal["tcp", "udp"]
-Strategy = Literal["round_robin", "least_conn", "source_hash"]
+# maglev: a consistent table (both LB nodes pick the same backend, a leaving backend moves
+# only its own flows), the default; least_conn is named so that it is refused clearly.
+Strategy = Literal["maglev", "round_robin", "source_hash", "least_conn"]
+Role = Literal["hypervisor", "lb"]
 HostCondition = Literal["up", "down", "draining", "maintenance"]
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -45,17 +48,22 @@ class InstanceTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class HealthCheck(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    interval_ms: Annotated[int, msgspec.Meta(ge=100)] = 2000
-    timeout_ms: Annotated[int, msgspec.Meta(ge=50)] = 1000
-    rise: Annotated[int, msgspec.Meta(ge=1)] = 2
-    fall: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """Probed by each LB node on the target port: a TCP connect, or with ``http_path`` an
+    HTTP GET of it that must answer 2xx or 3xx. ``rise`` passes in a row bring a backend
+    in, ``fall`` failures in a row take it out."""
+
+    interval_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 2000
+    timeout_ms: Annotated[int, msgspec.Meta(ge=50, le=3_600_000)] = 1000
+    rise: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    fall: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    http_path: Annotated[str, msgspec.Meta(pattern=r"^/[\x21-\x7e]{0,254}$")] | None = None
 
 
 class Service(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: Port
     target_port: Port
     protocol: Protocol = "tcp"
-    strategy: Strategy = "round_robin"
+    strategy: Strategy | None = None  # None: maglev; in a job, always the one decided
     health: HealthCheck = HealthCheck()
 
 

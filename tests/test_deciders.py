@@ -13,7 +13,6 @@ import pytest
 
 from events.subjects import partition_of, stored_command_subject
 from orchestrator.deciders.instance import Instance
-from orchestrator.deciders.lb import LoadBalancer
 from orchestrator.deciders.network import Network
 from orchestrator.deciders.pool import Pool
 from orchestrator.deciders.scheduler import Scheduler
@@ -385,31 +384,20 @@ def test_pool_scaling_creates_and_deletes_members_with_stable_ids() -> None:
     assert {w.instance(m).pool for m in ("p0-0", "p0-1")} == {"p0"}
     assert {w.instance(m).status for m in ("p0-0", "p0-1")} == {"placed"}
 
-    lb = w.send("user", "CreateLoadBalancer", "l0", vip="192.0.2.1", pool="p0",
-                services=[{"port": 80, "target_port": 8080}])
-    assert types(lb) == ["AttachBalancer"]
-    attached = w.settle()
-    assert [f.outcome.type for f in attached if f.outcome] == ["AttachBalancer", "PoolMembers"]
-    balancer: LoadBalancer = w.states[("lb", "l0")]
-    assert balancer.members == ("p0-0", "p0-1")
-
     up = w.send("user", "ScalePool", "p0", size=4)
-    assert types(up) == ["CreateInstance", "CreateInstance", "PoolMembers"]
-    assert [c.id for c in up.commands] == ["p0-2", "p0-3", "l0"]
-    assert up.commands[2].members == ("p0-0", "p0-1", "p0-2", "p0-3")  # type: ignore[attr-defined]
+    assert types(up) == ["CreateInstance", "CreateInstance"]
+    assert [c.id for c in up.commands] == ["p0-2", "p0-3"]
     w.settle()
-    assert w.states[("lb", "l0")].members == ("p0-0", "p0-1", "p0-2", "p0-3")
 
     down = w.send("user", "ScalePool", "p0", size=1)
-    assert types(down) == ["DeleteInstance"] * 3 + ["PoolMembers"]
+    assert types(down) == ["DeleteInstance"] * 3
     assert [c.id for c in down.commands[:3]] == ["p0-3", "p0-2", "p0-1"]  # newest first
     w.settle()
     assert [w.instance(f"p0-{n}").status for n in range(4)] == [
         "placed", "deleted", "deleted", "deleted"]
-    assert w.states[("lb", "l0")].members == ("p0-0",)
 
     regrow = w.send("user", "ScalePool", "p0", size=2)
-    assert [c.id for c in regrow.commands] == ["p0-4", "l0"]  # p0-1 is never reused
+    assert [c.id for c in regrow.commands] == ["p0-4"]  # p0-1 is never reused
     same = w.send("user", "ScalePool", "p0", size=2)
     assert accepted(same) and not same.changed and same.commands == []
     w.settle()
@@ -417,11 +405,10 @@ def test_pool_scaling_creates_and_deletes_members_with_stable_ids() -> None:
     assert (pool.members, pool.size, pool.next_index) == (["p0-0", "p0-4"], 2, 5)
 
     gone = w.send("user", "DeletePool", "p0")
-    assert types(gone) == ["DeleteInstance", "DeleteInstance", "PoolMembers"]
-    assert [c.id for c in gone.commands] == ["p0-0", "p0-4", "l0"]
+    assert types(gone) == ["DeleteInstance", "DeleteInstance"]
+    assert [c.id for c in gone.commands] == ["p0-0", "p0-4"]
     w.settle()
-    assert w.states[("lb", "l0")].members == ()
-    assert reason(w.send("user", "ScalePool", "p0", size=3)) == "no pool p0"
+    assert reason(w.send("user", "ScalePool", "p0", size=3)) == "no pool p0 (deleted)"
     assert w.scheduler.allocations == {}
 
 
@@ -439,21 +426,6 @@ def test_pool_whose_member_ids_would_be_invalid_is_rejected() -> None:
     assert "too long" in reason(f) and w.states == {}
     ok = w.send("user", "CreatePool", long_id, template=T_SMALL, size=0)
     assert accepted(ok)
-
-
-def test_deleting_a_load_balancer_detaches_it_from_its_pool() -> None:
-    w = World()
-    w.send("user", "CreatePool", "p0", template=T_SMALL, size=1)
-    w.send("user", "CreateLoadBalancer", "l0", vip="192.0.2.1", pool="p0",
-           services=[{"port": 80, "target_port": 8080}])
-    w.settle()
-    assert w.states[("pool", "p0")].balancers == ["l0"]
-    deleted = w.send("user", "DeleteLoadBalancer", "l0")
-    assert types(deleted) == ["DetachBalancer"]
-    w.settle()
-    assert w.states[("pool", "p0")].balancers == []
-    assert types(w.send("user", "ScalePool", "p0", size=2)) == ["CreateInstance"]
-    assert reason(w.send("system", "PoolMembers", "l0", members=[])) == "no load balancer l0"
 
 
 # ---- source rules and agents' reports -----------------------------------------------
@@ -488,6 +460,20 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "CreateLoadBalancer": {"vip": "192.0.2.1", "pool": "p0",
                            "services": [{"port": 80, "target_port": 80}]},
     "DeleteLoadBalancer": {}, "PoolMembers": {"members": ["i0"]},
+    "PoolBackends": {"network": "n0", "backends": [["i0", "10.0.0.2"]]},
+    "PoolRefused": {"reason": "no pool p0"},
+    "BalancerPlaced": {"nodes": ["h0", "h1"]},
+    "LbPortAddressed": {"index": 0, "network": "n0", "vni": 1, "mac": "02:00:00:00:00:01",
+                        "ip": "10.0.0.2", "prefix": 24, "mtu": 1500},
+    "LbPortRefused": {"index": 0, "network": "n0", "reason": "taken"},
+    "LbApplied": {"generation": 1, "observed": "serving"},
+    "LbFailed": {"generation": 1, "error": "boom"},
+    "BackendHealth": {"instance": "i0", "port": 80, "healthy": True, "generation": 1},
+    "MemberState": {"instance": "i0", "serving": True, "ip": "10.0.0.2"},
+    "BalancerDrained": {"lb": "l0", "instance": "i0"},
+    "MemberDrained": {},
+    "LbNode": {"host": "h0", "condition": "up"},
+    "PlaceBalancer": {"lb": "l0"}, "ReleaseBalancer": {"lb": "l0"},
     "HostCapacity": {"host": "h0", "vcpus": 4, "memory_mib": 4096, "condition": "up"},
     "Place": {"instance": "i0", "vcpus": 1, "memory_mib": 64}, "Release": {"instance": "i0"},
 }

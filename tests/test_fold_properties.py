@@ -43,7 +43,8 @@ NETWORKS = ("n0", "n1")
 POOLS = ("p0", "p1")
 LBS = ("l0", "l1")
 VTEPS = ("192.0.2.1", "192.0.2.2")
-REFUSALS = {"NicRefused", "VniRefused"}  # the answers a rejection may carry
+# The answers a rejection may carry (to whoever asked).
+REFUSALS = {"NicRefused", "VniRefused", "LbPortRefused", "PoolRefused"}
 MACS = ("02:00:00:00:00:01", "02:00:00:00:00:02")
 IDS: dict[str, tuple[str, ...]] = {
     "host": HOSTS,
@@ -84,6 +85,7 @@ small_memory = st.sampled_from([64, 512, 1024, 2048])
 generation = st.integers(0, 5)
 images = st.sampled_from(["debian-12", "alpine:3.19"])
 networks = st.sampled_from(NETWORKS)
+owners = st.sampled_from(["instance", "lb"])
 
 templates: st.SearchStrategy[Doc] = st.fixed_dictionaries(
     {"vcpus": small_cpus, "memory_mib": small_memory, "image": images},
@@ -113,7 +115,9 @@ def fields(**strategies: st.SearchStrategy[Any]) -> st.SearchStrategy[Doc]:
 
 
 FIELDS: dict[str, st.SearchStrategy[Doc]] = {
-    "RegisterHost": fields(vcpus=cpus, memory_mib=memory),
+    "RegisterHost": st.fixed_dictionaries(
+        {"vcpus": cpus, "memory_mib": memory},
+        optional={"role": st.sampled_from(["hypervisor", "lb"]), "v": st.sampled_from([1, 2])}),
     "SetHostCondition": fields(condition=st.sampled_from(["up", "draining", "maintenance"])),
     "HostDown": fields(boot_id=st.sampled_from(["", "b1", "b2"])),
     "HostUp": st.fixed_dictionaries(
@@ -133,9 +137,13 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
     "AttachPort": st.fixed_dictionaries(
         {"instance": st.sampled_from(INSTANCES), "index": st.integers(0, 1),
          "mac": st.sampled_from(MACS)},
-        optional={"ip": st.sampled_from(["10.0.0.2", "10.0.0.7", "10.1.0.300"])}),
-    "BindPort": fields(instance=st.sampled_from(INSTANCES), host=st.sampled_from(HOSTS)),
-    "DetachPort": fields(instance=st.sampled_from(INSTANCES)),
+        optional={"ip": st.sampled_from(["10.0.0.2", "10.0.0.7", "10.1.0.300"]),
+                  "owner": owners}),
+    "BindPort": st.fixed_dictionaries(
+        {"instance": st.sampled_from(INSTANCES + LBS), "host": st.sampled_from(HOSTS)},
+        optional={"owner": owners, "index": st.integers(0, 1)}),
+    "DetachPort": st.fixed_dictionaries({"instance": st.sampled_from(INSTANCES + LBS)},
+                                        optional={"owner": owners}),
     "VniGranted": fields(),
     "VniRefused": fields(reason=st.just("VNI 1 is in use by network n1")),
     "HostVtep": fields(host=st.sampled_from(HOSTS), vtep=st.sampled_from(VTEPS)),
@@ -175,6 +183,29 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
     "DeleteLoadBalancer": fields(),
     "PoolMembers": fields(members=st.lists(st.sampled_from(INSTANCES), max_size=3,
                                            unique=True)),
+    "PoolBackends": fields(network=st.one_of(st.none(), st.sampled_from(NETWORKS)),
+                           backends=st.lists(st.tuples(st.sampled_from(INSTANCES),
+                                                       st.sampled_from(["10.0.0.2", "10.0.0.3"])),
+                                             max_size=3, unique_by=lambda m: m[0])),
+    "PoolRefused": fields(reason=st.just("no pool p0")),
+    "BalancerPlaced": st.fixed_dictionaries(
+        {"nodes": st.lists(st.sampled_from(HOSTS), max_size=2, unique=True)},
+        optional={"reason": st.just("waiting for another")}),
+    "LbPortAddressed": fields(index=st.integers(0, 1), network=st.sampled_from(NETWORKS),
+                              vni=st.integers(1, 3), mac=st.sampled_from(MACS),
+                              ip=st.sampled_from(["10.0.0.5", "192.0.2.9"]), prefix=st.just(24),
+                              mtu=st.just(1500)),
+    "LbPortRefused": fields(index=st.integers(0, 1), network=st.sampled_from(NETWORKS),
+                            reason=st.just("no address left")),
+    "MemberState": st.fixed_dictionaries(
+        {"instance": st.sampled_from(INSTANCES), "serving": st.booleans()},
+        optional={"leaving": st.booleans(), "ip": st.sampled_from(["10.0.0.2", "10.0.0.3"])}),
+    "BalancerDrained": fields(lb=st.sampled_from(LBS), instance=st.sampled_from(INSTANCES)),
+    "MemberDrained": fields(),
+    "LbNode": fields(host=st.sampled_from(HOSTS),
+                     condition=st.sampled_from(["up", "up", "down", "draining"])),
+    "PlaceBalancer": fields(lb=st.sampled_from(LBS)),
+    "ReleaseBalancer": fields(lb=st.sampled_from(LBS)),
     "LbApplied": fields(generation=generation, observed=st.just("serving")),
     "LbFailed": fields(generation=generation, error=st.just("bird: no such file")),
     "BackendHealth": fields(instance=st.sampled_from(INSTANCES), port=st.sampled_from([80, 443]),

@@ -5,12 +5,13 @@ import msgspec
 from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
 from schemas import commands as c
 from schemas.commands import SCHEDULER_ID
-from schemas.specs import HostCondition
+from schemas.specs import HostCondition, Role
 
 
 class Host(msgspec.Struct, kw_only=True):
     vcpus: int
     memory_mib: int
+    role: Role = "hypervisor"
     condition: HostCondition = "up"
     boot_id: str = ""
     underlay: str | None = None  # the VTEP address its agent reports
@@ -23,6 +24,7 @@ class Registered(Event):
     vcpus: int
     memory_mib: int
     at: int
+    role: Role = "hypervisor"
 
 
 class ConditionSet(Event):
@@ -54,7 +56,10 @@ def _vtep_to(ctx: Ctx, host_id: str, underlay: str | None, networks: list[str],
 
 
 def _capacity(ctx: Ctx, host_id: str, host: Host) -> list[c.Command]:
-    """Tell the scheduler what this host can take now."""
+    """Tell the scheduler what this host can take now: instances, or balancers."""
+    if host.role == "lb":
+        return follow_ups(ctx, (c.LbNode, dict(id=SCHEDULER_ID, host=host_id,
+                                               condition=host.condition)))
     return follow_ups(ctx, (c.HostCapacity, dict(
         id=SCHEDULER_ID, host=host_id, vcpus=host.vcpus, memory_mib=host.memory_mib,
         condition=host.condition,
@@ -63,11 +68,15 @@ def _capacity(ctx: Ctx, host_id: str, host: Host) -> list[c.Command]:
 
 def decide(state: Host | None, cmd: c.Command, ctx: Ctx) -> Decision:
     if isinstance(cmd, c.RegisterHost):
+        if state is not None and state.role != cmd.role:
+            return reject(f"host {cmd.id} is registered as {state.role}: a role does not"
+                          " change (register the machine under another name)")
         if state is not None and (state.vcpus, state.memory_mib) == (cmd.vcpus, cmd.memory_mib):
             return accept()
-        after = Host(vcpus=cmd.vcpus, memory_mib=cmd.memory_mib,
+        after = Host(vcpus=cmd.vcpus, memory_mib=cmd.memory_mib, role=cmd.role,
                      condition=state.condition if state else "up")
-        return accept(Registered(vcpus=cmd.vcpus, memory_mib=cmd.memory_mib, at=ctx.at),
+        return accept(Registered(vcpus=cmd.vcpus, memory_mib=cmd.memory_mib, at=ctx.at,
+                                 role=cmd.role),
                       commands=_capacity(ctx, cmd.id, after))
     if state is None:
         return reject(f"no host {cmd.id}")
@@ -107,7 +116,8 @@ def decide_condition(state: Host, cmd: c.Command, ctx: Ctx) -> Decision:
             return reject(f"{type(cmd).__name__} does not apply to a host")
     if (condition, boot_id) == (state.condition, state.boot_id):
         return accept()
-    after = Host(vcpus=state.vcpus, memory_mib=state.memory_mib, condition=condition)
+    after = Host(vcpus=state.vcpus, memory_mib=state.memory_mib, role=state.role,
+                 condition=condition)
     return accept(ConditionSet(condition=condition, boot_id=boot_id, at=ctx.at),
                   commands=_capacity(ctx, cmd.id, after))
 
@@ -116,7 +126,7 @@ def evolve(state: Host | None, event: Event) -> Host:
     match event:
         case Registered():
             if state is None:
-                return Host(vcpus=event.vcpus, memory_mib=event.memory_mib,
+                return Host(vcpus=event.vcpus, memory_mib=event.memory_mib, role=event.role,
                             registered_at=event.at, updated_at=event.at)
             state.vcpus, state.memory_mib = event.vcpus, event.memory_mib
         case ConditionSet():

@@ -27,6 +27,8 @@ class Instance(msgspec.Struct, kw_only=True):
     observed_generation: int = 0
     observed: str | None = None  # power state the agent last reported
     error: str | None = None
+    # A serving pool member asked to stop or go: held until its balancers let it go.
+    leaving: Literal["stop", "delete"] | None = None
     attempts: int = 0  # re-issues of the current generation's job
     issued_at: int = 0  # when the current job was last issued: the reconciler's clock
     created_at: int = 0
@@ -72,6 +74,23 @@ class PowerSet(Event):
 
 
 class Deleted(Event):
+    at: int
+
+
+class Leaving(Event):
+    """Stop or delete, once the pool's balancers have drained it (MemberDrained)."""
+
+    then: Literal["stop", "delete"]
+    at: int
+
+
+class Stays(Event):
+    """Started again while it was leaving to stop: it serves on."""
+
+    at: int
+
+
+class Left(Event):
     at: int
 
 
@@ -165,18 +184,32 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
             if state.template.rules == cmd.rules:
                 return accept()
             return accept(RulesSet(rules=cmd.rules, at=ctx.at))
-        case c.StartInstance() | c.StopInstance():
-            power: Power = "running" if isinstance(cmd, c.StartInstance) else "stopped"
-            return accept() if state.power == power else accept(PowerSet(power=power, at=ctx.at))
+        case c.StartInstance():
+            if state.leaving == "delete":
+                return reject(f"instance {cmd.id} is being deleted")
+            if state.leaving == "stop":
+                return accept(Stays(at=ctx.at))
+            return accept() if state.power == "running" else accept(
+                PowerSet(power="running", at=ctx.at))
+        case c.StopInstance():
+            if state.power == "stopped" or state.leaving is not None:
+                return accept()
+            if serving(state):
+                return accept(Leaving(then="stop", at=ctx.at))
+            return accept(PowerSet(power="stopped", at=ctx.at))
         case c.DeleteInstance():
-            return accept(
-                Deleted(at=ctx.at),
-                commands=follow_ups(
-                    ctx,
-                    (c.Release, dict(id=SCHEDULER_ID, instance=cmd.id)),
-                    *[(c.DetachPort, dict(id=n, instance=cmd.id)) for n in _networks(state)],
-                ),
-            )
+            if state.leaving == "delete":
+                return accept()
+            if state.leaving is not None or serving(state):
+                return accept(Leaving(then="delete", at=ctx.at))
+            return _delete(cmd.id, state, ctx)
+        case c.MemberDrained():
+            if state.leaving is None:
+                return accept()
+            if state.leaving == "stop":
+                return accept(Left(at=ctx.at), PowerSet(power="stopped", at=ctx.at))
+            deleted = _delete(cmd.id, state, ctx)
+            return accept(Left(at=ctx.at), *deleted.events, commands=deleted.commands)
         case c.Applied() | c.Failed():
             if ctx.source != state.host:
                 return reject(f"report from host {ctx.source}, but {cmd.id} is on {state.host}")
@@ -203,6 +236,50 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
                 return accept(Degraded(attempts=state.attempts, reason=reason, at=ctx.at))
             return accept(Reissued(attempt=state.attempts + 1, at=ctx.at))
     return reject(f"{type(cmd).__name__} does not apply to an instance")
+
+
+def _delete(instance_id: str, state: Instance, ctx: Ctx) -> Decision:
+    return accept(Deleted(at=ctx.at), commands=follow_ups(
+        ctx,
+        (c.Release, dict(id=SCHEDULER_ID, instance=instance_id)),
+        *[(c.DetachPort, dict(id=n, instance=instance_id)) for n in _networks(state)],
+    ))
+
+
+# ---- what its pool hears (the fold calls these around every accepted command) ----------
+
+
+def serving(state: Instance) -> bool:
+    """Whether the instance should get traffic from its pool's balancers."""
+    return (state.pool is not None and state.status == "placed" and state.power == "running"
+            and state.leaving is None and bool(state.nics) and state.nics[0] is not None)
+
+
+View = tuple[bool, bool, str | None]  # serving, leaving, address on the pool's network
+
+
+def observe(state: Instance | None) -> View | None:
+    if state is None or state.pool is None:
+        return None
+    nic = state.nics[0] if state.nics else None
+    return serving(state), state.leaving is not None, nic.ip if nic is not None else None
+
+
+def react(instance_id: str, before: View | None, after: View | None, state: Instance,
+          ctx: Ctx, start: int) -> list[c.Command]:
+    """Tell the pool when it must change what it balances: the member serves (anew, or at
+    another address), begins to leave, or stopped serving (degraded). Nothing for one that
+    never served, nor once it has left (the pool let it go)."""
+    if after is None or state.pool is None:
+        return []
+    is_serving, leaving, ip = after
+    tell = (is_serving or (leaving and not (before and before[1]))
+            or (not leaving and before is not None and before[0]))
+    if not tell:
+        return []
+    return follow_ups(ctx, (c.MemberState, dict(id=state.pool, instance=instance_id,
+                                                 serving=is_serving, leaving=leaving, ip=ip)),
+                      start=start)
 
 
 def evolve(state: Instance | None, event: Event) -> Instance:
@@ -233,6 +310,10 @@ def evolve(state: Instance | None, event: Event) -> Instance:
         case Deleted():
             state.status = "deleted"
             _new_generation(state, event.at)
+        case Leaving():
+            state.leaving = event.then
+        case Stays() | Left():
+            state.leaving = None
         case Observed():
             state.observed_generation, state.observed = event.generation, event.observed
             if event.generation == state.generation:

@@ -9,6 +9,7 @@ the full segment as that host must see it (``jobs``), and a host left with no po
 removal job.
 """
 
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
@@ -16,7 +17,7 @@ import msgspec
 from orchestrator.deciders.addressing import check_address, check_cidr, lowest_free, prefix_of
 from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
 from schemas import commands as c
-from schemas.commands import REGISTRY_ID
+from schemas.commands import REGISTRY_ID, PortOwner
 from schemas.jobs import Job
 from schemas.specs import NetworkSpec, RemotePort
 
@@ -26,11 +27,12 @@ _USABLE = ("active", "degraded")
 
 
 class Port(msgspec.Struct, kw_only=True):
-    instance: str
+    instance: str  # the owner's id: an instance, or a balancer (whose index is a node slot)
     index: int
     mac: str
     ip: str
     host: str | None = None
+    owner: PortOwner = "instance"
 
 
 class Span(msgspec.Struct, kw_only=True):
@@ -77,17 +79,21 @@ class PortAdded(Event):
     index: int
     mac: str
     ip: str
+    owner: PortOwner = "instance"
 
 
 class PortBound(Event):
     instance: str
     host: str
     at: int
+    owner: PortOwner = "instance"
+    index: int | None = None  # None: every port of the owner
 
 
 class PortRemoved(Event):
     instance: str
     at: int
+    owner: PortOwner = "instance"
 
 
 class Spanned(Event):
@@ -130,9 +136,20 @@ class Deleted(Event):
 
 
 def _address_reply(network_id: str, state: Network, port: Port) -> tuple[type, dict]:
-    return (c.NicAddressed, dict(
-        id=port.instance, index=port.index, network=network_id, vni=state.vni, mac=port.mac,
-        ip=port.ip, prefix=prefix_of(state.cidr), mtu=state.mtu))
+    nic = dict(network=network_id, vni=state.vni, mac=port.mac, ip=port.ip,
+               prefix=prefix_of(state.cidr), mtu=state.mtu)
+    kind = c.NicAddressed if port.owner == "instance" else c.LbPortAddressed
+    return (kind, dict(id=port.instance, index=port.index, **nic))
+
+
+def _refusal(owner: PortOwner, owner_id: str, index: int, network_id: str,
+             reason: str) -> tuple[type, dict]:
+    return (c.NicRefused if owner == "instance" else c.LbPortRefused, dict(
+        id=owner_id, index=index, network=network_id, reason=reason))
+
+
+def _owned(port: Port, owner: PortOwner, owner_id: str) -> bool:
+    return port.owner == owner and port.instance == owner_id
 
 
 def decide(state: Network | None, cmd: c.Command, ctx: Ctx) -> Decision:
@@ -162,9 +179,8 @@ def decide(state: Network | None, cmd: c.Command, ctx: Ctx) -> Decision:
                 return accept()
             return accept(
                 Refused(reason=cmd.reason, at=ctx.at), note=cmd.reason,
-                commands=follow_ups(ctx, *[(c.NicRefused, dict(
-                    id=p.instance, index=p.index, network=cmd.id, reason=cmd.reason))
-                    for p in state.ports]))
+                commands=follow_ups(ctx, *[_refusal(p.owner, p.instance, p.index, cmd.id,
+                                                    cmd.reason) for p in state.ports]))
         case c.DeleteNetwork():
             if state.status == "deleted":
                 return accept()
@@ -195,8 +211,8 @@ def decide(state: Network | None, cmd: c.Command, ctx: Ctx) -> Decision:
 
 def _attach(state: Network | None, cmd: c.AttachPort, ctx: Ctx) -> Decision:
     def refuse(reason: str) -> Decision:
-        return reject(reason, commands=follow_ups(ctx, (c.NicRefused, dict(
-            id=cmd.instance, index=cmd.index, network=cmd.id, reason=reason))))
+        return reject(reason, commands=follow_ups(ctx, _refusal(
+            cmd.owner, cmd.instance, cmd.index, cmd.id, reason)))
 
     if state is None:
         return refuse(f"no network {cmd.id}")
@@ -204,7 +220,7 @@ def _attach(state: Network | None, cmd: c.AttachPort, ctx: Ctx) -> Decision:
         return refuse(f"network {cmd.id} is {state.status}"
                       + (" (being deleted)" if state.status == "deleted" else ""))
     port = next((p for p in state.ports
-                 if (p.instance, p.index) == (cmd.instance, cmd.index)), None)
+                 if _owned(p, cmd.owner, cmd.instance) and p.index == cmd.index), None)
     if port is not None:  # asked twice: answer the same (once active)
         replies = [_address_reply(cmd.id, state, port)] if state.status in _USABLE else []
         return accept(commands=follow_ups(ctx, *replies))
@@ -221,37 +237,47 @@ def _attach(state: Network | None, cmd: c.AttachPort, ctx: Ctx) -> Decision:
         if free is None:
             return refuse(f"no address left in {state.cidr}")
         ip = free
-    port = Port(instance=cmd.instance, index=cmd.index, mac=cmd.mac, ip=ip)
+    port = Port(instance=cmd.instance, index=cmd.index, mac=cmd.mac, ip=ip, owner=cmd.owner)
     # A pending network answers once its VNI is granted.
     replies = [_address_reply(cmd.id, state, port)] if state.status in _USABLE else []
-    return accept(PortAdded(instance=cmd.instance, index=cmd.index, mac=cmd.mac, ip=ip),
+    return accept(PortAdded(instance=cmd.instance, index=cmd.index, mac=cmd.mac, ip=ip,
+                            owner=cmd.owner),
                   commands=follow_ups(ctx, *replies))
 
 
+def _moving(port: Port, owner: PortOwner, owner_id: str, index: int | None) -> bool:
+    return _owned(port, owner, owner_id) and index in (None, port.index)
+
+
 def _bind(state: Network, cmd: c.BindPort, ctx: Ctx) -> Decision:
-    ports = [p for p in state.ports if p.instance == cmd.instance]
+    ports = [p for p in state.ports if _moving(p, cmd.owner, cmd.instance, cmd.index)]
     if not ports:
-        return reject(f"instance {cmd.instance} has no port on network {cmd.id}")
+        return reject(f"{cmd.owner} {cmd.instance} has no port"
+                      + (f" {cmd.index}" if cmd.index is not None else "")
+                      + f" on network {cmd.id}")
     if all(p.host == cmd.host for p in ports):
         return accept()
     spanned = [] if cmd.host in state.hosts else [Spanned(cmd.host)]
-    left = _left(state, cmd.instance, keep=cmd.host)
-    return accept(PortBound(instance=cmd.instance, host=cmd.host, at=ctx.at), *spanned, *left,
+    left = _left(state, lambda p: _moving(p, cmd.owner, cmd.instance, cmd.index),
+                 keep=cmd.host)
+    return accept(PortBound(instance=cmd.instance, host=cmd.host, at=ctx.at, owner=cmd.owner,
+                            index=cmd.index), *spanned, *left,
                   commands=follow_ups(ctx, *_span_commands(cmd.id, spanned, left)))
 
 
 def _detach(state: Network, cmd: c.DetachPort, ctx: Ctx) -> Decision:
-    if not any(p.instance == cmd.instance for p in state.ports):
+    if not any(_owned(p, cmd.owner, cmd.instance) for p in state.ports):
         return accept()  # detached already, or refused before it was attached
-    left = _left(state, cmd.instance)
-    return accept(PortRemoved(instance=cmd.instance, at=ctx.at), *left,
+    left = _left(state, lambda p: _owned(p, cmd.owner, cmd.instance))
+    return accept(PortRemoved(instance=cmd.instance, at=ctx.at, owner=cmd.owner), *left,
                   commands=follow_ups(ctx, *_span_commands(cmd.id, [], left)))
 
 
-def _left(state: Network, instance: str, keep: str | None = None) -> list[Unspanned]:
-    """The hosts that ``instance``'s ports leaving would leave without a port."""
-    leaving = {p.host for p in state.ports if p.instance == instance and p.host}
-    staying = {p.host for p in state.ports if p.instance != instance and p.host}
+def _left(state: Network, moves: Callable[[Port], bool],
+          keep: str | None = None) -> list[Unspanned]:
+    """The hosts that the ports ``moves`` picks leaving would leave without a port."""
+    leaving = {p.host for p in state.ports if moves(p) and p.host}
+    staying = {p.host for p in state.ports if not moves(p) and p.host}
     return [Unspanned(h) for h in sorted(leaving - staying - {keep})]
 
 
@@ -309,15 +335,15 @@ def evolve(state: Network | None, event: Event) -> Network:
             state.ports = []
         case PortAdded():
             state.ports.append(Port(instance=event.instance, index=event.index, mac=event.mac,
-                                    ip=event.ip))
+                                    ip=event.ip, owner=event.owner))
         case PortBound():
             for port in state.ports:
-                if port.instance == event.instance:
+                if _moving(port, event.owner, event.instance, event.index):
                     port.host = event.host
             _new_generation(state, event.at)
         case PortRemoved():
-            bound = any(p.host for p in state.ports if p.instance == event.instance)
-            state.ports = [p for p in state.ports if p.instance != event.instance]
+            bound = any(p.host for p in state.ports if _owned(p, event.owner, event.instance))
+            state.ports = [p for p in state.ports if not _owned(p, event.owner, event.instance)]
             if bound:  # an unbound port was in no host's view
                 _new_generation(state, event.at)
         case Spanned():
