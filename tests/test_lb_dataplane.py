@@ -596,6 +596,29 @@ def test_the_prober_checks_http_and_udp_from_the_node(clean: Lab) -> None:
     assert not first["closed"].healthy and not first["silent"].healthy
 
 
+def test_a_job_that_contradicts_what_the_node_saw_gets_the_state_again(clean: Lab) -> None:
+    """A report lost on the way (the fold still counts a backend healthy that this node saw
+    fall): the next job makes the node say it again; a job that agrees does not."""
+    lab = clean
+    lab.serve((TCP,))
+    lab.route("lb1")
+    node = lab.nodes["lb1"]
+
+    def ups() -> int:
+        return sum(1 for r in node.reports if isinstance(r, c.BackendHealth) and r.healthy)
+
+    deadline = time.monotonic() + 3
+    while ups() < len(lab.members):
+        assert time.monotonic() < deadline, node.reports
+        time.sleep(0.05)
+    lab.serve((TCP,))  # agrees with what the node saw: nothing more
+    assert ups() == len(lab.members)
+    lab.serve((TCP,), {"b1": (80,), "b2": (80,)})  # b3, b4 out: the node says they are up
+    again = [r for r in node.reports if isinstance(r, c.BackendHealth)][len(lab.members):]
+    assert sorted((r.instance, r.healthy) for r in again) == [("b3", True), ("b4", True)]
+    assert all(r.detail.startswith("still up") for r in again)
+
+
 def test_thresholds_rise_and_fall() -> None:
     t = Threshold(rise=2, fall=3)
     assert [t.observe(ok) for ok in (True, False, True, True)] == [False, False, False, True]

@@ -412,7 +412,8 @@ class LbDriver:
                           protocol=service.protocol,
                           http_path=getattr(h, "http_path", None))
             out += [Target(lb_id, b.instance, service.port, b.ip, service.target_port, check,
-                           generation) for b in spec.backends]
+                           generation, fold_healthy=service.port in b.healthy)
+                    for b in spec.backends]
         return out
 
     def _on_transition(self, t: Transition) -> None:

@@ -7,7 +7,9 @@ that must be answered (an ICMP port unreachable, or silence, fails it). `Thresho
 probes into a state, HAProxy's way: ``rise`` successes in a row make it healthy, ``fall``
 failures in a row unhealthy; it starts unknown, so the first crossing either way is
 reported too. Each crossing calls ``report(Transition)``: the node tells the fold, which
-decides the healthy set (a node never changes its own tables on what it sees).
+decides the healthy set (a node never changes its own tables on what it sees). A job
+whose view of a backend (``fold_healthy``) contradicts what the node knows makes it
+report its state again: a report lost on the way is repaired by the next job.
 
 The prober runs an asyncio loop on a thread of its own inside the node's network
 namespace (a socket belongs to the namespace of the thread that made it), so probes leave
@@ -52,6 +54,9 @@ class Target:
     target_port: int
     check: Check
     generation: int  # of the job that asked for it
+    # What the fold counts it, in that job (None: unknown). A state the node knows and the
+    # fold does not reflect is reported again with the next job (a lost report, say).
+    fold_healthy: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,7 @@ class _Probing:
     threshold: Threshold
     task: asyncio.Task[None] | None = None
     seq: int = 0
+    detail: str = ""  # what the last probe saw
 
 
 @dataclass
@@ -213,9 +219,14 @@ class Prober:
         for key, target in wanted.items():
             current = self._probing.get(key)
             if current is not None and _identity(current.target) == _identity(target):
+                newer = target.generation > current.target.generation
                 current.target = target  # new generation or thresholds, same state
                 current.threshold.rise = target.check.rise
                 current.threshold.fall = target.check.fall
+                known = current.threshold.healthy
+                if newer and known is not None and target.fold_healthy not in (None, known):
+                    self._report(current, f"still {'up' if known else 'down'}: "
+                                          f"{current.detail}")
                 continue
             if current is not None:
                 await self._stop(current)
@@ -227,18 +238,21 @@ class Prober:
         while True:
             started = time.monotonic()
             target = probing.target
-            ok, detail = await probe(target.ip, target.target_port, target.check)
+            ok, probing.detail = await probe(target.ip, target.target_port, target.check)
             if probing.threshold.observe(ok):
-                probing.seq += 1
-                assert probing.threshold.healthy is not None
-                try:
-                    self.report(Transition(probing.target, probing.threshold.healthy, detail,
-                                           probing.seq))
-                except Exception:  # a reporter's failure must not stop the probing
-                    log.exception("health_report_failed", lb=target.lb,
-                                  instance=target.instance, port=target.port)
+                self._report(probing, probing.detail)
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.0, probing.target.check.interval_s - elapsed))
+
+    def _report(self, probing: _Probing, detail: str) -> None:
+        probing.seq += 1
+        target, healthy = probing.target, probing.threshold.healthy
+        assert healthy is not None
+        try:
+            self.report(Transition(target, healthy, detail, probing.seq))
+        except Exception:  # a reporter's failure must not stop the probing
+            log.exception("health_report_failed", lb=target.lb, instance=target.instance,
+                          port=target.port)
 
     @staticmethod
     async def _stop(probing: _Probing) -> None:
