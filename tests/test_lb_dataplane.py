@@ -619,6 +619,18 @@ def test_a_job_that_contradicts_what_the_node_saw_gets_the_state_again(clean: La
     assert all(r.detail.startswith("still up") for r in again)
 
 
+def test_a_service_with_an_http_path_is_checked_by_http_get(clean: Lab) -> None:
+    lab = clean
+    http = HealthCheck(interval_ms=200, timeout_ms=100, rise=1, fall=1, http_path="/")
+    lab.serve((replace(TCP, health=http),))
+    node = lab.nodes["lb1"]
+    deadline = time.monotonic() + 3
+    while {r.instance for r in node.reports if isinstance(r, c.BackendHealth)
+           and r.healthy and r.detail.startswith("HTTP 200")} != set(lab.members):
+        assert time.monotonic() < deadline, node.reports
+        time.sleep(0.05)
+
+
 def test_thresholds_rise_and_fall() -> None:
     t = Threshold(rise=2, fall=3)
     assert [t.observe(ok) for ok in (True, False, True, True)] == [False, False, False, True]

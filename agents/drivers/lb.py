@@ -410,7 +410,7 @@ class LbDriver:
             h = service.health
             check = Check(h.interval_ms / 1000, h.timeout_ms / 1000, h.rise, h.fall,
                           protocol=service.protocol,
-                          http_path=getattr(h, "http_path", None))
+                          http_path=h.http_path)
             out += [Target(lb_id, b.instance, service.port, b.ip, service.target_port, check,
                            generation, fold_healthy=service.port in b.healthy)
                     for b in spec.backends]
