@@ -157,8 +157,11 @@ def free_edge_network(avoid: Iterable[ipaddress.IPv4Network]) -> ipaddress.IPv4N
 
 def router_config(router_id: str, uplinks: Sequence[Uplink], log: Path, bfd: bool) -> str:
     """The router's bird.conf: passive sessions to every node, ECMP into the kernel."""
+    # Static BFD sessions, as on the nodes (agents.lb.bgp.render says why).
+    neighbors = "".join(f"    neighbor {u.local_ip};\n" for u in uplinks)
     bfd_protocol = (f"protocol bfd {{\n    interface \"*\" {{ min rx interval {BFD_INTERVAL_MS} ms;"
-                    f" min tx interval {BFD_INTERVAL_MS} ms; multiplier {BFD_MULTIPLIER}; }};\n}}\n"
+                    f" min tx interval {BFD_INTERVAL_MS} ms; multiplier {BFD_MULTIPLIER}; }};\n"
+                    f"{neighbors}}}\n"
                     if bfd else "")
     sessions = "".join(
         f"protocol bgp {u.protocol} {{\n"
@@ -185,6 +188,11 @@ def router_config(router_id: str, uplinks: Sequence[Uplink], log: Path, bfd: boo
         "}\n"
         f"{sessions}"
     )
+
+
+def seconds_apart(a: float, b: float) -> float:
+    """The distance between two times of day (`Edge.since`), across midnight too."""
+    return abs((a - b + 43200) % 86400 - 43200)
 
 
 def nexthops(routes: list[dict]) -> list[str]:
@@ -257,6 +265,28 @@ class Edge:
                                    f"after {within_s} s; sessions {self.sessions()}")
             time.sleep(0.02)  # each look is an ip process: 50 a second at most
         return time.monotonic() - started
+
+    def since(self, host: str) -> float:
+        """When the router's session with `host` last changed state, in seconds of the day
+        as bird shows it: bird converts its monotonic clock at each display, so two reads
+        may differ by a millisecond; a flap moves it by a second or more (connect delay)."""
+        hours, minutes, seconds = self.session_info(host).get("Since", "0:0:0").split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+    def wait_established(self, within_s: float = 30.0, steady_s: float = 0.2) -> float:
+        """Seconds until every node's session is Established and stays so for steady_s
+        (no state change meanwhile); TimeoutError with the sessions otherwise."""
+        started = time.monotonic()
+        while True:
+            if all(state == "Established" for state in self.sessions().values()):
+                before = {h: self.since(h) for h in self.uplinks}
+                time.sleep(steady_s)
+                if all(state == "Established" for state in self.sessions().values()) and all(
+                        seconds_apart(self.since(h), t) < 0.1 for h, t in before.items()):
+                    return time.monotonic() - started
+            if time.monotonic() - started > within_s:
+                raise TimeoutError(f"sessions after {within_s} s: {self.sessions()}")
+            time.sleep(0.05)
 
     def sessions(self) -> dict[str, str]:
         """Each LB node's BGP session as the router sees it ("Established", "Active", ...)."""

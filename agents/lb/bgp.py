@@ -5,9 +5,9 @@ eBGP, next hop self), starting bird on first use and after it died, and otherwis
 reconfiguring the running daemon (`birdc configure`: only the static protocol of the VIPs
 changes, so the session stays up). A bird that is alive but does not answer its control
 socket within 5 s (hung, or its socket removed) is replaced by a new one. A restarted
-agent finds its bird by the pid file and keeps it. `close()` stops bird, whose Cease makes the router
-withdraw everything at once, and removes its files. `announced()` asks bird what it
-really exports, for observe and drift repair.
+agent finds its bird by the pid file and keeps it. `close()` stops bird, whose Cease
+makes the router withdraw everything at once, and removes its files. `announced()` asks
+bird what it really exports, for observe and drift repair.
 
 The settings are PLATFORM-FACTS' ("BGP from LB nodes to a router"): hold 3 s (the floor),
 keepalive 1 s, connect delay and retry 1 s, error wait 1-5 s (bird's defaults of 60-300 s
@@ -78,8 +78,13 @@ def render(router_id: str, local_asn: int, peer_ip: str, peer_asn: int, vips: se
     reconfigure with nothing new touches no protocol."""
     routes = "".join(f"    route {vip}/32 blackhole;\n"
                      for vip in sorted(vips, key=ipaddress.IPv4Address))
+    # The BFD session is static (a `neighbor`), not only BGP's request: a request's session
+    # is removed and made anew with every BGP restart, and the router's half of the old
+    # one then came Up from a resumed (SIGCONT) node's stale packets and expired 3 s
+    # later, taking the new BGP session down with it.
     bfd_protocol = (f"protocol bfd {{\n    interface \"*\" {{ min rx interval {BFD_INTERVAL_MS} ms;"
-                    f" min tx interval {BFD_INTERVAL_MS} ms; multiplier {BFD_MULTIPLIER}; }};\n}}\n"
+                    f" min tx interval {BFD_INTERVAL_MS} ms; multiplier {BFD_MULTIPLIER}; }};\n"
+                    f"    neighbor {peer_ip};\n}}\n"
                     if bfd else "")
     return (
         f"router id {router_id};\n"
