@@ -254,7 +254,7 @@ class Edge:
                          f"{vip}/32"]).stdout
         return nexthops(json.loads(out or "[]"))
 
-    def wait_routes(self, vip: str, hosts: Iterable[str], within_s: float = 10.0) -> float:
+    def wait_routes(self, vip: str, hosts: Iterable[str], within_s: float = 30.0) -> float:
         """Seconds until the router's route to vip has exactly the nexthops of `hosts`
         (none: no route); TimeoutError with what it had otherwise."""
         want = sorted((self.uplinks[h].local_ip for h in hosts), key=ipaddress.IPv4Address)
