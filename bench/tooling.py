@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import harness
@@ -102,7 +103,7 @@ async def fold_all(js: JetStreamContext, pg_dsn: str, children: Children, what: 
     say(f"  folded {what} in {time.perf_counter() - started:.1f} s")
 
 
-async def build(info: StackInfo, children: Children, hot: int, total: int) -> dict[str, int]:
+async def build(info: StackInfo, children: Children, hot: int, total: int) -> dict[str, Any]:
     """The log, folded; returns a few seqs worth pointing the verbs at."""
     nc = await connect(info.nats_url, "bench-tooling")
     try:
@@ -126,9 +127,10 @@ async def build(info: StackInfo, children: Children, hot: int, total: int) -> di
         await fold_all(js, info.pg_dsn, children, f"{INSTANCES + 1} instances")
 
         started = time.perf_counter()
-        hot_seqs = await publish(js, [("user", command(
+        hot_items = [("user", command(
             next_n(), "StopInstance" if k % 2 == 0 else "StartInstance", HOT))
-            for k in range(hot)])
+            for k in range(hot)]
+        hot_seqs = await publish(js, hot_items)
         rng = random.Random(12)
         left = total - (await js.stream_info(CMD_STREAM)).state.last_seq
         while left > 0:
@@ -144,7 +146,7 @@ async def build(info: StackInfo, children: Children, hot: int, total: int) -> di
         say(f"  published {last:,} commands in {time.perf_counter() - started:.1f} s")
         await fold_all(js, info.pg_dsn, children, f"{last:,} commands")
         return {"hot_first": hot_seqs[0], "hot_middle": hot_seqs[len(hot_seqs) // 2],
-                "hot_last": hot_seqs[-1], "last": last}
+                "hot_last": hot_seqs[-1], "last": last, "hot_last_key": hot_items[-1][1].cmd_id}
     finally:
         await nc.close()
 
@@ -179,13 +181,14 @@ def timed(env: dict[str, str], runs: int, *args: str) -> tuple[float, int]:
     return statistics.median(times), lines
 
 
-def measure(env: dict[str, str], seqs: dict[str, int], runs: int, hot: int) -> None:
+def measure(env: dict[str, str], seqs: dict[str, Any], runs: int, hot: int) -> None:
     hot_ = f"instance/{HOT}"
     cases = [
         ("orch --help (start-up only)", ("--help",)),
         (f"trace of the last of {hot:,} commands on {hot_}", ("trace", str(seqs["hot_last"]))),
         ("  the same, --json", ("trace", str(seqs["hot_last"]), "--json")),
         ("trace of the first of them", ("trace", str(seqs["hot_first"]), "--json")),
+        ("  the last, by its cmd id (no index: all history)", ("trace", seqs["hot_last_key"])),
         (f"tail {hot_} --diff", ("tail", hot_, "--diff")),
         (f"tail {hot_} --diff --json", ("tail", hot_, "--diff", "--json")),
         (f"tail {hot_} (no diff)", ("tail", hot_)),

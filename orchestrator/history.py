@@ -30,7 +30,7 @@ class Stored:
 @dataclass(frozen=True, slots=True)
 class Step:
     folded: Folded
-    before: dict[str, Any] | None  # the state as the projection stores it (JSON), or None
+    before: dict[str, Any] | None  # the state as builtins (as_stored: as the projection), or None
     after: dict[str, Any] | None
     last_seq: int  # of the last command that changed the state, as the projection's column
 
@@ -64,8 +64,8 @@ class EntityFold:
             before = self.current
             if folded.changed:
                 self.last_seq = m.seq
-                if self.track:
-                    self.current = as_stored(self.states.get(self.key))
+                if self.track:  # builtins, as stored but for int keys: half the cost
+                    self.current = msgspec.to_builtins(self.states.get(self.key))
             self.read_upto = m.seq
             yield Step(folded, before, self.current, self.last_seq)
 

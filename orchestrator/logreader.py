@@ -16,8 +16,9 @@ def entity_filter(kind: str, id_: str) -> str:
 
 
 async def read_entity(js: JetStreamContext, kind: str, id_: str, to_seq: int | None = None,
-                      start_seq: int = 1) -> list[Stored]:
-    """The entity's stored commands from ``start_seq`` up to ``to_seq`` (None: all), in order."""
+                      start_seq: int = 1, limit: int | None = None) -> list[Stored]:
+    """The entity's stored commands from ``start_seq`` up to ``to_seq`` (None: all), in
+    order; the first ``limit`` of them if given."""
     out: list[Stored] = []
     stream = read_stream(js, CMD_STREAM, entity_filter(kind, id_), start_seq=start_seq)
     async with contextlib.aclosing(stream):
@@ -27,4 +28,6 @@ async def read_entity(js: JetStreamContext, kind: str, id_: str, to_seq: int | N
                 if to_seq is not None and d.stream_seq > to_seq:
                     return out
                 out.append(Stored(d.stream_seq, d.at_ms, msg.subject, msg.data))
+                if len(out) == limit:
+                    return out
     return out

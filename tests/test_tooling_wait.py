@@ -1,12 +1,17 @@
 """`orch publish --wait` and `orch trace`, as subprocesses against a real nats-server and
 PostgreSQL, with replicas and (test:///) agents."""
 
+import asyncio
+import contextlib
 import json
+import os
+import pty
+import subprocess
 
 import asyncpg
 from conftest import Env, Processes
 from nats.js import JetStreamContext
-from test_cli import orch
+from test_cli import ORCH, orch
 
 from events.heartbeats import read_heartbeats
 from tests.conftest import eventually
@@ -76,6 +81,29 @@ async def test_wait_applied_times_out_naming_what_is_missing(
 
     done = await orch(environ, "publish", "StopInstance", "vm1", "--wait", "--timeout", "10")
     assert done.returncode == 0, done.stderr  # only the outcome was asked for
+
+    # On a TTY a wait longer than a second shows what it waits for; on a pipe (above) not.
+    code, shown = await asyncio.to_thread(
+        on_a_tty, environ, "publish", "StartInstance", "vm1", "--wait", "applied",
+        "--timeout", "2.5")
+    assert code == 124
+    assert "waiting for 1 of 1 command(s): job.h1.instance.vm1" in shown
+
+
+def on_a_tty(environ: dict[str, str], *args: str) -> tuple[int, str]:
+    """Run `orch ARGS` with its stderr on a pseudo-terminal; its exit code and what it drew."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([*ORCH, *args], env={**environ, "TERM": "xterm"},
+                                stdout=subprocess.DEVNULL, stderr=follower)
+        os.close(follower)
+        drawn = b""
+        with contextlib.suppress(OSError):  # EIO once the process has closed its end
+            while chunk := os.read(leader, 65536):
+                drawn += chunk
+        return proc.wait(30), drawn.decode(errors="replace")
+    finally:
+        os.close(leader)
 
 
 async def test_wait_applied_returns_once_every_member_is_applied_or_fails_clearly(

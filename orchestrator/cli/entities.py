@@ -78,7 +78,7 @@ def get(
         else:
             print(f"no {kind} entities", flush=True)
 
-    run(main)
+    run(main, folds=at is not None)
 
 
 async def _state_at(opts: Options, kind: str, id_: str,
@@ -100,17 +100,20 @@ async def _state_at(opts: Options, kind: str, id_: str,
             if seq > state.last_seq:
                 raise CliError(f"--at: seq {seq} is past the log's end (seq {state.last_seq})",
                                EXIT_USAGE)
-        messages = await read_entity(js, kind, id_)
+        messages = await read_entity(js, kind, id_, to_seq=seq)
+        later = [] if messages else await read_entity(js, kind, id_, start_seq=seq + 1,
+                                                      limit=1)
     finally:
         await nc.close()
-    if not messages:
+    if not messages and not later:
         raise CliError(f"no {kind}/{id_}: nothing in its history", EXIT_FAILURE)
     fold = EntityFold((kind, id_), partitions, states=False)
-    fold.skim(m for m in messages if m.seq <= seq)
+    fold.skim(messages)
     state = as_stored(fold.states.get((kind, id_)))
     if state is None:
+        first = (messages or later)[0].seq
         raise CliError(f"{kind}/{id_} did not exist yet at seq {seq}: its first command is"
-                       f" seq {messages[0].seq}", EXIT_FAILURE)
+                       f" seq {first}", EXIT_FAILURE)
     return queries.EntityRow(kind, id_, state, fold.last_seq), seq
 
 

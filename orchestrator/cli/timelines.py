@@ -101,7 +101,7 @@ def tail(
             if nc is not None:
                 await nc.close()
 
-    run(main)
+    run(main, folds=diff)
 
 
 async def noop() -> None:
@@ -166,7 +166,7 @@ def trace(
         else:
             console().print(trace_tree(tree))
 
-    run(main)
+    run(main, folds=True)
 
 
 # Outcomes a follower remembers having printed: a relay may publish one again.

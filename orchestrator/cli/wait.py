@@ -15,7 +15,6 @@ from orchestrator.cli.causes import POLL_S, Progress, Reader
 from orchestrator.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, print_json
 from orchestrator.logview import log_line, trace_tree
 from orchestrator.trace import Node, failures, to_json, waiting_for
-from orchestrator.tracer import Tracer
 from schemas.outcomes import Outcome
 
 
@@ -41,7 +40,7 @@ async def wait_all(r: Reader, items: list[Waited], applied: bool, timeout: float
                    progress: Progress) -> bool:
     """Poll until every item is settled or the time runs out; True if all settled."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    tracer = Tracer(r.conn, r.js, r.partitions)
+    tracer = r.tracer()
     while True:
         open_ = [w for w in items if not w.done]
         try:
