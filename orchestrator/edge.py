@@ -338,11 +338,6 @@ class Edge:
                                    f"does not answer (exit {server.poll()})")
             time.sleep(0.01)
 
-    def router_pid(self) -> int | None:
-        with contextlib.suppress(OSError, ValueError):
-            return int((self.run_dir / "bird.pid").read_text())
-        return None
-
     # -- lifecycle ------------------------------------------------------------------------
 
     def __enter__(self) -> Edge:
