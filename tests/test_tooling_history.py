@@ -10,6 +10,7 @@ import msgspec
 from conftest import Env, Processes, eventually, settled
 from nats.js import JetStreamContext
 from test_cli import orch
+from test_tooling_wait import on_a_tty
 
 from events.subjects import CMD_STREAM
 
@@ -141,6 +142,8 @@ async def test_replay_verify_names_the_fields_that_differ(
     done = await orch(environ, "replay", "--verify")
     assert done.returncode == 0 and "verify: OK" in done.stdout, done.stdout + done.stderr
     assert done.stderr == ""  # on a pipe: no progress
+    code, drawn = await asyncio.to_thread(on_a_tty, environ, "replay", "--verify")
+    assert code == 0 and "commands/s" in drawn, drawn  # its bar, on a TTY
     # The projection tampered with behind the fold's back: one field, and one entity gone.
     await pg.execute("UPDATE entities SET state = jsonb_set(state, '{power}', '\"paused\"')"
                      " WHERE kind = 'instance' AND id = 'vm1'")
