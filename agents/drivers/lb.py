@@ -61,6 +61,7 @@ from agents.lb.health import Check, Prober, Target, Transition
 from agents.net import names
 from agents.net.errors import NetError
 from agents.net.host import DEFAULT_TIMEOUT, HostNet
+from agents.net.iproute import iproute_in
 from agents.net.nfnl import NftReader
 from agents.net.ports import PortPlumbing
 from schemas import commands as c
@@ -118,10 +119,6 @@ def health_cmd_id(host: str, t: Transition, token: str) -> str:
         return key
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     return f"health-{digest}-{target.generation}-{token}{t.seq}"
-
-
-def _ipr(netns: str | None) -> IPRoute:
-    return IPRoute(netns=netns, flags=0) if netns else IPRoute()
 
 
 def _link(ipr: IPRoute, name: str) -> Any | None:
@@ -195,7 +192,7 @@ class LbDriver:
     # -- reading ----------------------------------------------------------------------------
 
     def _aliases(self) -> dict[str, Held]:
-        with contextlib.closing(_ipr(self.netns)) as ipr:
+        with contextlib.closing(iproute_in(self.netns)) as ipr:
             out = {}
             for link in ipr.get_links():
                 match = _ALIAS.match(link.get("IFLA_IFALIAS") or "")
@@ -312,7 +309,7 @@ class LbDriver:
             self._forget(held.vip, None)
         bridge_end, node_end = port_names(lb_id)
         self.ports.unplug(bridge_end)
-        with contextlib.closing(_ipr(self.netns)) as ipr:
+        with contextlib.closing(iproute_in(self.netns)) as ipr:
             link = _link(ipr, node_end) or _link(ipr, bridge_end)
             if link is not None:
                 ipr.link("del", index=link["index"])  # its peer goes with it
@@ -330,7 +327,7 @@ class LbDriver:
     # -- the pieces -------------------------------------------------------------------------
 
     def _port(self, bridge_end: str, node_end: str, nic: NicSpec) -> None:
-        with contextlib.closing(_ipr(self.netns)) as ipr:
+        with contextlib.closing(iproute_in(self.netns)) as ipr:
             outer, inner = _link(ipr, bridge_end), _link(ipr, node_end)
             paired = (outer is not None and inner is not None
                       and inner.get("IFLA_LINK") == outer["index"]
@@ -369,7 +366,7 @@ class LbDriver:
         if not present and any(h.vip == vip and h.lb != keep
                                for h in self._aliases().values()):
             return
-        with contextlib.closing(_ipr(self.netns)) as ipr:
+        with contextlib.closing(iproute_in(self.netns)) as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
             have = any(a.get_attr("IFA_ADDRESS") == vip and a["prefixlen"] == 32
                        for a in ipr.get_addr(family=socket.AF_INET, index=lo))
@@ -381,7 +378,7 @@ class LbDriver:
                 ipr.addr("del", index=lo, address=vip, prefixlen=32)
 
     def _set_alias(self, node_end: str, text: str) -> None:
-        with contextlib.closing(_ipr(self.netns)) as ipr:
+        with contextlib.closing(iproute_in(self.netns)) as ipr:
             link = _link(ipr, node_end)
             if link is None:
                 raise TransientDriverError(f"port {node_end} vanished")

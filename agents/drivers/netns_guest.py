@@ -60,7 +60,8 @@ from pyroute2 import netns as pyroute2_netns
 
 from agents import guest_service
 from agents.drivers.errors import PermanentDriverError, TransientDriverError
-from agents.guest_service import in_netns, netns_socket
+from agents.guest_service import in_netns
+from agents.net.iproute import iproute_in
 from agents.net.names import port_name
 from schemas.ids import is_valid_id
 from schemas.specs import InstanceSpec, NicSpec, SecurityRule
@@ -71,7 +72,6 @@ ALIAS_TAG = "orch-guest"
 MAX_NETNS_NAME = 80  # longer names get a hashed tail
 SERVICE_PORT = guest_service.PORT
 SERVICE_START_S = 5.0
-NETLINK_ROUTE = 0
 IFF_UP = 0x1
 
 Observed = Literal["running", "stopped"]
@@ -152,12 +152,6 @@ class _Guest:
     id: str
     netns: str
     generation: int
-
-
-def _ipr(netns: str | None) -> IPRoute:
-    """Netlink in a namespace, its socket opened by this thread there (no fork, ~2 ms)."""
-    sock = netns_socket(netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
-    return IPRoute(fileno=sock.detach())
 
 
 def _link(ipr: IPRoute, ifname: str) -> Any | None:
@@ -241,7 +235,7 @@ class NetnsGuestDriver:
             if not name.startswith(prefix):
                 continue
             try:
-                with contextlib.closing(_ipr(name)) as g:
+                with contextlib.closing(iproute_in(name)) as g:
                     links = _links(g)
             except FileNotFoundError:
                 continue  # removed meanwhile
@@ -269,7 +263,7 @@ class NetnsGuestDriver:
             if not guests:
                 return {}
             serving = self._serving(start=False)
-            with contextlib.closing(_ipr(self.host_netns)) as h:
+            with contextlib.closing(iproute_in(self.host_netns)) as h:
                 host_links = _links(h)
             return {i: self._power(i, g.netns, links, host_links, serving)
                     for i, (g, links) in guests.items()}
@@ -297,7 +291,7 @@ class NetnsGuestDriver:
         name = self.netns_name(instance_id)
         with self._errors(f"guest {instance_id}"), contextlib.ExitStack() as stack:
             g = self._open(name, stack)
-            h = stack.enter_context(contextlib.closing(_ipr(self.host_netns)))
+            h = stack.enter_context(contextlib.closing(iproute_in(self.host_netns)))
             links = _links(g) if g is not None else {}
             if g is not None and self._applied(instance_id, name, links) > generation:
                 # A stale job: leave the newer state alone.
@@ -349,7 +343,7 @@ class NetnsGuestDriver:
     def _open(name: str, stack: contextlib.ExitStack) -> IPRoute | None:
         """Netlink in the guest's namespace, None if there is no such namespace."""
         try:
-            return stack.enter_context(contextlib.closing(_ipr(name)))
+            return stack.enter_context(contextlib.closing(iproute_in(name)))
         except FileNotFoundError:
             return None
 
@@ -442,7 +436,7 @@ class NetnsGuestDriver:
         # The service first: its sockets would keep the namespace (and the veths) alive.
         self._serve(instance_id, name, False)
         try:
-            with contextlib.closing(_ipr(name)) as g:
+            with contextlib.closing(iproute_in(name)) as g:
                 for link in g.get_links():
                     ifname = link.get("IFLA_IFNAME")
                     if _is_eth(ifname):

@@ -151,6 +151,11 @@ def ensure_segment(host: HostNet, vni: int, mtu: int, underlay_ip: str) -> Segme
             bridge, vxlan = _read(host, vni)
             if bridge is None or vxlan is None:
                 raise PermanentNetError(f"segment {vni}: links vanished while configured")
+        # The bridge is L2 for the guests only. The host answered ARP on it for addresses
+        # of its other links (an LB node's port): a guest then sent the node's replies to
+        # the bridge itself, which delivered them to the host's own stack, in the
+        # segment's conntrack zone, where the node's NAT never saw them.
+        host.sysctl(f"net.ipv4.conf.{bridge_name}.arp_ignore", "1")
         return Segment(vni, bridge, vxlan)
 
 
