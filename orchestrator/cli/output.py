@@ -61,7 +61,11 @@ class Lines:
             sys.stdout.flush()
 
     def json(self, doc: Any) -> None:
-        self.plain(_json.encode(doc).decode())
+        self.plain(self.encode(doc))
+
+    @staticmethod
+    def encode(doc: Any) -> str:
+        return _json.encode(doc).decode()
 
 
 def fail(message: str, code: int) -> NoReturn:

@@ -2,6 +2,7 @@
 `orch log`."""
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated
@@ -22,7 +23,7 @@ from orchestrator.cli.connect import open_nats, open_pg, query, stop_event, unti
 from orchestrator.cli.output import EXIT_FAILURE, CliError, Lines, console, print_json, run
 from orchestrator.cli.parse import not_in_future, parse_kind, parse_point, parse_target
 from orchestrator.history import Change, EntityFold, Step, diff
-from orchestrator.logreader import read_entity
+from orchestrator.logreader import entity_batches
 from orchestrator.logview import (
     change_json,
     change_line,
@@ -77,9 +78,11 @@ def tail(
             async def emit(outcome: Outcome) -> None:
                 found = None if changes is None else await changes.of(outcome)
                 if as_json:
-                    lines.json(outcome if found is None else {
-                        **msgspec.to_builtins(outcome),
-                        "changes": [change_json(c) for c in found]})
+                    if found is None:
+                        lines.json(outcome)
+                    else:  # the outcome's own encoding, with its changes added
+                        lines.plain(f"{lines.encode(outcome)[:-1]},\"changes\":"
+                                    f"{lines.encode([change_json(c) for c in found])}}}")
                     return
                 if lines.terminal:
                     lines.text(render.outcome_line(outcome))
@@ -117,11 +120,12 @@ class Changes:
         self.steps: dict[int, Step] = {}
 
     async def read(self) -> None:
-        """Everything stored after what was read so far."""
-        messages = await read_entity(self.js, self.kind, self.id,
-                                     start_seq=self.fold.read_upto + 1)
-        for step in self.fold.feed(messages):
-            self.steps[step.folded.seq] = step
+        """Everything stored after what was read so far, folded as it comes."""
+        batches = entity_batches(self.js, self.kind, self.id, self.fold.read_upto + 1)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for step in self.fold.feed(batch):
+                    self.steps[step.folded.seq] = step
 
     async def of(self, outcome: Outcome) -> list[Change]:
         if outcome.seq > self.fold.read_upto:  # a followed outcome: read on
