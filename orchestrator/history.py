@@ -86,8 +86,9 @@ def _changes(path: str, old: Any, new: Any, out: list[Change]) -> None:
     elif type(new) is dict and new:
         _changes(path, dict.fromkeys(new, _MISSING), new, out)
     elif path:
-        out.append(Change(path, None if old is _MISSING else old,
-                          None if new is _MISSING else new))
+        before, after = None if old is _MISSING else old, None if new is _MISSING else new
+        if before is not None or after is not None:  # a field that appears unset: nothing
+            out.append(Change(path, before, after))
 
 
 def diff(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[Change]:

@@ -43,25 +43,27 @@ def log_line(o: Outcome) -> Text:
     return line[:cut] + head + Text(" ") + line[cut:]
 
 
-def _value(v: Any) -> str:
+def _value(v: Any, path: str = "") -> str:
     if v is None:
         return "-"
+    if path.endswith("_at") and isinstance(v, int) and v > 0:  # a time, in ms
+        return format_ms(v)
     if isinstance(v, str):
         return v
     return msgspec.json.encode(v).decode()
 
 
 def change_plain(c: Change) -> str:
-    return f"        {c.path}: {_value(c.before)} → {_value(c.after)}"
+    return f"        {c.path}: {_value(c.before, c.path)} → {_value(c.after, c.path)}"
 
 
 def change_line(c: Change) -> Text:
     line = Text("        ")
     line.append(c.path, style="bold")
     line.append(": ")
-    line.append(_value(c.before), style="red")
+    line.append(_value(c.before, c.path), style="red")
     line.append(" → ")
-    line.append(_value(c.after), style="green")
+    line.append(_value(c.after, c.path), style="green")
     return line
 
 

@@ -22,7 +22,7 @@ def test_diff_by_dotted_path() -> None:
         Change("template.image", "a", "b")]
     assert diff(before, dict(before)) == []
     assert diff(None, {"a": 1}) == [Change("a", None, 1)]
-    assert diff({"a": {}}, {"a": {"b": None}}) == [Change("a.b", None, None)]
+    assert diff({"a": {}}, {"a": {"b": None}, "c": None}) == []  # appeared, unset
 
 
 def test_plain_outcome_line_is_the_rich_one_without_styles() -> None:
