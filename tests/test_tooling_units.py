@@ -69,6 +69,8 @@ def test_wait_takes_an_optional_word() -> None:
     assert wait_argument(["publish", "--wait", "X", "y"]) == ["publish", "--wait=outcome",
                                                              "X", "y"]
     assert wait_argument(["publish", "--", "--wait"]) == ["publish", "--", "--wait"]
+    assert wait_argument(["agent", "--host", "h1", "--wait"]) == ["agent", "--host", "h1",
+                                                                  "--wait"]
 
 
 def test_an_entity_folded_again_gives_each_commands_change_and_jobs() -> None:

@@ -14,10 +14,14 @@ WAIT_MODES = ("outcome", "applied")
 
 
 def wait_argument(argv: list[str]) -> list[str]:
-    """`--wait` takes an optional word (`--wait` or `--wait applied`), which click cannot
-    parse: spell it `--wait=outcome` or `--wait=applied` for it."""
-    out: list[str] = []
-    i = 0
+    """`publish --wait` takes an optional word (`--wait` or `--wait applied`), which click
+    cannot parse: spell it `--wait=outcome` or `--wait=applied` for it. Other verbs' words
+    (`orch agent` passes its own on) are left alone."""
+    if "publish" not in argv:
+        return argv
+    start = argv.index("publish") + 1
+    out = argv[:start]
+    i = start
     while i < len(argv):
         if argv[i] == "--":
             return out + argv[i:]
