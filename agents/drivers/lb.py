@@ -201,22 +201,10 @@ class LbDriver:
             return out
 
     def _tables(self) -> set[str]:
-        """Balancers with a table here."""
-        def run() -> tuple[int, str, str]:
-            if self._nft is None:
-                self._nft = nftables.Nftables()
-                self._nft.set_json_output(True)
-            return self._nft.cmd(f"list tables {nftplan.FAMILY}")
-
-        rc, out, err = self.net.inside(run, "list tables")
-        if rc != 0:
-            raise TransientDriverError(f"nft list tables: {err.strip()}")
-        found = set()
-        for item in json.loads(out or '{"nftables": []}')["nftables"]:
-            lb = nftplan.lb_of_table(item.get("table", {}).get("name", ""))
-            if lb is not None:
-                found.add(lb)
-        return found
+        """Balancers with a table here (read over netlink: libnftables would load the
+        whole ruleset, every balancer's map elements, at every resync)."""
+        names = NftReader(self.net.nfnl).tables(NFPROTO_IPV4)
+        return {lb for name in names if (lb := nftplan.lb_of_table(name)) is not None}
 
     def observe(self) -> dict[str, str]:
         """Every balancer with anything here: "serving", or "partial" (a table without its
