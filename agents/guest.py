@@ -21,9 +21,11 @@ builder changes.
 - `orch.gw=ADDR`: optional default route.
 
 It then answers ping, serves TCP on `SERVICE_PORT` (8080, as the namespace guests of
-`agents.guest_service` do): every connection gets the instance id and a newline, then EOF
-(busybox `nc -ll -e`, one process per connection), powers off on an ACPI power button
-(busybox acpid), and keeps a shell on the console (`virsh console`; tests drive it).
+`agents.guest_service` do; busybox `nc -ll -e`, one process per connection): an HTTP GET
+or HEAD gets an HTTP/1.0 200 whose body is the instance id and a newline (a balancer's
+HTTP health check and clients), any other connection the bare id line, then EOF. It
+powers off on an ACPI power button (busybox acpid), and keeps a shell on the console
+(`virsh console`; tests drive it).
 """
 
 from __future__ import annotations
@@ -86,8 +88,26 @@ echo "orch-guest: kernel uptime $(cut -d' ' -f1 /proc/uptime)s"
 echo "ORCH-GUEST-READY $id"
 while :; do setsid cttyhack sh; sleep 1; done
 """.replace("@PORT@", str(SERVICE_PORT))
-# What a connection to the service gets.
-ANSWER = "#!/bin/sh\ncat /etc/orch-id\n"
+# What a connection to the service gets (stdin and stdout are the connection), in shell
+# builtins only (no process besides the shell nc starts): a TCG guest keeps up better.
+# The first line waits briefly: a client that sends nothing (`nc </dev/null`) still gets
+# the bare id line. An HTTP request is read to its blank line ("\r" or "": at most one
+# character) first: closing a socket with unread data resets it, and the client could
+# lose the response.
+ANSWER = r"""#!/bin/sh
+read -r id </etc/orch-id
+read -r -t 1 line
+case "$line" in
+GET\ *|HEAD\ *)
+    while read -r -t 1 header && [ ${#header} -gt 1 ]; do :; done
+    printf 'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n' \
+        $((${#id} + 1))
+    printf 'Connection: close\r\n\r\n'
+    case "$line" in GET\ *) echo "$id" ;; esac
+    ;;
+*) echo "$id" ;;
+esac
+"""
 
 # busybox acpid runs /etc/acpi/PWRF/00000080 on a power button press. (acpid needs a
 # writable log file: with its default /var/log/acpid.log missing it silently exits.)

@@ -12,9 +12,9 @@ socket in the private run dir (`uri`); other daemons reach it over TCP on the un
 `stop()` (also on a failed `start()`) destroys and undefines every domain, kills the daemon
 and every process left in its mount namespace (QEMU), and removes `root_dir`.
 
-`host_libvirtds(fabric, root)` is the composition tests use: one daemon per fabric host,
-all started at once (each is ready ~8 s after its start: its QEMU driver probes QEMU's
-capabilities into a fresh cache), all stopped on exit.
+`host_libvirtds(fabric, root)` is the composition tests use: one daemon per fabric host
+(or per host it is given), all started at once (each is ready ~8 s after its start: its
+QEMU driver probes QEMU's capabilities into a fresh cache), all stopped on exit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -198,16 +198,20 @@ class HostLibvirtd:
 
 
 @contextlib.contextmanager
-def host_libvirtds(fabric: Fabric, root: Path) -> Iterator[dict[str, HostLibvirtd]]:
-    """A libvirtd per fabric host, by host name; all started in parallel, all stopped."""
+def host_libvirtds(fabric: Fabric, root: Path,
+                   hosts: Iterable[str] | None = None) -> Iterator[dict[str, HostLibvirtd]]:
+    """A libvirtd per fabric host (or per host named in `hosts`: LB nodes need none), by
+    host name; all started in parallel, all stopped."""
+    wanted = None if hosts is None else set(hosts)
+    chosen = [h for h in fabric.hosts if wanted is None or h.name in wanted]
     daemons = {h.name: HostLibvirtd(h.netns, h.underlay_ip, Path(root) / f"libvirt-{h.name}")
-               for h in fabric.hosts}
+               for h in chosen}
     try:
         # Every daemon starts at once: their ~8 s start-ups overlap.
         with ThreadPoolExecutor(len(daemons)) as pool:
             for future in [pool.submit(d.start) for d in daemons.values()]:
                 future.result()
-        for h in fabric.hosts:
+        for h in chosen:
             proc = daemons[h.name].proc
             if proc is not None:
                 h.daemons["libvirtd"] = proc.pid
