@@ -9,8 +9,11 @@ Where network namespaces can be made (root, or CAP_NET_ADMIN), the hosts are a f
 (`orchestrator.fabric`: each host a namespace on an underlay bridge) and the agents run
 namespace guests (``--guests netns --netns NS --underlay-ip IP``): the private network is
 real (VXLAN between the hosts), and the demo shows a ping and a TCP answer crossing from a
-guest on one host to a guest on the other. Elsewhere each agent gets a private in-memory
-libvirt ``test:///`` hypervisor, and the demo says that it skipped the network part and why.
+guest on one host to a guest on the other. Two LB nodes (n1, n2) serve the pool's load
+balancer there, announcing its VIP by BGP to an edge router (`orchestrator.edge`), and the
+demo connects to the VIP from a client behind the router. Elsewhere each agent gets a
+private in-memory libvirt ``test:///`` hypervisor, and the demo says that it skipped the
+network and load-balancer parts and why.
 
 Commands are sent in phases and the projection must settle between phases, because
 some commands depend on follow-ups of earlier ones that live in other partitions (the
@@ -21,7 +24,9 @@ hypervisor really runs.
 """
 
 import asyncio
+import collections
 import contextlib
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -46,6 +51,8 @@ from events.subjects import CMD_STREAM, command_msg_id, command_subject, invento
 from events.topology import ensure_topology
 from orchestrator import queries, render
 from orchestrator.children import ChildExited, Children, uninterruptible
+from orchestrator.deciders.lb import LoadBalancer, healthy_ports
+from orchestrator.edge import Edge
 from orchestrator.embedded import Stack, StackInfo, read_stack_file
 from orchestrator.fabric import Fabric, unavailable
 from orchestrator.replica import Replica, ReplicaConfig
@@ -55,6 +62,10 @@ from schemas.codec import command_from_dict
 DEMO_TIMEOUT_S = 60.0
 SHOWN_KINDS = ("host", "instance", "network", "pool", "lb")
 AGENT_HOSTS = ("h1", "h2")
+# On the fabric: two LB nodes behind an edge router with a client (orchestrator/edge.py).
+LB_NODES = ("n1", "n2")
+VIP_CONNECTIONS = 20
+DEFAULT_VIP = "198.51.100.10"  # without the fabric (no router, nothing announces it)
 AGENT_RESYNC_S = 5.0
 AGENT_STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this
 INVENTORY_TIMEOUT_S = 5.0
@@ -75,9 +86,11 @@ class Step:
     doc: dict[str, Any]
     # Set: published as is on this kind's subject, bypassing validation, to show a rejection.
     raw_kind: str | None = None
+    fabric_only: bool = False  # LB nodes: only where there are namespaces to be them
 
 
-_WEB = {"vcpus": 1, "memory_mib": 512, "image": "tiny", "nics": [{"network": "net2"}]}
+_WEB = {"vcpus": 1, "memory_mib": 512, "image": "tiny", "nics": [{"network": "net2"}],
+        "rules": [{"protocol": "tcp", "port": 8080, "source": "10.20.0.0/24"}]}
 _VM1 = {"vcpus": 2, "memory_mib": 2048, "image": "tiny", "nics": [{"network": "net1"}]}
 NET2_CIDR = "10.20.0.0/24"
 # One guest per host (equal empty hosts: the second goes where the first did not), each
@@ -89,10 +102,12 @@ APPS = ("app1", "app2")
 STOPPED = {"vm1": "stopped"}  # what the scenario stops: it must be observed so
 
 PHASES: list[tuple[str, list[Step]]] = [
-    ("register two hosts", [
+    ("register two hosts and two LB nodes", [
         # Equal hosts: the scheduler (most free memory first) then spreads the instances.
         Step("admin", {"type": "RegisterHost", "id": "h1", "vcpus": 16, "memory_mib": 32768}),
         Step("admin", {"type": "RegisterHost", "id": "h2", "vcpus": 16, "memory_mib": 32768}),
+        *(Step("admin", {"type": "RegisterHost", "id": node, "vcpus": 2, "memory_mib": 2048,
+                         "role": "lb"}, fabric_only=True) for node in LB_NODES),
     ]),
     ("a private network with a guest on each host", [
         Step("user", {"type": "CreateNetwork", "id": "net2", "vni": 200, "cidr": NET2_CIDR}),
@@ -105,8 +120,9 @@ PHASES: list[tuple[str, list[Step]]] = [
         Step("user", {"type": "CreateInstance", "id": "vm1", "template": _VM1}),
         Step("user", {"type": "CreatePool", "id": "web", "size": 3, "template": _WEB}),
         # Same partition as the pool's creation, so the pool exists when it is attached.
-        Step("user", {"type": "CreateLoadBalancer", "id": "lb1", "vip": "198.51.100.10",
-                      "pool": "web", "services": [{"port": 80, "target_port": 8080}]}),
+        Step("user", {"type": "CreateLoadBalancer", "id": "lb1", "vip": "@VIP@",
+                      "pool": "web", "services": [{"port": 80, "target_port": 8080, "health": {
+                          "interval_ms": 500, "timeout_ms": 300, "http_path": "/"}}]}),
     ]),
     ("scale, stop, and two commands that must be refused", [
         Step("user", {"type": "ScalePool", "id": "web", "size": 5}),
@@ -141,7 +157,8 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
     stack = Stack(root)
     agents = Children(root / AGENTS_DIR, dict(os.environ))
     skipped = unavailable()  # None: the hosts can be namespaces on a fabric
-    fabric = Fabric(list(AGENT_HOSTS)) if skipped is None else None
+    fabric = Fabric([*AGENT_HOSTS, *LB_NODES]) if skipped is None else None
+    edge: Edge | None = None
     try:
         console.print(f"[bold]orch demo[/]: starting nats-server and PostgreSQL in {root}")
         try:
@@ -150,20 +167,22 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
             raise DemoError(f"the embedded stack did not start: {exc}".splitlines()[0]) from None
         console.print(f"  nats  {info.nats_url}\n  pg    {info.pg_dsn}")
         if fabric is not None:
-            _start_fabric(fabric, info, agents, console)
+            edge = _start_fabric(fabric, info, agents, console)
         else:
             for host in AGENT_HOSTS:
                 agents.start(host, "agents", "--host", host, "--nats", info.nats_url,
                              "--libvirt", "test", "--resync", str(AGENT_RESYNC_S))
             console.print(f"  agents {', '.join(AGENT_HOSTS)} (libvirt test:///, one private"
                           f" hypervisor each; logs in {agents.workdir})")
-        uvloop.run(_scenario(info, agents, console, timeout_s, fabric, skipped))
+        uvloop.run(_scenario(info, agents, console, timeout_s, fabric, edge, skipped))
     finally:
         with uninterruptible():
             killed = agents.stop(AGENT_STOP_GRACE_S)
             if killed:
                 console.print(f"agents {', '.join(killed)} did not exit within"
                               f" {AGENT_STOP_GRACE_S:.0f} s of SIGTERM: killed", style="dim")
+            if edge is not None:  # the router (its namespaces go with the fabric's)
+                edge.teardown()
             if fabric is not None:  # its namespaces, guests and their service processes
                 fabric.teardown()
             stack.stop()
@@ -175,22 +194,38 @@ def run(root: Path, console: Console, timeout_s: float = DEMO_TIMEOUT_S) -> None
     console.print(f"agents and stack stopped, demo directory removed{gone}")
 
 
-def _start_fabric(fabric: Fabric, info: StackInfo, agents: Children, console: Console) -> None:
-    """The hosts as namespaces on an underlay bridge, an agent of namespace guests each."""
+def _start_fabric(fabric: Fabric, info: StackInfo, agents: Children,
+                  console: Console) -> Edge:
+    """The hosts as namespaces on an underlay bridge, an agent of namespace guests each;
+    the LB nodes' agents, announcing by BGP to the edge's router."""
     try:
         fabric.setup()
+        edge = Edge(fabric, list(LB_NODES), avoid=[ipaddress.IPv4Network(NET2_CIDR)])
+        edge.setup()
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         raise DemoError(f"the fabric of hosts could not be made: {exc}".splitlines()[0]) \
             from None
     console.print(f"  fabric {fabric.fabric_netns}: underlay {fabric.underlay} on bridge"
                   f" {fabric.bridge}, {fabric.setup_s or 0:.2f} s")
     for h in fabric.hosts:
+        if h.name in LB_NODES:
+            _, router_ip = edge.uplink(h.name)
+            agents.start(h.name, "agents", "--host", h.name, "--nats", info.nats_url, "--lb",
+                         "--netns", h.netns, "--underlay-ip", h.underlay_ip,
+                         "--bgp-peer", router_ip, "--bgp-peer-asn", str(edge.router_asn),
+                         "--bgp-asn", str(edge.node_asn), "--resync", str(AGENT_RESYNC_S))
+            console.print(f"  agent {h.name}: LB node, namespace {h.netns}, BGP to the"
+                          f" router {router_ip}")
+            continue
         agents.start(h.name, "agents", "--host", h.name, "--nats", info.nats_url,
                      "--guests", "netns", "--netns", h.netns, "--underlay-ip", h.underlay_ip,
                      "--resync", str(AGENT_RESYNC_S))
         console.print(f"  agent {h.name}: namespace {h.netns}, underlay {h.underlay_ip},"
                       " namespace guests")
+    console.print(f"  router {edge.router} (bird2, ECMP) and client {edge.client}"
+                  f" {edge.client_ip}; VIPs from {edge.vips}")
     console.print(f"  (agents' logs in {agents.workdir})")
+    return edge
 
 
 @dataclass(slots=True)
@@ -216,7 +251,8 @@ class Watch:
 
 
 async def _scenario(info: StackInfo, agents: Children, console: Console,
-                    timeout_s: float, fabric: Fabric | None, skipped: str | None) -> None:
+                    timeout_s: float, fabric: Fabric | None, edge: Edge | None,
+                    skipped: str | None) -> None:
     stop = asyncio.Event()
     replica = Replica(ReplicaConfig(info.nats_url, info.pg_dsn, replica_id="demo", tick_s=0.2))
     replica_task = asyncio.create_task(replica.run(stop), name="replica")
@@ -232,7 +268,10 @@ async def _scenario(info: StackInfo, agents: Children, console: Console,
         for n, (title, steps) in enumerate(PHASES, 1):
             console.print(f"\n[bold]{n}. {title}[/]")
             for i, step in enumerate(steps):
-                await _publish(js, publisher, step, f"demo-{n}-{i}", console)
+                if step.fabric_only and edge is None:
+                    continue
+                await _publish(js, publisher, step, f"demo-{n}-{i}", console,
+                               edge.vip(0) if edge is not None else DEFAULT_VIP)
             folded = await _settle(js, conn, watch)
             console.print(f"  settled: {folded} commands folded (follow-ups included)")
             if n == 1 and fabric is not None:
@@ -251,6 +290,13 @@ async def _scenario(info: StackInfo, agents: Children, console: Console,
             console.print(f"  skipped (no ping, no TCP: the hosts are not namespaces here):"
                           f" {skipped}; run as root or with CAP_NET_ADMIN to see it",
                           style="yellow")
+        console.print("\n[bold]the load balancer lb1: its VIP from a client behind the"
+                      " router[/]")
+        if edge is not None:
+            await _through_the_vip(conn, edge, console, watch)
+        else:
+            console.print("  skipped: without namespaces there are no LB nodes to serve it"
+                          " (it waits for them: see its reason above)", style="yellow")
     finally:
         stop.set()
         try:
@@ -266,8 +312,10 @@ async def _scenario(info: StackInfo, agents: Children, console: Console,
 
 
 async def _publish(js: JetStreamContext, publisher: Publisher, step: Step, cmd_id: str,
-                   console: Console) -> None:
+                   console: Console, vip: str) -> None:
     doc = {"cmd_id": cmd_id, **step.doc}
+    if doc.get("vip") == "@VIP@":
+        doc["vip"] = vip
     type_, id_ = doc["type"], doc["id"]
     if step.raw_kind is not None:
         subject = command_subject(step.source, step.raw_kind, id_)
@@ -345,7 +393,7 @@ async def _underlays_known(conn: asyncpg.Connection, watch: Watch) -> None:
         watch.check()
         rows = await queries.list_entities(conn, "host")
         known = {r.id for r in rows if r.state.get("underlay")}
-        if known >= set(AGENT_HOSTS):
+        if known >= {*AGENT_HOSTS, *LB_NODES}:
             return
         if watch.expired():
             raise DemoError(f"the agents did not report their underlay within"
@@ -396,6 +444,38 @@ async def _cross_hosts(nc: Client, conn: asyncpg.Connection, fabric: Fabric,
     beats = await read_heartbeats(nc.jetstream())
     console.print("\n[bold]orch hosts[/] (each host's underlay: its VTEP)")
     console.print(render.hosts_table(await queries.hosts(conn), beats, int(time.time() * 1000)))
+
+
+async def _through_the_vip(conn: asyncpg.Connection, edge: Edge, console: Console,
+                           watch: Watch) -> None:
+    """Once both nodes serve every member healthy and the router has a route through
+    both: connections from the client, and who answered them."""
+    vip = edge.vip(0)
+    while True:
+        watch.check()
+        row = await queries.get_entity(conn, "lb", "lb1")
+        members = await queries.get_entity(conn, "pool", "web")
+        if row is not None and members is not None:
+            lb = msgspec.convert(row.state, LoadBalancer, strict=False)
+            healthy = {i for i, b in lb.backends.items() if healthy_ports(lb, b)}
+            applied = all(s.node and s.observed_generation == lb.generation
+                          for s in lb.slots)
+            if applied and healthy == set(members.state["members"]) and \
+                    len(edge.router_routes(vip)) == len(LB_NODES):
+                break
+        if watch.expired():
+            raise DemoError(f"lb1 was not served by both nodes within {watch.timeout_s:.0f}"
+                            f" s: {row.state if row else 'no such balancer'}")
+        await asyncio.sleep(0.2)
+    console.print(f"  the router's route to {vip}: nexthops {', '.join(edge.router_routes(vip))}"
+                  " (one per LB node, learned by BGP)")
+    answers = await asyncio.to_thread(
+        lambda: [edge.connect(vip, 80, timeout_s=3.0) for _ in range(VIP_CONNECTIONS)])
+    counts = collections.Counter(a or "no answer" for a in answers)
+    console.print(f"  {VIP_CONNECTIONS} connections from {edge.client} to {vip}:80, answered"
+                  f" by: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
+    console.print("\n[bold]orch get lb/lb1[/]")
+    console.print(render.entity_view(row))
 
 
 async def _inventory(nc: Client, host: str) -> dict[str, str] | str:

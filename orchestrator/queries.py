@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import asyncpg
 import msgspec
 
+from orchestrator.deciders.lb import LoadBalancer, without_healthy_backend
 from schemas.outcomes import Outcome
 
 _outcome = msgspec.json.Decoder(Outcome)
@@ -74,6 +75,8 @@ class HostRow:
     boot_id: str
     underlay: str | None
     instances: int
+    role: str = "hypervisor"
+    balancers: tuple[str, ...] = ()  # an LB node's: those it serves
 
 
 async def hosts(conn: asyncpg.Connection) -> list[HostRow]:
@@ -81,7 +84,13 @@ async def hosts(conn: asyncpg.Connection) -> list[HostRow]:
         """
         SELECT h.id, h.state->>'condition' AS condition, (h.state->>'vcpus')::int AS vcpus,
                (h.state->>'memory_mib')::int AS memory_mib, h.state->>'boot_id' AS boot_id,
-               h.state->>'underlay' AS underlay, count(i.id) AS instances
+               h.state->>'underlay' AS underlay, count(i.id) AS instances,
+               coalesce(h.state->>'role', 'hypervisor') AS role,
+               array(SELECT l.id FROM entities l,
+                            jsonb_array_elements(l.state->'slots') AS slot
+                     WHERE l.kind = 'lb' AND slot->>'node' = h.id
+                       AND l.state->>'status' NOT IN ('deleted', 'failed')
+                     ORDER BY l.id) AS balancers
         FROM entities h
         LEFT JOIN entities i ON i.kind = 'instance' AND i.state->>'host' = h.id
              AND i.state->>'status' <> 'deleted'
@@ -89,7 +98,7 @@ async def hosts(conn: asyncpg.Connection) -> list[HostRow]:
         GROUP BY h.id, h.state ORDER BY h.id
         """
     )
-    return [HostRow(**dict(r)) for r in rows]
+    return [HostRow(**{**dict(r), "balancers": tuple(r["balancers"])}) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +111,8 @@ class AlertRow:
 
 
 async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
-    """Entities degraded after their retries ran out, hosts down, and commands a bug of the
-    fold refused (internal errors); newest first."""
+    """Entities degraded after their retries ran out, hosts down, commands a bug of the fold
+    refused (internal errors), balancers failed or without a healthy backend; newest first."""
     rows = await conn.fetch(
         """
         SELECT kind, id, coalesce(state->>'error', '') AS reason,
@@ -118,10 +127,27 @@ async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
         SELECT split_part(subject, '.', 4), split_part(subject, '.', 5), reason, NULL,
                (extract(epoch FROM at) * 1000)::bigint
         FROM dead_letters WHERE reason LIKE 'internal error in %'
+        UNION ALL
+        SELECT kind, id, 'load balancer failed: ' || coalesce(state->>'reason', ''), NULL,
+               (state->>'updated_at')::bigint
+        FROM entities WHERE kind = 'lb' AND state->>'status' = 'failed'
+        UNION ALL
+        SELECT kind, id, state->>'stalled', (state->>'attempts')::int,
+               (state->>'updated_at')::bigint
+        FROM entities WHERE kind = 'lb' AND state->>'stalled' IS NOT NULL
         ORDER BY since_ms DESC, kind, id
         """
     )
-    return [AlertRow(**dict(r)) for r in rows]
+    found = [AlertRow(**dict(r)) for r in rows]
+    # A balancer that answers nowhere: the fold's health rule says so, not SQL.
+    for r in await conn.fetch("SELECT id, state FROM entities WHERE kind = 'lb'"
+                              " AND state->>'status' = 'active'"):
+        state = msgspec.json.decode(r["state"], type=LoadBalancer)
+        if ports := without_healthy_backend(state):
+            found.append(AlertRow("lb", r["id"], "no healthy backend on port"
+                                  f"{'s' if len(ports) > 1 else ''} "
+                                  f"{', '.join(map(str, ports))}", None, state.updated_at))
+    return sorted(found, key=lambda a: (-(a.since_ms or 0), a.kind, a.id))
 
 
 async def fold_progress(conn: asyncpg.Connection) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""The reconciler: instances and networks whose jobs are overdue get a Reconcile command.
+"""The reconciler: instances, networks and balancers whose jobs are overdue get a Reconcile
+command.
 
 Whether to re-issue the job or to degrade the instance is the fold's decision (pure and
 replayable); this loop only notices lateness, with exponential backoff per attempt.
@@ -42,7 +43,7 @@ class Reconciler:
         self.publisher, self.config = publisher, config
 
     async def tick(self, conn: asyncpg.Connection,
-                   now_ms: int) -> list[c.Reconcile | c.ReconcileNetwork]:
+                   now_ms: int) -> list[c.Reconcile | c.ReconcileNetwork | c.ReconcileLb]:
         rows = await conn.fetch(
             """
             SELECT i.id, (i.state->>'generation')::int AS generation,
@@ -73,6 +74,25 @@ class Reconciler:
             GROUP BY n.id, n.state
             """
         )
+        # Balancers some node has not applied (an LB node's removal job too), not counting
+        # nodes that are down.
+        balancers = await conn.fetch(
+            """
+            SELECT l.id, (l.state->>'generation')::int AS generation,
+                   (l.state->>'attempts')::int AS attempts,
+                   greatest((l.state->>'issued_at')::bigint,
+                            max((h.state->>'updated_at')::bigint)) AS issued_at
+            FROM entities l
+            CROSS JOIN LATERAL jsonb_array_elements(l.state->'slots') AS slot
+            LEFT JOIN entities h ON h.kind = 'host' AND h.id = slot->>'node'
+            WHERE l.kind = 'lb' AND l.state->>'stalled' IS NULL
+              AND slot->>'node' IS NOT NULL
+              AND (slot->'port' <> 'null'::jsonb OR l.state->>'status' IN ('deleted', 'failed'))
+              AND (slot->>'observed_generation')::int < (l.state->>'generation')::int
+              AND h.state->>'condition' IS DISTINCT FROM 'down'
+            GROUP BY l.id, l.state
+            """
+        )
         cfg = self.config
         deadline_ms, cap_ms = int(cfg.deadline_s * 1000), int(cfg.max_backoff_s * 1000)
 
@@ -80,7 +100,7 @@ class Reconciler:
             return [lag for lag in (Lagging(**dict(r)) for r in rows)
                     if overdue(lag, now_ms, deadline_ms, cap_ms)]
 
-        commands: list[c.Reconcile | c.ReconcileNetwork] = [
+        commands: list[c.Reconcile | c.ReconcileNetwork | c.ReconcileLb] = [
             c.Reconcile(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
                         generation=lag.generation, max_attempts=cfg.max_attempts)
             for lag in due(rows)
@@ -89,6 +109,11 @@ class Reconciler:
             c.ReconcileNetwork(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
                                generation=lag.generation, max_attempts=cfg.max_attempts)
             for lag in due(networks)
+        ]
+        commands += [
+            c.ReconcileLb(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
+                          generation=lag.generation, max_attempts=cfg.max_attempts)
+            for lag in due(balancers)
         ]
         if commands:
             await self.publisher.publish_many([(SYSTEM, cmd) for cmd in commands])

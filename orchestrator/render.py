@@ -12,6 +12,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.deciders.lb import LoadBalancer, healthy_ports
 from orchestrator.queries import AlertRow, DeadLetterRow, EntityRow, HostRow
 from orchestrator.replay import ReplayReport
 from schemas.heartbeat import Heartbeat
@@ -51,6 +52,62 @@ def _services(s: dict[str, Any]) -> str:
     )
 
 
+def _health_check(h: Mapping[str, Any]) -> str:
+    probe = f"GET {h['http_path']}" if h.get("http_path") else "connect"
+    return (f"{probe} every {h.get('interval_ms')} ms, timeout {h.get('timeout_ms')} ms,"
+            f" rise {h.get('rise')}, fall {h.get('fall')}")
+
+
+def lb_view(row: EntityRow) -> RenderableType:
+    """A balancer as an operator reads it: VIP and services, its two nodes and how far
+    each has applied, and every backend's health as each node sees it and as the fold
+    decided it (healthy on a service: it gets new flows there)."""
+    s = row.state
+    lb = msgspec.convert(s, LoadBalancer, strict=False)  # JSON keys: "80" is port 80
+    head = Table(title=f"lb/{row.id}", title_justify="left", show_header=False, box=None,
+                 padding=(0, 2, 0, 0))
+    head.add_column(style="bold")
+    head.add_column()
+    for key in ("status", "vip", "pool", "network", "reason", "generation", "seed"):
+        head.add_row(key, _cell(s.get(key)))
+    head.add_row("last_seq", str(row.last_seq))
+    services = Table("port", "target", "protocol", "strategy", "health check",
+                     title="services", title_justify="left", header_style="bold")
+    for svc in s.get("services") or ():
+        services.add_row(str(svc.get("port")), str(svc.get("target_port")),
+                         svc.get("protocol", ""), svc.get("strategy") or "",
+                         _health_check(svc.get("health") or {}))
+    nodes = Table("slot", "node", "port", "applied", "state", title="nodes",
+                  title_justify="left", header_style="bold")
+    for i, slot in enumerate(lb.slots):
+        if slot.node is None:
+            state = Text("waiting for a node", style="yellow")
+        elif slot.error:
+            state = Text(slot.error, style="red")
+        elif slot.observed_generation == lb.generation:
+            state = Text("serving", style="green")
+        else:
+            state = Text("applying", style="yellow")
+        nodes.add_row(str(i), slot.node or "", slot.port.ip if slot.port else "",
+                      f"{slot.observed_generation}/{lb.generation}", state)
+    node_names = [slot.node for slot in lb.slots if slot.node]
+    backends = Table("instance", "ip", *[f"seen by {n}" for n in node_names], "healthy on",
+                     title="backends", title_justify="left", header_style="bold")
+    for instance, b in sorted(lb.backends.items()):
+        views = []
+        for n in node_names:
+            seen = [f"{port} {'up' if b.seen[port][n] else 'down'}"
+                    for port in sorted(b.seen) if n in b.seen[port]]
+            views.append(", ".join(seen) or "not yet")
+        healthy = healthy_ports(lb, b)
+        backends.add_row(instance, b.ip, *views,
+                         Text(", ".join(map(str, healthy)) or "none",
+                              style="green" if healthy else "red"))
+    leaving = (Text(f"draining: {', '.join(sorted(lb.leaving))}", style="yellow")
+               if lb.leaving else Text(""))
+    return Group(head, services, nodes, backends, leaving)
+
+
 def _life(s: dict[str, Any]) -> str:
     return "deleted" if s.get("deleted") else "active"
 
@@ -86,11 +143,14 @@ KIND_COLUMNS: dict[str, list[Column]] = {
         ("balancers", lambda s: s.get("balancers")),
     ],
     "lb": [
-        ("status", _life),
+        ("status", lambda s: s.get("status")),
         ("vip", lambda s: s.get("vip")),
         ("pool", lambda s: s.get("pool")),
         ("services", _services),
-        ("members", _count("members")),
+        ("nodes", lambda s: [slot.get("node") for slot in s.get("slots") or ()
+                             if slot.get("node")]),
+        ("backends", _count("backends")),
+        ("reason", lambda s: s.get("reason")),
     ],
     "scheduler": [
         ("hosts", _count("hosts")),
@@ -150,6 +210,8 @@ def flatten(state: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
 
 
 def entity_view(row: EntityRow) -> RenderableType:
+    if row.kind == "lb":
+        return lb_view(row)
     table = Table(title=f"{row.kind}/{row.id}", title_justify="left", show_header=False,
                   box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold")
@@ -248,13 +310,15 @@ def replay_json(report: ReplayReport, verify: bool) -> dict[str, Any]:
 
 
 def hosts_table(rows: Iterable[HostRow], beats: Mapping[str, Heartbeat], now_ms: int) -> Table:
-    table = Table("host", "condition", "underlay", "vcpus", "memory_mib", "instances",
+    table = Table("host", "role", "condition", "underlay", "vcpus", "memory_mib", "serves",
                   "last heartbeat", "boot")
     for row in rows:
         beat = beats.get(row.id)
         seen = "never" if beat is None else f"{(now_ms - beat.at_ms) / 1000:.1f}s ago"
-        table.add_row(row.id, row.condition, row.underlay or "", str(row.vcpus),
-                      str(row.memory_mib), str(row.instances), seen,
+        serves = (f"lb: {', '.join(row.balancers) or '-'}" if row.role == "lb"
+                  else f"{row.instances} instance{'s' if row.instances != 1 else ''}")
+        table.add_row(row.id, row.role, row.condition, row.underlay or "", str(row.vcpus),
+                      str(row.memory_mib), serves, seen,
                       (beat.boot_id if beat else row.boot_id)[:8])
     return table
 

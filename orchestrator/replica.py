@@ -199,7 +199,7 @@ class Replica:
             if count := await strays.tick(leadership.conn):
                 log.warning("dead_letters_unpartitioned", count=count)
         except Exception as exc:
-            log.error("leader_duties_failed", replica=self.id, error=repr(exc))
+            log.exception("leader_duties_failed", replica=self.id, error=repr(exc))
 
     async def _stop_worker(self, partition: int) -> None:
         await self._stop_workers([partition])

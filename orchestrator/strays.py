@@ -10,7 +10,6 @@ commit. Then every stored message is folded or dead-lettered.
 import datetime
 
 import asyncpg
-import nats.errors
 from nats.js import JetStreamContext
 
 from events.meta import delivery
@@ -35,7 +34,7 @@ class Strays:
             self._sub = await self.js.pull_subscribe_bind(name, stream=CMD_STREAM)
         try:
             msgs = await self._sub.fetch(BATCH, timeout=WAIT_S)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py's own, or asyncio's when the server is slow to answer
             return 0
         rows = []
         for msg in msgs:

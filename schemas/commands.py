@@ -488,6 +488,15 @@ class LbFailed(Command, tag=True, kw_only=True):
     attempt: Attempt = 1
 
 
+class ReconcileLb(Command, tag=True, kw_only=True):
+    """The reconciler's tick for a balancer a node has not applied: re-issue, or alert."""
+
+    kind = "lb"
+    sources = ("system",)
+    generation: Count
+    max_attempts: Count
+
+
 class BackendHealth(Command, tag=True, kw_only=True):
     """An LB node saw a backend's service cross its rise or fall threshold."""
 
@@ -600,6 +609,7 @@ AnyCommand = (
     | LbApplied
     | LbFailed
     | BackendHealth
+    | ReconcileLb
     | HostCapacity
     | Place
     | Release

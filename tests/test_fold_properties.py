@@ -208,6 +208,7 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
     "ReleaseBalancer": fields(lb=st.sampled_from(LBS)),
     "LbApplied": fields(generation=generation, observed=st.just("serving")),
     "LbFailed": fields(generation=generation, error=st.just("bird: no such file")),
+    "ReconcileLb": fields(generation=generation, max_attempts=st.integers(0, 3)),
     "BackendHealth": fields(instance=st.sampled_from(INSTANCES), port=st.sampled_from([80, 443]),
                             healthy=st.booleans(), generation=generation),
     "HostCapacity": fields(host=st.sampled_from(HOSTS), vcpus=cpus, memory_mib=memory,

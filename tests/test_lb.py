@@ -16,6 +16,7 @@ import ipaddress
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -92,7 +93,7 @@ class LbCloud(Cloud):
 
 
 def ask(netns: str, address: str, port: int = PORT, sport: int = 0,
-        timeout_s: float = 1.0) -> str | None:
+        timeout_s: float = 3.0) -> str | None:
     """One TCP connection from ``netns`` (from ``sport`` if given): who answered, or None.
     Closed with a reset, so the same 5-tuple can be used again at once."""
     try:
@@ -221,6 +222,39 @@ async def test_connections_spread_over_every_backend_and_both_nodes(cloud: LbClo
     carried = {n: node_counter(cloud.fabric[n].netns) - before[n] for n in NODES}
     assert all(c > 0 for c in carried.values()), carried
     assert sum(carried.values()) == 200
+
+
+def orch(cloud: LbCloud, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
+                          env={**cloud.env.environ(), "COLUMNS": "200"}, capture_output=True,
+                          text=True, timeout=60)
+
+
+async def test_the_cli_shows_nodes_health_and_an_alert_when_no_backend_answers(
+        cloud: LbCloud, web: str) -> None:
+    members = sorted(await cloud.members())
+    shown = orch(cloud, "get", "lb/web").stdout
+    assert web in shown and shown.count("serving") == 2, shown
+    for m in members:
+        assert re.search(rf"{m}[\s│]+[\d.]+[\s│]+80 up[\s│]+80 up[\s│]+80\b", shown), shown
+    hosts = orch(cloud, "hosts").stdout
+    for node in NODES:
+        assert re.search(rf"{node}[\s│]+lb[\s│]+up[\s│].*lb: web", hosts), hosts
+    assert re.search(r"h1[\s│]+hypervisor[\s│]+up[\s│].*\d+ instances?", hosts), hosts
+    assert orch(cloud, "alerts").returncode == 0
+    hosts_of = {m: (await cloud.state("instance", m))["host"] for m in members}  # type: ignore[index]
+    for m in members:
+        guest_block(cloud, m, hosts_of[m], blocked=True)
+    try:
+        await eventually(lambda: cloud.serving(set()), timeout=30, interval=0.1)
+        alerts = orch(cloud, "alerts")
+        assert alerts.returncode == 1
+        assert re.search(r"lb/web[\s│].*no healthy backend on port 80", alerts.stdout), \
+            alerts.stdout
+    finally:
+        for m in members:
+            guest_block(cloud, m, hosts_of[m], blocked=False)
+    await eventually(lambda: cloud.serving(set(members)), timeout=30, interval=0.1)
 
 
 async def test_one_5_tuple_reaches_the_same_backend_through_either_node(cloud: LbCloud,

@@ -357,3 +357,23 @@ def test_the_consistent_strategy_is_the_default_and_health_is_per_service() -> N
     backend = w.lb().backends["p-0"]
     assert healthy_ports(w.lb(), backend) == (53,)
     assert without_healthy_backend(w.lb()) == [80]
+
+
+def test_a_node_that_does_not_apply_gets_its_job_again_then_the_balancer_alerts() -> None:
+    w = Lbs()
+    w.cloud()
+    w.applied("lb1")  # lb2 never does
+    gen = w.lb().generation
+    for attempt in (1, 2):
+        tick = w.send("system", "ReconcileLb", "l", generation=gen, max_attempts=2)
+        assert tick.outcome is not None and tick.outcome.events == ("Reissued",)
+        assert [(j.host, j.generation, j.attempt) for j in tick.jobs] == [("lb2", gen, attempt)]
+    stalled = w.send("system", "ReconcileLb", "l", generation=gen, max_attempts=2)
+    assert stalled.outcome is not None and stalled.outcome.events == ("Stalled",)
+    assert w.lb().stalled == f"nodes lb2 did not apply generation {gen}" and not stalled.jobs
+    quiet = w.send("system", "ReconcileLb", "l", generation=gen, max_attempts=2)
+    assert quiet.outcome is not None and quiet.outcome.events == ()
+    w.applied("lb2")  # late, but applied: the alert is over
+    assert w.lb().stalled is None
+    done = w.send("system", "ReconcileLb", "l", generation=gen, max_attempts=2)
+    assert done.outcome is not None and done.outcome.events == ()

@@ -152,3 +152,27 @@ async def test_the_reconciler_reissues_network_jobs_late_hosts_have_not_applied(
                      encode(row).decode())
     alerts = await queries.alerts(pg)
     assert ("network", "late") in [(a.kind, a.id) for a in alerts]
+
+
+async def test_the_reconciler_reissues_balancer_jobs_late_nodes_have_not_applied(js, pg) -> None:
+    """Only a node that was sent the balancer and has not applied it counts; a stalled
+    balancer is an alert."""
+    from tests.test_lb_fold import Lbs
+
+    w = Lbs()
+    w.cloud()
+    w.balancer("done")
+    for lb in ("l", "done"):
+        w.applied("lb1", lb)
+    w.applied("lb2", "done")
+    await pg.copy_records_to_table(
+        "entities", columns=["kind", "id", "state", "last_seq"],
+        records=[(kind, id_, encode(state), 0) for (kind, id_), state in w.states.items()])
+    issued = await Reconciler(Publisher(js), ReconcilerConfig()).tick(pg, now_ms=10**13)
+    assert [(type(cmd).__name__, cmd.id) for cmd in issued if cmd.kind == "lb"] == [
+        ("ReconcileLb", "l")]
+    w.send("system", "ReconcileLb", "l", generation=w.lb().generation, max_attempts=0)
+    await pg.execute("UPDATE entities SET state = $1 WHERE kind = 'lb' AND id = 'l'",
+                     encode(w.lb()).decode())
+    reasons = [a.reason for a in await queries.alerts(pg) if (a.kind, a.id) == ("lb", "l")]
+    assert any(r.startswith("nodes lb2 did not apply generation") for r in reasons), reasons

@@ -79,6 +79,9 @@ class LoadBalancer(msgspec.Struct, kw_only=True):
     leaving: dict[str, int] = {}  # instance -> the generation that dropped it
     slots: list[Slot] = msgspec.field(default_factory=_slots)
     generation: int = 0
+    attempts: int = 0  # re-issues of the current generation's jobs
+    issued_at: int = 0  # when they were last issued: the reconciler's clock
+    stalled: str | None = None  # a node ran out of re-issues: an alert until it applies
     created_at: int = 0
     updated_at: int = 0
 
@@ -136,6 +139,16 @@ class SlotFailed(Event):
 
 class Drained(Event):
     instances: tuple[str, ...]
+
+
+class Reissued(Event):
+    attempt: int
+    at: int
+
+
+class Stalled(Event):
+    reason: str
+    at: int
 
 
 class Failed(Event):
@@ -233,6 +246,8 @@ def decide(state: LoadBalancer | None, cmd: c.Command, ctx: Ctx) -> Decision:
             return _end(state, cmd.id, ctx, Deleted(at=ctx.at), detach=True)
         case c.LbApplied() | c.LbFailed():
             return _report(state, cmd, ctx)
+        case c.ReconcileLb():
+            return _reconcile(state, cmd, ctx)
     if state.status == "failed":
         return reject(f"load balancer {cmd.id} failed: {state.reason}")
     match cmd:
@@ -408,6 +423,31 @@ def _report(state: LoadBalancer, cmd: c.LbApplied | c.LbFailed, ctx: Ctx) -> Dec
                       id=state.pool, lb=cmd.id, instance=i)) for i in drained]))
 
 
+def lagging(state: LoadBalancer) -> list[int]:
+    """The slots whose node has not applied the current generation."""
+    return [i for i, s in enumerate(state.slots)
+            if _sent_jobs(state, s) and s.observed_generation < state.generation]
+
+
+def _sent_jobs(state: LoadBalancer, slot: Slot) -> bool:
+    """A node is sent the balancer once its port is known, and its removal in any case."""
+    return slot.node is not None and (slot.port is not None
+                                      or state.status in ("deleted", "failed"))
+
+
+def _reconcile(state: LoadBalancer, cmd: c.ReconcileLb, ctx: Ctx) -> Decision:
+    late = lagging(state)
+    if cmd.generation != state.generation or not late or state.stalled:
+        return accept()  # applied meanwhile, a newer generation is on its way, or alerted
+    if state.attempts >= cmd.max_attempts:
+        nodes = [state.slots[i].node or "" for i in late]
+        errors = sorted({e for i in late if (e := state.slots[i].error)})
+        reason = (f"nodes {', '.join(nodes)} did not apply generation {state.generation}"
+                  + (f": {'; '.join(errors)}" if errors else ""))
+        return accept(Stalled(reason=reason, at=ctx.at), note=reason)
+    return accept(Reissued(attempt=state.attempts + 1, at=ctx.at))
+
+
 # ---- evolve ------------------------------------------------------------------------------
 
 
@@ -422,7 +462,7 @@ def evolve(state: LoadBalancer | None, event: Event) -> LoadBalancer:
         case NetworkChosen():
             state.network = event.network
         case BackendsSet():
-            state.generation += 1
+            _new_generation(state, event.at)
             for instance in event.removed:
                 del state.backends[instance]
                 state.leaving[instance] = state.generation
@@ -434,34 +474,45 @@ def evolve(state: LoadBalancer | None, event: Event) -> LoadBalancer:
                 if slot.node != node:
                     slot.node, slot.observed_generation, slot.error = node, 0, None
             state.reason = event.reason or None
-            state.generation += 1
+            _new_generation(state, event.at)
             _status(state)
         case PortSet():
             state.slots[event.index].port = event.port
-            state.generation += 1
+            _new_generation(state, event.at)
             _status(state)
         case HealthSeen():
             backend = state.backends[event.instance]
             before = healthy_ports(state, backend)
             backend.seen.setdefault(event.port, {})[event.node] = event.healthy
             if healthy_ports(state, backend) != before:
-                state.generation += 1
+                _new_generation(state, event.at)
         case SlotApplied():
             slot = state.slots[event.index]
             slot.observed_generation, slot.error = event.generation, None
+            if not lagging(state):  # late, but applied: the alert is over
+                state.stalled = None
         case SlotFailed():
             state.slots[event.index].error = event.error
         case Drained():
             for instance in event.instances:
                 state.leaving.pop(instance, None)
+        case Reissued():
+            state.attempts, state.issued_at = event.attempt, event.at
+        case Stalled():
+            state.stalled = event.reason
         case Failed():
             state.status, state.reason = "failed", event.reason
-            state.generation += 1
+            _new_generation(state, event.at)
         case Deleted():
             state.status = "deleted"
-            state.generation += 1
+            _new_generation(state, event.at)
     state.updated_at = getattr(event, "at", state.updated_at)
     return state
+
+
+def _new_generation(state: LoadBalancer, at: int) -> None:
+    state.generation += 1
+    state.attempts, state.issued_at, state.stalled = 0, at, None
 
 
 def _status(state: LoadBalancer) -> None:
@@ -484,19 +535,17 @@ def node_spec(state: LoadBalancer, slot: Slot) -> LbSpec:
 def jobs(kind: str, id: str, before_generation: int, state: LoadBalancer,
          events: list[Event]) -> list[Job]:
     """Both nodes' full balancer whenever it changed; a removal job to a node it left, and
-    to both when it is deleted or failed."""
-    if state.generation == before_generation:
+    to both when it is deleted or failed; re-issued, to the nodes still late."""
+    reissued = any(isinstance(e, Reissued) for e in events)
+    if state.generation == before_generation and not reissued:
         return []
-    out: list[Job] = []
-    for slot in state.slots:
-        if slot.node is None:
-            continue
-        if state.status in ("deleted", "failed"):
-            out.append(Job(kind=kind, id=id, host=slot.node, generation=state.generation,
-                           spec=None))
-        elif slot.port is not None:
-            out.append(Job(kind=kind, id=id, host=slot.node, generation=state.generation,
-                           spec=node_spec(state, slot)))
+    late = lagging(state) if state.generation == before_generation else None
+    gone = state.status in ("deleted", "failed")
+    out: list[Job] = [
+        Job(kind=kind, id=id, host=slot.node, generation=state.generation,
+            attempt=state.attempts, spec=None if gone else node_spec(state, slot))
+        for i, slot in enumerate(state.slots)
+        if slot.node is not None and _sent_jobs(state, slot) and (late is None or i in late)]
     out.extend(Job(kind=kind, id=id, host=node, generation=state.generation, spec=None)
                for e in events if isinstance(e, NodesSet) for node in e.dropped)
     return out
