@@ -112,7 +112,7 @@ class Request:
     ended: float
     answer: str | None
     error: str
-    sport: int
+    sport: int  # a failed one's flow, to look up in the nodes' conntrack
 
 
 class Requests:
@@ -178,8 +178,8 @@ class DomainWatch:
         finally:
             conn.close()
 
-    def first(self, state: str, after: float = 0.0) -> float | None:
-        return next((t for t, s in self.changes if s == state and t >= after), None)
+    def first(self, state: str) -> float | None:
+        return next((t for t, s in self.changes if s == state), None)
 
     def __enter__(self) -> DomainWatch:
         self._thread.start()
@@ -264,6 +264,7 @@ def edge(fabric: Fabric) -> Iterator[Edge]:
 
 @pytest.fixture
 def daemons(edge: Edge, fabric: Fabric, tmp_path: Path) -> Iterator[dict[str, HostLibvirtd]]:
+    """Hypervisors only (LB nodes run no guests); after the edge, so stopped before it."""
     with host_libvirtds(fabric, tmp_path / "libvirt", HYPERVISORS) as started:
         yield started
 
