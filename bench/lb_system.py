@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ from typing import Any
 import asyncpg
 import harness
 from converge import replica_ready, wait_until
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # tests/: the LB cloud and its helpers
@@ -67,6 +70,8 @@ SIZE = 4
 SETTLE_TIMEOUT_S = 180.0
 CHILD_STOP_GRACE_S = 10.0
 POLL_S = 0.02
+METRICS_BASE_PORT = 19500
+NEIGHBOURS_AFTER_S = 4.0  # a new member not answered by then: what the nodes' ARP holds
 
 
 def say(line: str = "") -> None:
@@ -181,6 +186,21 @@ def timeline(rows: Sequence[dict[str, Any]], wall0: float, kinds: set[str]) -> l
     return out
 
 
+class JobTimes:
+    """When each of the balancer's jobs was stored on JOB (the relay's publish), as
+    JetStream stamped it: the same clock as the history's times."""
+
+    def __init__(self) -> None:
+        self.stored: list[tuple[float, str]] = []  # (seconds since the epoch, node)
+
+    async def on_message(self, msg: Msg) -> None:
+        self.stored.append((msg.metadata.timestamp.timestamp(), msg.subject.split(".")[1]))
+
+    def first(self, node: str, after_ms: int) -> float | None:
+        """The first job for node stored at or after a command's time (ms since the epoch)."""
+        return next((t for t, n in self.stored if n == node and t * 1000 >= after_ms), None)
+
+
 # ---- the cloud ----------------------------------------------------------------------------
 
 
@@ -193,6 +213,52 @@ class StackEnv:
 
     def environ(self) -> dict[str, str]:
         return {**os.environ, "ORCH_NATS_URL": self.nats_url, "ORCH_PG_DSN": self.pg_dsn}
+
+
+class BenchCloud(LbCloud):
+    """tests/test_lb.py's cloud, its LB nodes' agents serving their metrics too."""
+
+    metrics: dict[str, int]
+
+    def lb_agent(self, host: str) -> subprocess.Popen[bytes]:
+        h = self.fabric[host]
+        _, router_ip = self.edge.uplink(host)
+        self.metrics[host] = METRICS_BASE_PORT + h.index
+        return self.processes.orch(
+            "agent", "--host", host, "--lb", "--netns", h.netns, "--underlay-ip",
+            h.underlay_ip, "--bgp-peer", router_ip, "--bgp-peer-asn",
+            str(self.edge.router_asn), "--bgp-asn", str(self.edge.node_asn),
+            "--resync", "2", "--heartbeat", "0.5", "--metrics-port", str(self.metrics[host]),
+            env=self.env.environ(), name=f"agent-{host}-{next(self.n)}")
+
+    def agent_seconds(self) -> dict[str, dict[str, tuple[float, int]]]:
+        """Per LB node: the sum and count of its agent's apply and resync histograms."""
+        out: dict[str, dict[str, tuple[float, int]]] = {}
+        for host, port in self.metrics.items():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                          timeout=5).read().decode()
+            values = {k: float(v) for k, v in (line.split()[:2] for line in text.splitlines()
+                                               if line.startswith("orch_agent_"))}
+            out[host] = {what: (values.get(f"orch_agent_{what}_seconds_sum", 0.0),
+                                int(values.get(f"orch_agent_{what}_seconds_count", 0)))
+                         for what in ("apply", "resync")}
+        return out
+
+
+def agent_lines(before: dict[str, dict[str, tuple[float, int]]],
+                after: dict[str, dict[str, tuple[float, int]]]) -> list[str]:
+    """What the LB nodes' agents spent meanwhile: applies (jobs and resync converges both)
+    and full resyncs (every --resync 2 s, holding each balancer's lock in turn)."""
+    out = []
+    for host in after:
+        parts = []
+        for what in ("apply", "resync"):
+            total = after[host][what][0] - before[host][what][0]
+            n = after[host][what][1] - before[host][what][1]
+            parts.append(f"{n} {what}{'es' if what == 'resync' else 's'}"
+                         + (f" {1000 * total / n:.0f} ms each" if n else ""))
+        out.append(f"{host}'s agent meanwhile: {', '.join(parts)}")
+    return out
 
 
 @dataclass
@@ -218,19 +284,19 @@ class Run:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-async def until(what: str, check: Callable[[], Awaitable[bool]], cloud: LbCloud,
+async def until(what: str, check: Callable[[], Awaitable[bool]], cloud: BenchCloud,
                 timeout: float = SETTLE_TIMEOUT_S) -> float:
     return await wait_until(what, check, cloud.processes, timeout, POLL_S)
 
 
-async def settle(cloud: LbCloud, what: str) -> None:
+async def settle(cloud: BenchCloud, what: str) -> None:
     try:
         await cloud.settle(timeout=SETTLE_TIMEOUT_S)
     except AssertionError as exc:
         raise TimeoutError(f"{what}: {exc}") from exc
 
 
-async def build(run: Run, args: argparse.Namespace) -> tuple[LbCloud, str, Any]:
+async def build(run: Run, args: argparse.Namespace) -> tuple[BenchCloud, str, JobTimes, Any]:
     run.fabric = Fabric([*HYPERVISORS, *NODES])
     run.fabric.setup()
     run.edge = Edge(run.fabric, list(NODES), avoid=[ipaddress.IPv4Network(CIDR)])
@@ -244,8 +310,9 @@ async def build(run: Run, args: argparse.Namespace) -> tuple[LbCloud, str, Any]:
     run.processes.orch("orchestrator", "--id", "r1", "--deadline", "3600", "--down-after", "3",
                        env=env.environ(), name="r1")
     pg = await replica_ready(info.pg_dsn, run.processes)
-    cloud = LbCloud(run.fabric, env, run.processes, js, pg, Publisher(js), itertools.count())
+    cloud = BenchCloud(run.fabric, env, run.processes, js, pg, Publisher(js), itertools.count())
     cloud.edge = run.edge
+    cloud.metrics = {}
     for name in HYPERVISORS:
         await cloud.send("admin", type="RegisterHost", id=name, vcpus=64, memory_mib=1 << 16)
         cloud.agent(name)
@@ -259,6 +326,9 @@ async def build(run: Run, args: argparse.Namespace) -> tuple[LbCloud, str, Any]:
                                  " AND state->>'underlay' IS NOT NULL") == len(run.fabric.hosts)
 
     await until("every host's underlay known", underlays, cloud, 120)
+    jobs = JobTimes()
+    await js.subscribe(f"job.*.lb.{LB}", cb=jobs.on_message, ordered_consumer=True,
+                       deliver_policy=DeliverPolicy.NEW)
     vip = run.edge.vip(0)
     await cloud.send("user", type="CreateNetwork", id=NET, vni=VNI, cidr=CIDR)
     await cloud.send("user", type="CreatePool", id=POOL, size=SIZE, template=TEMPLATE)
@@ -269,7 +339,7 @@ async def build(run: Run, args: argparse.Namespace) -> tuple[LbCloud, str, Any]:
     members = await cloud.members()
     await until("both nodes serve the pool", lambda: cloud.serving(members), cloud)
     await asyncio.to_thread(run.edge.wait_routes, vip, NODES, 30)
-    return cloud, vip, nc
+    return cloud, vip, jobs, nc
 
 
 def health(args: argparse.Namespace) -> dict[str, int]:
@@ -277,7 +347,7 @@ def health(args: argparse.Namespace) -> dict[str, int]:
             "fall": args.fall}
 
 
-async def backend_ips(cloud: LbCloud) -> dict[str, str]:
+async def backend_ips(cloud: BenchCloud) -> dict[str, str]:
     lb = await cloud.lb(LB)
     return {i: b.ip for i, b in lb.backends.items()}
 
@@ -300,13 +370,16 @@ class FailRun:
     confirmed: int  # of those, found DNATed to it in a node's conntrack
     parts: dict[str, float] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
+    agents: list[str] = field(default_factory=list)
 
 
-async def fail_once(cloud: LbCloud, vip: str, victim: str, args: argparse.Namespace) -> FailRun:
+async def fail_once(cloud: BenchCloud, vip: str, jobs: JobTimes, victim: str,
+                    args: argparse.Namespace) -> FailRun:
     members = await cloud.members()
     host = (await cloud.state("instance", victim))["host"]  # type: ignore[index]
     ip = (await backend_ips(cloud))[victim]
     seq0 = await last_seq(cloud.pg)
+    spent0 = await asyncio.to_thread(cloud.agent_seconds)
     try:
         with Client(cloud.edge.client, vip, PORT, args.rate, args.client_timeout) as client:
             await asyncio.sleep(0.5)
@@ -316,6 +389,7 @@ async def fail_once(cloud: LbCloud, vip: str, victim: str, args: argparse.Namesp
                         cloud, 60)
             await asyncio.sleep(args.client_timeout + 0.5)  # attempts after it, answered
         dnated = set().union(*[unreplied_to(cloud.fabric[n].netns, vip, ip) for n in NODES])
+        spent = agent_lines(spent0, await asyncio.to_thread(cloud.agent_seconds))
     finally:
         await asyncio.to_thread(guest_block, cloud, victim, host, False)
     after = [a for a in client.attempts if a.started >= failed]
@@ -329,7 +403,7 @@ async def fail_once(cloud: LbCloud, vip: str, victim: str, args: argparse.Namesp
     confirmed = [a for a in lost if a.sport in dnated]
     rows = await history_since(cloud.pg, seq0)
     last_s = max((a.started for a in lost), default=failed) - failed
-    r = FailRun(victim, last_s, len(lost), len(confirmed))
+    r = FailRun(victim, last_s, len(lost), len(confirmed), agents=spent)
     down = [x for x in rows if x["type"] == "BackendHealth" and x.get("reason")
             and f"{victim}:{PORT} unhealthy" in x["reason"]]
     decisive = next((x for x in down if x.get("jobs")), None)
@@ -338,8 +412,10 @@ async def fail_once(cloud: LbCloud, vip: str, victim: str, args: argparse.Namesp
         if (t := since(seen, wall0)) is not None:
             r.parts[f"{node} reports it down (BackendHealth)"] = t
     if decisive is not None:
-        r.parts["the fold re-issues both jobs (the decisive report)"] = since(decisive, wall0)
+        r.parts["the report that takes it out, stored in CMD"] = since(decisive, wall0)
         for node in NODES:
+            if (t := jobs.first(node, decisive["at"])) is not None:
+                r.parts[f"{node}'s job without it on JOB (fold + relay)"] = t - wall0
             applied = first(rows, lambda x, n=node: x["type"] == "LbApplied"
                             and x["source"] == n, after=decisive["seq"])
             if (t := since(applied, wall0)) is not None:
@@ -349,7 +425,7 @@ async def fail_once(cloud: LbCloud, vip: str, victim: str, args: argparse.Namesp
     return r
 
 
-async def part_fail(cloud: LbCloud, vip: str, args: argparse.Namespace) -> None:
+async def part_fail(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse.Namespace) -> None:
     h = health(args)
     say(f"(1) a backend's service stops answering -> the last new connection that reached it"
         f" (client {args.rate:g} connections/s, {1000 * args.client_timeout:.0f} ms each)")
@@ -360,13 +436,15 @@ async def part_fail(cloud: LbCloud, vip: str, args: argparse.Namespace) -> None:
     members = sorted(await cloud.members())
     for k in range(args.runs):
         victim = members[k % len(members)]
-        r = await fail_once(cloud, vip, victim, args)
+        r = await fail_once(cloud, vip, jobs, victim, args)
         runs.append(r)
         say(f"    run {k + 1}: {victim}: last connection to it {r.last_s:6.3f} s after the"
             f" failure ({r.sent} sent to it meanwhile, unanswered; {r.confirmed} of them"
             f" found DNATed to it in the nodes' conntrack)")
-        for what, t in r.parts.items():
+        for what, t in sorted(r.parts.items(), key=lambda kv: kv[1]):
             say(f"        {t:+7.3f} s  {what}")
+        for line in r.agents:
+            say(f"        {line}")
         if k == 0:
             say("      the balancer's timeline of run 1 (seconds from the failure):")
             for line in r.lines:
@@ -377,7 +455,8 @@ async def part_fail(cloud: LbCloud, vip: str, args: argparse.Namespace) -> None:
     say(f"    where it goes: detection (a node's fall-th failed probe: between"
         f" (fall - 1) x interval + timeout = {lo:.1f} s and fall x interval + timeout ="
         f" {hi:.1f} s, by the probe's phase), then the fold and both nodes' jobs:")
-    keys = list(dict.fromkeys(k for r in runs for k in r.parts))
+    keys = sorted(dict.fromkeys(k for r in runs for k in r.parts),
+                  key=lambda k: statistics.median([r.parts[k] for r in runs if k in r.parts]))
     for key in keys:
         say(f"      {key:<56} {stats([r.parts[key] for r in runs if key in r.parts])}")
 
@@ -392,28 +471,41 @@ class ScaleRun:
     lost: int
     parts: dict[str, float] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
+    agents: list[str] = field(default_factory=list)
+    neighbours: list[str] = field(default_factory=list)
+    ip: str = ""
 
 
-async def scale_once(cloud: LbCloud, vip: str, args: argparse.Namespace) -> ScaleRun:
+async def scale_once(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse.Namespace,
+                     size: int) -> ScaleRun:
+    """ScalePool to ``size``, one more member than now: the time to its first request."""
     pool = await cloud.state("pool", POOL)
     assert pool is not None
     new = f"{POOL}-{pool['next_index']}"
     seq0 = await last_seq(cloud.pg)
+    spent0 = await asyncio.to_thread(cloud.agent_seconds)
+    neighbours: list[str] = []
     with Client(cloud.edge.client, vip, PORT, args.rate, args.client_timeout) as client:
         await asyncio.sleep(0.5)
         wall0, published = time.time(), time.monotonic()
-        await cloud.send("user", type="ScalePool", id=POOL, size=SIZE + 1)
+        await cloud.send("user", type="ScalePool", id=POOL, size=size)
 
         async def answered() -> bool:
-            return any(a.answer == new for a in list(client.attempts))
+            if any(a.answer == new for a in list(client.attempts)):
+                return True
+            if not neighbours and time.monotonic() - published > NEIGHBOURS_AFTER_S:
+                neighbours.extend(await neighbour_entries(cloud, new))
+            return False
 
         await until(f"{new} answers through the VIP", answered, cloud, 120)
     first_s = min(a.started for a in client.attempts if a.answer == new) - published
     lost = sum(a.answer is None for a in client.attempts)
-    five = await cloud.members()
-    await until(f"both nodes serve {new}", lambda: cloud.serving(five), cloud, 60)
+    grown = await cloud.members()
+    await until(f"both nodes serve {new}", lambda: cloud.serving(grown), cloud, 60)
+    spent = agent_lines(spent0, await asyncio.to_thread(cloud.agent_seconds))
     rows = await history_since(cloud.pg, seq0)
-    r = ScaleRun(new, first_s, lost)
+    r = ScaleRun(new, first_s, lost, agents=spent, neighbours=neighbours,
+                 ip=(await backend_ips(cloud))[new])
 
     def at(label: str, pred: Callable[[dict[str, Any]], bool], after: int = 0) -> int:
         row = first(rows, pred, after)
@@ -422,13 +514,16 @@ async def scale_once(cloud: LbCloud, vip: str, args: argparse.Namespace) -> Scal
         return row["seq"] if row else after
 
     at("ScalePool stored", lambda x: x["type"] == "ScalePool")
-    at(f"CreateInstance {new}", lambda x: x["type"] == "CreateInstance" and x["id"] == new)
+    at("CreateInstance of the member", lambda x: x["type"] == "CreateInstance" and x["id"] == new)
     at("its guest applied (Applied)", lambda x: x["type"] == "Applied" and x["id"] == new)
     at("it tells the pool it serves (MemberState)",
        lambda x: x["type"] == "MemberState" and x.get("events") and x["id"] == POOL)
     s = at("the pool sends the backends (PoolBackends)",
            lambda x: x["type"] == "PoolBackends" and x["id"] == LB)
+    backends = first(rows, lambda x: x["seq"] == s)
     for node in NODES:
+        if backends is not None and (t := jobs.first(node, backends["at"])) is not None:
+            r.parts[f"{node}'s job with it, unhealthy, on JOB"] = t - wall0
         at(f"{node} applied the job with it, unhealthy (LbApplied)",
            lambda x, n=node: x["type"] == "LbApplied" and x["source"] == n, after=s)
     up = [x for x in rows if x["type"] == "BackendHealth" and x.get("reason")
@@ -439,38 +534,78 @@ async def scale_once(cloud: LbCloud, vip: str, args: argparse.Namespace) -> Scal
     decisive = next((x for x in up if x.get("jobs")), None)
     if decisive is not None:
         for node in NODES:
+            if (t := jobs.first(node, decisive["at"])) is not None:
+                r.parts[f"{node}'s job with it healthy on JOB (fold + relay)"] = t - wall0
             at(f"{node} applied the job with it healthy (LbApplied)",
                lambda x, n=node: x["type"] == "LbApplied" and x["source"] == n,
                after=decisive["seq"])
     r.lines = timeline(rows, wall0, {"lb", "pool", "instance"})
-    await cloud.send("user", type="ScalePool", id=POOL, size=SIZE)
-    await settle(cloud, "scaled back")
-    four = await cloud.members()
-    await until("both nodes serve the pool of 4 again", lambda: cloud.serving(four), cloud, 60)
     return r
 
 
-async def part_scale(cloud: LbCloud, vip: str, args: argparse.Namespace) -> None:
-    say(f"(2) ScalePool {SIZE} -> {SIZE + 1} (the publish) -> the first answer naming the new"
+async def scale_back(cloud: BenchCloud) -> None:
+    await cloud.send("user", type="ScalePool", id=POOL, size=SIZE)
+    await settle(cloud, "scaled back")
+    members = await cloud.members()
+    await until(f"both nodes serve the pool of {SIZE} again", lambda: cloud.serving(members),
+                cloud, 60)
+
+
+async def neighbour_entries(cloud: BenchCloud, member: str) -> list[str]:
+    """The new member's address and MAC, and what each LB node's neighbour table says of
+    that address: a member that reuses a freed address is reached at the MAC the node
+    cached for the old one until that entry is probed again."""
+    state = await cloud.state("instance", member)
+    nic = (state or {}).get("nics", [{}])[0]
+    if not nic.get("ip"):
+        return [f"{member} has no address yet after {NEIGHBOURS_AFTER_S:.0f} s"]
+    out = [f"{member} (not answered yet) has {nic['ip']} at {nic['mac']}; the LB nodes'"
+           f" neighbour entries for it, {NEIGHBOURS_AFTER_S:.0f} s after the publish:"]
+    for node in NODES:
+        done = await asyncio.to_thread(
+            subprocess.run, ["ip", "-n", cloud.fabric[node].netns, "neigh", "show", "to",
+                             nic["ip"]], capture_output=True, text=True, timeout=10)
+        out.append(f"  {node}: {done.stdout.strip() or 'none'}")
+    return out
+
+
+async def part_scale(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse.Namespace) -> None:
+    say(f"(2) ScalePool to one member more (the publish) -> the first answer naming the new"
         f" member (client {args.rate:g} connections/s)")
-    runs = []
-    for k in range(args.runs):
-        r = await scale_once(cloud, vip, args)
-        runs.append(r)
-        say(f"    run {k + 1}: {r.member}: first request {r.first_s:6.3f} s after the publish"
-            f" ({r.lost} connections unanswered meanwhile)")
-        for what, t in sorted(r.parts.items(), key=lambda kv: kv[1]):
-            say(f"        {t:+7.3f} s  {what}")
-        if k == 0:
-            say("      the timeline of run 1 (seconds from the publish):")
-            for line in r.lines:
-                say(line)
-    say(f"    ScalePool -> the new member's first request: {stats([r.first_s for r in runs])}")
-    keys = sorted(dict.fromkeys(k for r in runs for k in r.parts),
-                  key=lambda k: statistics.median([r.parts[k] for r in runs if k in r.parts]))
-    say("    where it goes (from the publish):")
-    for key in keys:
-        say(f"      {key:<62} {stats([r.parts[key] for r in runs if key in r.parts])}")
+    held = {ip: m for m, ip in (await backend_ips(cloud)).items()}  # address -> who had it
+    # (title, the sizes scaled to, scaled back to SIZE after each run or after the last)
+    series = [(f"{SIZE} -> {SIZE + 1} -> ... -> {SIZE + args.runs}, each member on a new"
+               " address", [SIZE + 1 + k for k in range(args.runs)], False)]
+    if args.reuse_runs:
+        series.append((f"{SIZE} -> {SIZE + 1} and back, each new member on the address the"
+                       " last one freed (the fold gives the lowest free address)",
+                       [SIZE + 1] * args.reuse_runs, True))
+    for n, (title, sizes, back_each) in enumerate(series):
+        say(f"  {title}:")
+        runs: list[ScaleRun] = []
+        for k, size in enumerate(sizes):
+            r = await scale_once(cloud, vip, jobs, args, size)
+            runs.append(r)
+            reuse = f", {held[r.ip]}'s address before" if r.ip in held else ", a new address"
+            held[r.ip] = r.member
+            say(f"    run {k + 1}: {r.member} ({r.ip}{reuse}): first request {r.first_s:6.3f} s"
+                f" after the publish ({r.lost} connections unanswered meanwhile)")
+            for what, t in sorted(r.parts.items(), key=lambda kv: kv[1]):
+                say(f"        {t:+7.3f} s  {what}")
+            for line in r.agents + r.neighbours:
+                say(f"        {line}")
+            if n == 0 and k == 0:
+                say("      the timeline of run 1 (seconds from the publish):")
+                for line in r.lines:
+                    say(line)
+            if back_each or k == len(sizes) - 1:
+                await scale_back(cloud)
+        say(f"    ScalePool -> the new member's first request: {stats([r.first_s for r in runs])}")
+        keys = sorted(dict.fromkeys(k for r in runs for k in r.parts),
+                      key=lambda k: statistics.median([r.parts[k] for r in runs if k in r.parts]))
+        say("    where it goes (from the publish):")
+        for key in keys:
+            say(f"      {key:<62} {stats([r.parts[key] for r in runs if key in r.parts])}")
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -478,15 +613,15 @@ async def part_scale(cloud: LbCloud, vip: str, args: argparse.Namespace) -> None
 
 async def body_async(run: Run, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    cloud, vip, nc = await build(run, args)
+    cloud, vip, jobs, nc = await build(run, args)
     try:
         say(f"cloud built in {time.perf_counter() - t0:.1f} s: {len(HYPERVISORS)} hypervisors,"
             f" {len(NODES)} LB nodes, the edge's router and client; pool of {SIZE} behind"
             f" {vip}:{PORT}; load average {load()}")
         if "1" in args.part:
-            await part_fail(cloud, vip, args)
+            await part_fail(cloud, vip, jobs, args)
         if "2" in args.part:
-            await part_scale(cloud, vip, args)
+            await part_scale(cloud, vip, jobs, args)
     finally:
         await cloud.pg.close()
         await nc.close()
@@ -496,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--part", default="1,2", help="which parts: 1, 2")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--reuse-runs", type=int, default=3,
+                        help="(2): runs whose new member gets the address just freed")
     parser.add_argument("--rate", type=float, default=50.0,
                         help="new connections per second from the client")
     parser.add_argument("--client-timeout", type=float, default=0.5,
