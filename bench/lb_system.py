@@ -63,7 +63,16 @@ from orchestrator.edge import Edge  # noqa: E402
 from orchestrator.embedded import Stack  # noqa: E402
 from orchestrator.fabric import Fabric, netns_socket  # noqa: E402
 from tests.conftest import Processes  # noqa: E402
-from tests.test_lb import CIDR, HYPERVISORS, NODES, PORT, TEMPLATE, VNI, LbCloud, guest_block  # noqa: E402
+from tests.test_lb import (  # noqa: E402
+    CIDR,
+    HYPERVISORS,
+    NODES,
+    PORT,
+    TEMPLATE,
+    VNI,
+    LbCloud,
+    guest_block,
+)
 
 POOL, LB, NET = "pool", "web", "web"
 SIZE = 4
@@ -255,7 +264,7 @@ def agent_lines(before: dict[str, dict[str, tuple[float, int]]],
         for what in ("apply", "resync"):
             total = after[host][what][0] - before[host][what][0]
             n = after[host][what][1] - before[host][what][1]
-            parts.append(f"{n} {what}{'es' if what == 'resync' else 's'}"
+            parts.append(f"{n} {'applies' if what == 'apply' else 'resyncs'}"
                          + (f" {1000 * total / n:.0f} ms each" if n else ""))
         out.append(f"{host}'s agent meanwhile: {', '.join(parts)}")
     return out
@@ -350,6 +359,26 @@ def health(args: argparse.Namespace) -> dict[str, int]:
 async def backend_ips(cloud: BenchCloud) -> dict[str, str]:
     lb = await cloud.lb(LB)
     return {i: b.ip for i, b in lb.backends.items()}
+
+
+def spans(runs: Sequence[FailRun | ScaleRun],
+          pairs: Sequence[tuple[str, str, str]]) -> list[str]:
+    """Lines of 'label: min/median/max' of parts[to] - parts[from] over the runs with both
+    ("" as from: 0, the failure or the publish; a "*" in a key: the later of both nodes')."""
+    def value(r: FailRun | ScaleRun, key: str) -> float | None:
+        if not key:
+            return 0.0
+        if "*" in key:
+            got = [r.parts.get(key.replace("*", n)) for n in NODES]
+            return None if None in got else max(g for g in got if g is not None)
+        return r.parts.get(key)
+
+    out = []
+    for label, a, b in pairs:
+        values = [vb - va for r in runs
+                  if (va := value(r, a)) is not None and (vb := value(r, b)) is not None]
+        out.append(f"      {label:<62} {stats(values)}")
+    return out
 
 
 def stats(values: Sequence[float]) -> str:
@@ -459,6 +488,21 @@ async def part_fail(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse.
                   key=lambda k: statistics.median([r.parts[k] for r in runs if k in r.parts]))
     for key in keys:
         say(f"      {key:<56} {stats([r.parts[key] for r in runs if key in r.parts])}")
+    for r in runs:
+        r.parts["last"] = r.last_s
+    say("    as spans:")
+    for line in spans(runs, [
+            ("detection: the failure -> the report that takes it out", "",
+             "the report that takes it out, stored in CMD"),
+            ("the fold + relay: that report -> the later job on JOB",
+             "the report that takes it out, stored in CMD",
+             "*'s job without it on JOB (fold + relay)"),
+            *((f"{n}'s agent: its job on JOB -> its LbApplied",
+               f"{n}'s job without it on JOB (fold + relay)",
+               f"{n} applied the job without it (LbApplied)") for n in NODES),
+            ("the last connection to it -> the later LbApplied", "last",
+             "* applied the job without it (LbApplied)")]):
+        say(line)
 
 
 # ---- (2) ScalePool -> the new member's first request ----------------------------------------
@@ -530,7 +574,7 @@ async def scale_once(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse
           and f"{new}:{PORT} healthy" in x["reason"]]
     for node in NODES:
         if (t := since(next((x for x in up if x["source"] == node), None), wall0)) is not None:
-            r.parts[f"{node} reports it up, rise x interval later (BackendHealth)"] = t
+            r.parts[f"{node} reports it up (BackendHealth)"] = t
     decisive = next((x for x in up if x.get("jobs")), None)
     if decisive is not None:
         for node in NODES:
@@ -606,6 +650,27 @@ async def part_scale(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse
         say("    where it goes (from the publish):")
         for key in keys:
             say(f"      {key:<62} {stats([r.parts[key] for r in runs if key in r.parts])}")
+        for r in runs:
+            r.parts["first"] = r.first_s
+        say("    as spans:")
+        for line in spans(runs, [
+                ("the publish -> the later job with it on JOB (fold + relay)", "",
+                 "*'s job with it, unhealthy, on JOB"),
+                ("-> the later node applied it, unhealthy (agents)",
+                 "*'s job with it, unhealthy, on JOB",
+                 "* applied the job with it, unhealthy (LbApplied)"),
+                *((f"{n}: it applied it -> it reports it up (rise probes)",
+                   f"{n} applied the job with it, unhealthy (LbApplied)",
+                   f"{n} reports it up (BackendHealth)") for n in NODES),
+                ("the later report up -> the job with it healthy on JOB",
+                 "* reports it up (BackendHealth)",
+                 "*'s job with it healthy on JOB (fold + relay)"),
+                *((f"{n}'s agent: that job on JOB -> its LbApplied",
+                   f"{n}'s job with it healthy on JOB (fold + relay)",
+                   f"{n} applied the job with it healthy (LbApplied)") for n in NODES),
+                ("the later job on JOB -> the first request", "*'s job with it healthy on JOB"
+                 " (fold + relay)", "first")]):
+            say(line)
 
 
 # ---- the run --------------------------------------------------------------------------------
