@@ -680,9 +680,10 @@ async def body_async(run: Run, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     cloud, vip, jobs, nc = await build(run, args)
     try:
-        say(f"cloud built in {time.perf_counter() - t0:.1f} s: {len(HYPERVISORS)} hypervisors,"
-            f" {len(NODES)} LB nodes, the edge's router and client; pool of {SIZE} behind"
-            f" {vip}:{PORT}; load average {load()}")
+        assert run.fabric is not None
+        say(f"cloud built in {time.perf_counter() - t0:.1f} s (namespaces {run.fabric.prefix}-*):"
+            f" {len(HYPERVISORS)} hypervisors, {len(NODES)} LB nodes, the edge's router and"
+            f" client; pool of {SIZE} behind {vip}:{PORT}; load average {load()}")
         if "1" in args.part:
             await part_fail(cloud, vip, jobs, args)
         if "2" in args.part:
