@@ -1,7 +1,8 @@
 """LB system benchmark: health and scaling as the client behind the router sees them.
 
-    .venv/bin/python bench/lb_system.py [--runs 3] [--rate 50] [--interval-ms 500]
-                                        [--timeout-ms 300] [--rise 2] [--fall 2]
+    .venv/bin/python bench/lb_system.py [--part 1,2] [--runs 3] [--reuse-runs 3]
+                                        [--rate 50] [--interval-ms 500] [--timeout-ms 300]
+                                        [--rise 2] [--fall 2]
 
 One cloud, built once as tests/test_lb.py builds it: a Fabric of 3 hypervisors (namespace
 guests) and 2 LB nodes, the Edge (a bird2 router with ECMP and a client behind it), the
@@ -14,8 +15,10 @@ a short health check. Meanwhile the client opens a new connection to the VIP eve
     guest_block) -> the start of the last new connection that reached it. Such a
     connection is not answered; the nodes' conntrack says which backend each unanswered
     one was sent to. Then it is unblocked and back (rise x interval) before the next run.
-(2) ScalePool 4 -> 5 (the publish) -> the first answer naming the new member; then the
-    pool is scaled back to 4 and drained before the next run.
+(2) ScalePool to one member more (the publish) -> the first answer naming the new
+    member: 4 -> 5 -> 6 -> 7, each on a new address, then back to 4; then --reuse-runs
+    times 4 -> 5 and back, each new member on the address the last one freed (what the
+    LB nodes' neighbour tables hold for it is shown when it is slow to answer).
 
 Each is measured --runs times (min/median/max), with where the time goes from the history
 table (each command's JetStream time, `outcome->>'at'`, against the wall clock at the
@@ -431,7 +434,8 @@ async def fail_once(cloud: BenchCloud, vip: str, jobs: JobTimes, victim: str,
         raise RuntimeError(f"{victim} answered after its service was blocked")
     confirmed = [a for a in lost if a.sport in dnated]
     rows = await history_since(cloud.pg, seq0)
-    last_s = max((a.started for a in lost), default=failed) - failed
+    reached = confirmed or lost  # without conntrack's word: every unanswered one
+    last_s = max((a.started for a in reached), default=failed) - failed
     r = FailRun(victim, last_s, len(lost), len(confirmed), agents=spent)
     down = [x for x in rows if x["type"] == "BackendHealth" and x.get("reason")
             and f"{victim}:{PORT} unhealthy" in x["reason"]]
