@@ -1,14 +1,16 @@
 """The `orch` application and its global options; each verb module registers on ``app``."""
 
+from __future__ import annotations
+
 import os
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from events import logs
-from orchestrator.settings import resolve
+if TYPE_CHECKING:
+    from orchestrator.settings import Endpoints
 
 WAIT_MODES = ("outcome", "applied")
 
@@ -60,10 +62,15 @@ class Options:
 
     def nats_url(self) -> str:
         # Only what this verb needs: publishing must not require a database setting.
-        return self.nats or os.environ.get("ORCH_NATS_URL") or resolve(self.nats, self.pg).nats_url
+        return self.nats or os.environ.get("ORCH_NATS_URL") or self._stack().nats_url
 
     def pg_dsn(self) -> str:
-        return self.pg or os.environ.get("ORCH_PG_DSN") or resolve(self.nats, self.pg).pg_dsn
+        return self.pg or os.environ.get("ORCH_PG_DSN") or self._stack().pg_dsn
+
+    def _stack(self) -> Endpoints:
+        from orchestrator.settings import resolve  # the `orch up` stack's file, if any
+
+        return resolve(self.nats, self.pg)
 
 
 @app.callback()
@@ -76,6 +83,8 @@ def main(
         "--pg", metavar="DSN", help="PostgreSQL DSN [env ORCH_PG_DSN, else the `orch up` stack]",
     )] = None,
 ) -> None:
+    from events import logs
+
     ctx.obj = Options(nats_url, pg_dsn)
     # Verbs that run daemons log JSON at their own level; the others keep stdout for their
     # output and say only what goes wrong (a lost connection, say) on stderr.

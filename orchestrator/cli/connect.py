@@ -1,20 +1,20 @@
-"""Connections of a one-shot verb: bounded waits, and one clear line when they fail."""
+"""Connections of a one-shot verb: bounded waits, and one clear line when they fail.
+Each imports its client when called: a verb reading PostgreSQL only never loads nats."""
+
+from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
 import signal
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import asyncpg
-import nats
-import nats.errors
-from nats.aio.client import Client
-
-from events.bus import server_urls
 from orchestrator.cli.output import CliError
-from orchestrator.store import connect_pg
+
+if TYPE_CHECKING:
+    import asyncpg
+    from nats.aio.client import Client
 
 T = TypeVar("T")
 NATS_CONNECT_TIMEOUT_S = 5.0
@@ -31,6 +31,11 @@ async def open_nats(url: str, name: str, follow: bool = False) -> Client:
     A one-shot verb gives up after three refused attempts (about a second); a follower
     keeps reconnecting once connected, as it may outlive a server restart.
     """
+    import nats
+    import nats.errors
+
+    from events.bus import server_urls
+
     errors: list[Exception] = []
 
     async def remember(exc: Exception) -> None:  # instead of nats-py's logged traceback
@@ -49,6 +54,10 @@ async def open_nats(url: str, name: str, follow: bool = False) -> Client:
 
 
 async def open_pg(dsn: str) -> asyncpg.Connection:
+    import asyncpg
+
+    from orchestrator.store import connect_pg
+
     try:
         return await asyncio.wait_for(connect_pg(dsn), PG_CONNECT_TIMEOUT_S)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

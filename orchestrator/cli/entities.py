@@ -1,19 +1,15 @@
 """Verbs over the projection: `orch get`, `orch hosts`, `orch alerts`, `orch dead-letters`."""
 
+from __future__ import annotations
+
 import dataclasses
 import time
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from events.bus import last_seq_at
-from events.heartbeats import read_heartbeats
-from events.subjects import CMD_STREAM
-from events.topology import ensure_topology
-from orchestrator import queries, render
 from orchestrator.cli.app import Options, app
-from orchestrator.cli.connect import open_nats, open_pg, query
 from orchestrator.cli.output import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -25,8 +21,9 @@ from orchestrator.cli.output import (
     run,
 )
 from orchestrator.cli.parse import not_in_future, parse_point, parse_target
-from orchestrator.history import EntityFold, as_stored
-from orchestrator.logreader import read_entity
+
+if TYPE_CHECKING:
+    from orchestrator.queries import EntityRow, HostRow
 
 
 @app.command()
@@ -41,6 +38,9 @@ def get(
         " zone): its history folded again")] = None,
 ) -> None:
     """Show one entity's projected state, or list the entities of a kind."""
+    from orchestrator import queries, render
+    from orchestrator.cli.connect import open_pg
+
     opts: Options = ctx.obj
 
     async def main() -> None:
@@ -82,8 +82,16 @@ def get(
 
 
 async def _state_at(opts: Options, kind: str, id_: str,
-                    point: int | datetime) -> tuple[queries.EntityRow, int]:
+                    point: int | datetime) -> tuple[EntityRow, int]:
     """The entity folded from its own commands up to a point of the log, and that seq."""
+    from events.bus import last_seq_at
+    from events.subjects import CMD_STREAM
+    from events.topology import ensure_topology
+    from orchestrator.cli.connect import open_nats
+    from orchestrator.history import EntityFold, as_stored
+    from orchestrator.logreader import read_entity
+    from orchestrator.queries import EntityRow
+
     nc = await open_nats(opts.nats_url(), "orch-get-at")
     try:
         js = nc.jetstream()
@@ -114,7 +122,7 @@ async def _state_at(opts: Options, kind: str, id_: str,
         first = (messages or later)[0].seq
         raise CliError(f"{kind}/{id_} did not exist yet at seq {seq}: its first command is"
                        f" seq {first}", EXIT_FAILURE)
-    return queries.EntityRow(kind, id_, state, fold.last_seq), seq
+    return EntityRow(kind, id_, state, fold.last_seq), seq
 
 
 @app.command()
@@ -123,6 +131,10 @@ def hosts(
     as_json: Annotated[bool, typer.Option("--json", help="One object per line")] = False,
 ) -> None:
     """Hosts with their condition, instance count and last heartbeat."""
+    from events.heartbeats import read_heartbeats
+    from orchestrator import queries, render
+    from orchestrator.cli.connect import open_nats, query
+
     opts: Options = ctx.obj
 
     async def main() -> None:
@@ -134,7 +146,7 @@ def hosts(
             await nc.close()
         now_ms = int(time.time() * 1000)
 
-        def as_doc(row: queries.HostRow) -> dict[str, Any]:
+        def as_doc(row: HostRow) -> dict[str, Any]:
             beat = beats.get(row.id)
             return {**dataclasses.asdict(row), "last_heartbeat_ms": beat.at_ms if beat else None}
 
@@ -150,6 +162,9 @@ def alerts(
     as_json: Annotated[bool, typer.Option("--json", help="One object per line")] = False,
 ) -> None:
     """Entities degraded after their retries ran out, and hosts down (exit 1 if any)."""
+    from orchestrator import queries, render
+    from orchestrator.cli.connect import query
+
     opts: Options = ctx.obj
 
     async def main() -> int:
@@ -167,6 +182,9 @@ def dead_letters(
     as_json: Annotated[bool, typer.Option("--json", help="One object per line")] = False,
 ) -> None:
     """Messages the fold could not use (bad subject or body), oldest first."""
+    from orchestrator import queries, render
+    from orchestrator.cli.connect import query
+
     opts: Options = ctx.obj
 
     async def main() -> None:

@@ -1,21 +1,24 @@
 """What every verb shares: exit codes, errors as one line, the console, JSON lines, and
-running an async verb with every expected failure mapped to an exit code."""
+running an async verb with every expected failure mapped to an exit code.
+
+Every verb pays for what `orch` imports before it runs: the verb modules import only typer
+and these light helpers at the top, and what a verb needs (nats, asyncpg, rich, the
+deciders) inside the verb itself."""
+
+from __future__ import annotations
 
 import gc
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import asyncpg
 import msgspec
 import typer
-import uvloop
-from rich.console import Console
-from rich.text import Text
 
-from orchestrator.settings import NoStack
-from schemas.codec import CommandError
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -31,6 +34,8 @@ class CliError(Exception):
 
 
 def console() -> Console:
+    from rich.console import Console
+
     out = Console(highlight=False)
     if not out.is_terminal and "COLUMNS" not in os.environ:
         # Piped: no colours (rich decides), and no 80-column wrapping of long lines either.
@@ -98,6 +103,8 @@ def run(main: Callable[[], Coroutine[Any, Any, int | None]], folds: bool = False
     ``folds``: the verb folds a history again, making many objects that live until it
     ends; collecting less often saves a third of its time, and what the imports made is
     never garbage."""
+    import uvloop
+
     if folds:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
@@ -105,14 +112,22 @@ def run(main: Callable[[], Coroutine[Any, Any, int | None]], folds: bool = False
         code = uvloop.run(main())
     except CliError as exc:
         fail(str(exc), exc.code)
-    except CommandError as exc:
-        fail(str(exc), EXIT_USAGE)
-    except NoStack as exc:
-        fail(str(exc), EXIT_FAILURE)
-    except asyncpg.UndefinedTableError:
-        fail("no projection in this database yet: start `orch orchestrator` first", EXIT_FAILURE)
     except Exception as exc:  # connection lost, server refusal, a bug: still one line
+        if _is(exc, "schemas.codec", "CommandError"):
+            fail(str(exc), EXIT_USAGE)
+        if _is(exc, "orchestrator.settings", "NoStack"):
+            fail(str(exc), EXIT_FAILURE)
+        if _is(exc, "asyncpg", "UndefinedTableError"):
+            fail("no projection in this database yet: start `orch orchestrator` first",
+                 EXIT_FAILURE)
         if os.environ.get("ORCH_DEBUG"):
             raise
         fail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, EXIT_FAILURE)
     raise typer.Exit(code or EXIT_OK)
+
+
+def _is(exc: Exception, module: str, name: str) -> bool:
+    """Whether ``exc`` is ``module.name``, without importing it: a verb that never imported
+    the module cannot have raised its exception."""
+    found = sys.modules.get(module)
+    return found is not None and isinstance(exc, getattr(found, name))

@@ -3,111 +3,14 @@
 
 import json
 import sys
-import uuid
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from events.bus import Published, Publisher, same_as_stored
-from events.topology import ensure_topology
-from orchestrator import render
 from orchestrator.cli.app import Options, app
-from orchestrator.cli.causes import Progress, reader
-from orchestrator.cli.connect import open_nats
-from orchestrator.cli.output import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    EXIT_USAGE,
-    CliError,
-    console,
-    fail,
-    print_json,
-    run,
-)
-from orchestrator.cli.wait import Waited, report, wait_all
-from orchestrator.fold import source_class
-from schemas.codec import CommandError, command_from_dict, loads
-from schemas.commands import Command
-from schemas.export import json_schema
-from schemas.ids import is_valid_id
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return text
-
-
-def _parse_json(text: str, what: str = "") -> Any:
-    """JSON input, or CommandError (a usage error) saying why not."""
-    where = f"{what}: " if what else ""
-    try:
-        return loads(text)  # a key given twice is refused, not the last one taken
-    except CommandError as exc:
-        raise CommandError(f"{where}{exc}") from None
-    except ValueError as exc:
-        raise CommandError(f"{where}not valid JSON: {exc}") from None
-    except RecursionError:
-        raise CommandError(f"{where}JSON nested too deeply") from None
-
-
-def _apply_set(doc: dict[str, Any], assignment: str) -> None:
-    """`--set a.b=v`: v as JSON if it parses, else as a string; dots make nested objects."""
-    key, sep, value = assignment.partition("=")
-    if not sep or not key:
-        raise CommandError(f"--set {assignment!r}: expected KEY=VALUE")
-    *parents, leaf = key.split(".")
-    target = doc
-    for part in parents:
-        target = target.setdefault(part, {})
-        if not isinstance(target, dict):
-            raise CommandError(f"--set {assignment!r}: {part!r} is not an object")
-    target[leaf] = _parse_value(value)
-
-
-def _build(doc: Any, default_source: str, key: str | None = None) -> tuple[str, Command]:
-    """A validated (source, command) from one parsed object; CommandError says what is wrong."""
-    if not isinstance(doc, dict):
-        raise CommandError("a command must be a JSON object")
-    doc = dict(doc)
-    source = doc.pop("source", default_source)
-    if not isinstance(source, str) or not is_valid_id(source):
-        raise CommandError(f"invalid source {source!r}: user, admin, system or a host name")
-    if key is not None:
-        doc["cmd_id"] = key
-    doc.setdefault("cmd_id", uuid.uuid4().hex)
-    cmd = command_from_dict(doc)
-    if source_class(source) not in cmd.sources:
-        allowed = ", ".join("a host name" if s == "host" else s for s in cmd.sources)
-        raise CommandError(f"{type(cmd).__name__} may not come from source {source!r}"
-                           f" (allowed: {allowed}) at `$.source`")
-    return source, cmd
-
-
-def _read_lines(file: str, default_source: str) -> list[tuple[str, Command]]:
-    """Every command of a JSON-lines file, or CommandError naming the first bad line."""
-    try:
-        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    except OSError as exc:
-        raise CliError(f"cannot read {file}: {exc.strerror}", EXIT_USAGE) from None
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError as exc:
-        raise CliError(f"{file} is not UTF-8: byte {exc.start} is {raw[exc.start]:#04x}",
-                       EXIT_USAGE) from None
-    items: list[tuple[str, Command]] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            items.append(_build(_parse_json(line), default_source))
-        except CommandError as exc:
-            raise CommandError(f"line {number}: {exc}") from None
-    return items
+from orchestrator.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError, fail, run
 
 
 class WaitMode(StrEnum):
@@ -147,6 +50,16 @@ def publish(
 
     Nothing is published unless every command is valid.
     """
+    from events.bus import Publisher, same_as_stored
+    from events.topology import ensure_topology
+    from orchestrator import render
+    from orchestrator.cli.compose import apply_set, build, parse_json, read_lines
+    from orchestrator.cli.connect import open_nats
+    from orchestrator.cli.output import console, print_json
+    from orchestrator.cli.wait import wait_and_report
+    from schemas.codec import CommandError
+    from schemas.commands import Command
+
     opts: Options = ctx.obj
 
     def commands() -> list[tuple[str, Command]]:
@@ -154,21 +67,21 @@ def publish(
             if type_ or id_ or sets or fields or key:
                 raise CliError("--file takes whole commands: no TYPE, ID, --set, --json or"
                                " --key with it", EXIT_USAGE)
-            return _read_lines(file, source)
+            return read_lines(file, source)
         if fields is None and type_ is None:
             raise CliError("nothing to publish: give TYPE ID, --json or --file", EXIT_USAGE)
         doc: dict[str, Any] = {}
         if fields is not None:
-            doc = _parse_json(fields, "--json")
+            doc = parse_json(fields, "--json")
             if not isinstance(doc, dict):
                 raise CommandError("--json: expected a JSON object")
         for assignment in sets or ():
-            _apply_set(doc, assignment)
+            apply_set(doc, assignment)
         if type_ is not None:
             doc["type"] = type_
         if id_ is not None:
             doc["id"] = id_
-        return [_build(doc, source, key)]
+        return [build(doc, source, key)]
 
     async def main() -> int:
         if timeout is not None and wait is None:
@@ -208,28 +121,11 @@ def publish(
                 f" of {first.kind}/{first.id} was already used for a different command"
                 f" (seq {results[min(conflicts)].seq}); use a new --key")
         if wait is not None:
-            return await _wait(opts, items, results, wait, timeout, json_out, out)
+            return await wait_and_report(opts.nats_url(), opts.pg_dsn(), items, results,
+                                         wait is WaitMode.applied, timeout, json_out, out)
         return EXIT_OK
 
     run(main)
-
-
-async def _wait(opts: Options, items: list[tuple[str, Command]], results: list[Published],
-                mode: WaitMode, timeout: float | None, json_out: bool, out: Console) -> int:
-    waited = [Waited(r.seq, {"seq": r.seq, "duplicate": r.duplicate, "cmd_id": cmd.cmd_id,
-                             "type": type(cmd).__name__, "kind": cmd.kind, "id": cmd.id})
-              for (_, cmd), r in zip(items, results, strict=True)]
-    applied = mode is WaitMode.applied
-    progress = Progress(Console(stderr=True), enabled=not json_out)
-    try:
-        async with reader(opts.nats_url(), opts.pg_dsn(), "orch-publish-wait") as r:
-            settled = await wait_all(r, waited, applied, timeout, progress)
-    finally:
-        progress.close()
-    code, error = report(waited, applied, settled, json_out, out, timeout)
-    if error is not None:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    return code
 
 
 @app.command()
@@ -237,6 +133,8 @@ def schema(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to FILE")] = None,
 ) -> None:
     """The JSON Schema of every message on the bus (commands, jobs, outcomes)."""
+    from schemas.export import json_schema
+
     text = json.dumps(json_schema(), indent=2) + "\n"
     if out is None:
         sys.stdout.write(text)

@@ -8,21 +8,8 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
-from events.bus import last_seq_at
-from events.subjects import CMD_STREAM
-from events.topology import ensure_topology
-from orchestrator import render
 from orchestrator.cli.app import Options, app
-from orchestrator.cli.connect import open_nats, open_pg
 from orchestrator.cli.output import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -33,8 +20,6 @@ from orchestrator.cli.output import (
     run,
 )
 from orchestrator.cli.parse import parse_point
-from orchestrator.logview import verify_json, verify_lines
-from orchestrator.replay import replay as run_replay
 
 # Same rule as orchestrator.replay; checked here so a bad name is a usage error (exit 2).
 _SCRATCH_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -44,6 +29,15 @@ _SCRATCH_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 def shown(enabled: bool, total: int) -> Iterator[Callable[[int], None] | None]:
     """A progress bar on stderr, on a TTY only: commands folded, per second, and an ETA.
     (The total counts every command up to the end, some of which no partition reads.)"""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     err = Console(stderr=True)
     if not enabled or not err.is_terminal:
         yield None
@@ -76,6 +70,14 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Fold the whole CMD log again into a scratch schema, and optionally verify it."""
+    from events.bus import last_seq_at
+    from events.subjects import CMD_STREAM
+    from events.topology import ensure_topology
+    from orchestrator import render
+    from orchestrator.cli.connect import open_nats, open_pg
+    from orchestrator.logview import verify_json, verify_lines
+    from orchestrator.replay import replay as run_replay
+
     opts: Options = ctx.obj
 
     async def main() -> int:

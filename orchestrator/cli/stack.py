@@ -1,6 +1,5 @@
 """Verbs that run the platform: `orch up`, `orch orchestrator`, `orch agent`, `orch demo`."""
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -11,21 +10,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-import nats.errors
-import prometheus_client
 import typer
-import uvloop
 
-from events import logs
-from events.topology import ensure_topology
-from orchestrator import demo as demo_mod
 from orchestrator.cli.app import Options, app
-from orchestrator.cli.connect import open_nats, stop_event
 from orchestrator.cli.output import EXIT_FAILURE, EXIT_USAGE, CliError, console, fail, run
-from orchestrator.embedded import Stack, read_stack_file
-from orchestrator.reconciler import ReconcilerConfig
-from orchestrator.replica import Replica, ReplicaConfig
-from orchestrator.settings import NoStack, stack_dir
 
 # A replica gets this long to stop its workers after SIGTERM before it is cancelled.
 REPLICA_STOP_GRACE_S = 8.0
@@ -34,6 +22,9 @@ UP_MAX_RESTARTS, UP_RESTART_WINDOW_S = 3, 60.0
 
 
 async def _create_topology(url: str, partitions: int, replicas: int) -> None:
+    from events.topology import ensure_topology
+    from orchestrator.cli.connect import open_nats
+
     nc = await open_nats(url, "orch-up")
     try:
         await ensure_topology(nc.jetstream(), partitions, replicas)
@@ -55,6 +46,12 @@ def up(
         min=1, help="Partitions of the CMD stream a cluster is created with")] = 8,
 ) -> None:
     """Run the embedded development stack (nats-server + PostgreSQL) until Ctrl-C."""
+    import nats.errors
+    import uvloop
+
+    from orchestrator.embedded import Stack, read_stack_file
+    from orchestrator.settings import stack_dir
+
     if servers not in (1, 3):
         fail("--servers: 1, or 3 for a cluster", EXIT_USAGE)
     root = directory or stack_dir()
@@ -137,6 +134,15 @@ def orchestrator(
     log_level: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.info,
 ) -> None:
     """Run an orchestrator replica until SIGTERM or Ctrl-C (JSON logs on stderr)."""
+    import asyncio
+
+    import prometheus_client
+
+    from events import logs
+    from orchestrator.cli.connect import stop_event
+    from orchestrator.reconciler import ReconcilerConfig
+    from orchestrator.replica import Replica, ReplicaConfig
+
     opts: Options = ctx.obj
     logs.configure(log_level.value, json=True)
     if metrics_port is not None:
@@ -171,6 +177,8 @@ def agent(ctx: typer.Context) -> None:
     """Run the agent of one host: `orch agent --host NAME [--libvirt URI] ...` (--help)."""
     # The agent is its own program (python -m agents): the orchestrator never imports it,
     # they meet only on the bus. It gets the bus this CLI would use.
+    from orchestrator.settings import NoStack
+
     opts: Options = ctx.obj
     argv = [sys.executable, "-m", "agents", *ctx.args]
     if "--help" not in ctx.args:
@@ -185,10 +193,13 @@ def agent(ctx: typer.Context) -> None:
 def demo(
     directory: Annotated[Path, typer.Option("--dir", help="Scratch directory, removed after")]
     = Path(".orch/demo"),
-    timeout: Annotated[float, typer.Option(help="Give up if not converged, seconds")]
-    = demo_mod.DEMO_TIMEOUT_S,
+    timeout: Annotated[float | None, typer.Option(
+        help="Give up if not converged, seconds [default: the demo's own]")] = None,
 ) -> None:
     """A private stack, a replica and a short scenario; prints the state, then tears down."""
+    from events import logs
+    from orchestrator import demo as demo_mod
+
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -198,7 +209,8 @@ def demo(
     # The replica logs only what is wrong: the scenario's own output tells the story.
     logs.configure("error", json=True)
     try:
-        demo_mod.run(directory, console(), timeout)
+        demo_mod.run(directory, console(),
+                     demo_mod.DEMO_TIMEOUT_S if timeout is None else timeout)
     except demo_mod.DemoError as exc:
         fail(f"demo failed: {exc}", EXIT_FAILURE)
     except KeyboardInterrupt:

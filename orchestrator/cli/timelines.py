@@ -1,39 +1,14 @@
 """Verbs over the log, entity by entity or across them: `orch tail`, `orch trace`,
 `orch log`."""
 
-import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated
 
-import asyncpg
-import msgspec
 import typer
-from nats.aio.client import Client
-from nats.js import JetStreamContext
 
-from events.bus import last_seq_at, read_stream
-from events.subjects import CMD_STREAM, EVT_STREAM, event_subject
-from events.topology import ensure_topology
-from orchestrator import queries, render
 from orchestrator.cli.app import Options, app
-from orchestrator.cli.causes import find_command, reader
-from orchestrator.cli.connect import open_nats, open_pg, query, stop_event, until_stopped
 from orchestrator.cli.output import EXIT_FAILURE, CliError, Lines, console, print_json, run
 from orchestrator.cli.parse import not_in_future, parse_kind, parse_point, parse_target
-from orchestrator.history import Change, EntityFold, Step, diff
-from orchestrator.logreader import entity_batches
-from orchestrator.logview import (
-    change_json,
-    change_line,
-    change_plain,
-    log_line,
-    outcome_plain,
-    trace_tree,
-)
-from orchestrator.trace import to_json as trace_json
-from schemas.outcomes import Outcome
 
 
 @app.command()
@@ -47,6 +22,18 @@ def tail(
     as_json: Annotated[bool, typer.Option("--json", help="One Outcome object per line")] = False,
 ) -> None:
     """The timeline of an entity: every command folded, accepted or rejected, and why."""
+    import asyncio
+
+    import asyncpg
+
+    from events.subjects import event_subject
+    from events.topology import ensure_topology
+    from orchestrator import queries, render
+    from orchestrator.cli.connect import open_nats, open_pg, stop_event, until_stopped
+    from orchestrator.cli.streams import Changes, follow_outcomes, noop
+    from orchestrator.logview import change_json, change_line, change_plain, outcome_plain
+    from schemas.outcomes import Outcome
+
     opts: Options = ctx.obj
     lines = Lines(console(), follow)
 
@@ -107,50 +94,6 @@ def tail(
     run(main, folds=diff)
 
 
-async def noop() -> None:
-    pass
-
-
-class Changes:
-    """What each command of one entity changed, from its commands folded again in order."""
-
-    def __init__(self, js: JetStreamContext, kind: str, id_: str, partitions: int) -> None:
-        self.js, self.kind, self.id = js, kind, id_
-        self.fold = EntityFold((kind, id_), partitions)
-        self.steps: dict[int, Step] = {}
-
-    async def read(self) -> None:
-        """Everything stored after what was read so far, folded as it comes."""
-        batches = entity_batches(self.js, self.kind, self.id, self.fold.read_upto + 1)
-        async with contextlib.aclosing(batches):
-            async for batch in batches:
-                for step in self.fold.feed(batch):
-                    self.steps[step.folded.seq] = step
-
-    async def of(self, outcome: Outcome) -> list[Change]:
-        if outcome.seq > self.fold.read_upto:  # a followed outcome: read on
-            await self.read()
-        step = self.steps.pop(outcome.seq, None)
-        if step is None or not step.folded.changed:
-            return []
-        return diff(step.before, step.after)
-
-
-async def follow_outcomes(nc: Client, subject: str, after_seq: int,
-                          emit: Callable[[Outcome], Awaitable[None]]) -> None:
-    """Outcomes published on EVT after ``after_seq`` (a relay may repeat one: skip it)."""
-    last = after_seq
-    async for msgs in read_stream(nc.jetstream(), EVT_STREAM, subject, follow=True):
-        for msg in msgs:
-            try:
-                outcome = queries.decode_outcome(msg.data)
-            except msgspec.DecodeError:
-                continue  # not an outcome: nothing a timeline can show
-            if outcome.seq > last:
-                last = outcome.seq
-                await emit(outcome)
-
-
 @app.command()
 def trace(
     ctx: typer.Context,
@@ -159,6 +102,10 @@ def trace(
     as_json: Annotated[bool, typer.Option("--json", help="The tree as one JSON object")] = False,
 ) -> None:
     """Everything one command caused: follow-ups, theirs in turn, jobs and agents' reports."""
+    from orchestrator.cli.causes import find_command, reader
+    from orchestrator.logview import trace_tree
+    from orchestrator.trace import to_json as trace_json
+
     opts: Options = ctx.obj
 
     async def main() -> None:
@@ -198,6 +145,14 @@ def log_(
     as_json: Annotated[bool, typer.Option("--json", help="One Outcome object per line")] = False,
 ) -> None:
     """The whole log across entities, newest last: every command folded, and its outcome."""
+    from events.bus import last_seq_at
+    from events.subjects import CMD_STREAM, EVT_STREAM
+    from orchestrator import queries
+    from orchestrator.cli.connect import open_nats, query, stop_event, until_stopped
+    from orchestrator.cli.streams import follow_events
+    from orchestrator.logview import log_line
+    from schemas.outcomes import Outcome
+
     opts: Options = ctx.obj
     lines = Lines(console(), follow)
 
@@ -240,15 +195,3 @@ def log_(
             await nc.close()
 
     run(main)
-
-
-async def follow_events(js: JetStreamContext, subject: str, start_seq: int,
-                        emit: Callable[[Outcome], Awaitable[None]]) -> None:
-    """Every outcome EVT stores on ``subject`` from ``start_seq`` on, as it comes."""
-    async for msgs in read_stream(js, EVT_STREAM, subject, start_seq=start_seq, follow=True):
-        for msg in msgs:
-            try:
-                outcome = queries.decode_outcome(msg.data)
-            except msgspec.DecodeError:
-                continue
-            await emit(outcome)

@@ -2,6 +2,7 @@
 settled by its agent; bounded by `--timeout`."""
 
 import asyncio
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,11 +11,13 @@ import asyncpg
 from rich.console import Console
 from rich.text import Text
 
+from events.bus import Published
 from orchestrator import queries
-from orchestrator.cli.causes import POLL_S, Progress, Reader
+from orchestrator.cli.causes import POLL_S, Progress, Reader, reader
 from orchestrator.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, print_json
 from orchestrator.logview import log_line, trace_tree
 from orchestrator.trace import Node, failures, to_json, waiting_for
+from schemas.commands import Command
 from schemas.outcomes import Outcome
 
 
@@ -34,6 +37,25 @@ class Waited:
         if self.tree is None:
             return [] if self.outcome.accepted else [f"rejected: {self.outcome.reason}"]
         return failures(self.tree)
+
+
+async def wait_and_report(nats_url: str, pg_dsn: str, items: list[tuple[str, Command]],
+                          results: list[Published], applied: bool, timeout: float | None,
+                          json_out: bool, out: Console) -> int:
+    """Wait for what the published commands caused, print it; the exit code."""
+    waited = [Waited(r.seq, {"seq": r.seq, "duplicate": r.duplicate, "cmd_id": cmd.cmd_id,
+                             "type": type(cmd).__name__, "kind": cmd.kind, "id": cmd.id})
+              for (_, cmd), r in zip(items, results, strict=True)]
+    progress = Progress(Console(stderr=True), enabled=not json_out)
+    try:
+        async with reader(nats_url, pg_dsn, "orch-publish-wait") as r:
+            settled = await wait_all(r, waited, applied, timeout, progress)
+    finally:
+        progress.close()
+    code, error = report(waited, applied, settled, json_out, out, timeout)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return code
 
 
 async def wait_all(r: Reader, items: list[Waited], applied: bool, timeout: float | None,
