@@ -11,8 +11,10 @@ counts from that return, so a host that flaps does not use up their retries.
 from dataclasses import dataclass
 
 import asyncpg
+import msgspec
 
 from events.bus import Publisher
+from orchestrator.deciders.lb import LoadBalancer, drains_due
 from schemas import commands as c
 from schemas.ids import SYSTEM
 
@@ -43,7 +45,7 @@ class Reconciler:
         self.publisher, self.config = publisher, config
 
     async def tick(self, conn: asyncpg.Connection,
-                   now_ms: int) -> list[c.Reconcile | c.ReconcileNetwork | c.ReconcileLb]:
+                   now_ms: int) -> list[c.Command]:
         rows = await conn.fetch(
             """
             SELECT i.id, (i.state->>'generation')::int AS generation,
@@ -100,7 +102,7 @@ class Reconciler:
             return [lag for lag in (Lagging(**dict(r)) for r in rows)
                     if overdue(lag, now_ms, deadline_ms, cap_ms)]
 
-        commands: list[c.Reconcile | c.ReconcileNetwork | c.ReconcileLb] = [
+        commands: list[c.Command] = [
             c.Reconcile(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
                         generation=lag.generation, max_attempts=cfg.max_attempts)
             for lag in due(rows)
@@ -115,6 +117,20 @@ class Reconciler:
                           generation=lag.generation, max_attempts=cfg.max_attempts)
             for lag in due(balancers)
         ]
+        commands += await _drains_due(conn, now_ms)
         if commands:
             await self.publisher.publish_many([(SYSTEM, cmd) for cmd in commands])
         return commands
+
+
+async def _drains_due(conn: asyncpg.Connection, now_ms: int) -> list[c.Command]:
+    """A tick for each balancer with a leaving member whose drain time is up; its key is
+    the oldest drain's start, so ticks for one state dedupe."""
+    out: list[c.Command] = []
+    for r in await conn.fetch("SELECT id, state FROM entities WHERE kind = 'lb'"
+                              " AND state->'draining' <> '{}'::jsonb"):
+        state = msgspec.json.decode(r["state"], type=LoadBalancer)
+        if drains_due(state, now_ms):
+            oldest = min(state.draining.values())
+            out.append(c.DrainTick(cmd_id=f"dt-{r['id']}-{oldest}", id=r["id"]))
+    return out

@@ -400,6 +400,9 @@ class CreateLoadBalancer(Command, tag=True, kw_only=True):
     vip: IPv4
     pool: EntityId
     services: Annotated[tuple[Service, ...], msgspec.Meta(min_length=1, max_length=64)]
+    # Connection draining: how long a leaving member keeps its established flows once no
+    # node sends it new ones, before it may stop or go.
+    drain_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 1000
 
 
 class DeleteLoadBalancer(Command, tag=True, kw_only=True):
@@ -486,6 +489,13 @@ class LbFailed(Command, tag=True, kw_only=True):
     generation: Count
     error: Text
     attempt: Attempt = 1
+
+
+class DrainTick(Command, tag=True, kw_only=True):
+    """The reconciler's tick for a balancer whose leaving members' drain time is up."""
+
+    kind = "lb"
+    sources = ("system",)
 
 
 class ReconcileLb(Command, tag=True, kw_only=True):
@@ -610,6 +620,7 @@ AnyCommand = (
     | LbFailed
     | BackendHealth
     | ReconcileLb
+    | DrainTick
     | HostCapacity
     | Place
     | Release

@@ -468,7 +468,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "LbPortRefused": {"index": 0, "network": "n0", "reason": "taken"},
     "LbApplied": {"generation": 1, "observed": "serving"},
     "LbFailed": {"generation": 1, "error": "boom"},
-    "ReconcileLb": {"generation": 1, "max_attempts": 3},
+    "ReconcileLb": {"generation": 1, "max_attempts": 3}, "DrainTick": {},
     "BackendHealth": {"instance": "i0", "port": 80, "healthy": True, "generation": 1},
     "MemberState": {"instance": "i0", "serving": True, "ip": "10.0.0.2"},
     "BalancerDrained": {"lb": "l0", "instance": "i0"},

@@ -209,6 +209,7 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
     "LbApplied": fields(generation=generation, observed=st.just("serving")),
     "LbFailed": fields(generation=generation, error=st.just("bird: no such file")),
     "ReconcileLb": fields(generation=generation, max_attempts=st.integers(0, 3)),
+    "DrainTick": fields(),
     "BackendHealth": fields(instance=st.sampled_from(INSTANCES), port=st.sampled_from([80, 443]),
                             healthy=st.booleans(), generation=generation),
     "HostCapacity": fields(host=st.sampled_from(HOSTS), vcpus=cpus, memory_mib=memory,

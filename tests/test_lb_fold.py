@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from orchestrator.deciders.lb import LoadBalancer, healthy_ports, seed_of, without_healthy_backend
+from orchestrator.deciders.lb import (
+    LoadBalancer,
+    drains_due,
+    healthy_ports,
+    seed_of,
+    without_healthy_backend,
+)
 from orchestrator.deciders.scheduler import Scheduler
 from orchestrator.fold import Folded
 from schemas.codec import decode_command
@@ -51,6 +57,11 @@ class Lbs(Cloud):
     def applied(self, node: str, id_: str = "l", generation: int | None = None) -> list[Folded]:
         gen = self.lb(id_).generation if generation is None else generation
         assert accepted(self.send(node, "LbApplied", id_, generation=gen, observed="serving"))
+        return self.settle()
+
+    def drain(self, id_: str = "l") -> list[Folded]:
+        """The reconciler's tick once the drain time is up (each fold here is 1 s later)."""
+        assert accepted(self.send("system", "DrainTick", id_))
         return self.settle()
 
     def health(self, node: str, instance: str, healthy: bool, id_: str = "l",
@@ -160,8 +171,13 @@ def test_a_stopped_member_leaves_the_balancers_before_its_job_goes_out() -> None
     # One node applied the job without it: not yet.
     assert not any(j.kind == "instance" for f in w.applied("lb1") for j in f.jobs)
     assert w.instance("p-1").leaving == "stop"
-    # Both did: the pool lets it go, and only now is the guest told to stop.
-    done = w.applied("lb2")
+    # Both did: no new flow reaches it, and its established flows get their drain time.
+    assert not any(j.kind == "instance" for f in w.applied("lb2") for j in f.jobs)
+    assert w.lb().draining and w.instance("p-1").leaving == "stop"
+    (since,) = w.lb().draining.values()
+    assert drains_due(w.lb(), since + 999) == () and drains_due(w.lb(), since + 1000)
+    # Then the pool lets it go, and only now is the guest told to stop.
+    done = w.drain()
     only(done, "MemberDrained", "p-1")
     (job,) = [j for f in done for j in f.jobs if j.kind == "instance"]
     assert isinstance(job.spec, InstanceSpec) and job.spec.power == "stopped"
@@ -188,7 +204,8 @@ def test_start_while_leaving_cancels_the_stop_and_delete_while_leaving_takes_ove
     assert w.instance("p-0").leaving == "delete"
     assert reason(w.send("user", "StartInstance", "p-0")) == "instance p-0 is being deleted"
     w.applied("lb1")
-    done = w.applied("lb2")
+    w.applied("lb2")
+    done = w.drain()
     assert w.instance("p-0").status == "deleted"
     (job,) = [j for f in done for j in f.jobs if j.kind == "instance"]
     assert job.spec is None
@@ -208,6 +225,7 @@ def test_scaling_changes_the_backends_and_removed_members_are_drained_first() ->
     assert {w.instance(f"p-{i}").status for i in (1, 2, 3)} == {"placed"}  # held
     w.applied("lb2")
     w.applied("lb1")
+    w.drain()
     assert {w.instance(f"p-{i}").status for i in (1, 2, 3)} == {"deleted"}
     assert w.states[("pool", "p")].draining == {}
     assert w.lb().leaving == {}
@@ -377,3 +395,18 @@ def test_a_node_that_does_not_apply_gets_its_job_again_then_the_balancer_alerts(
     assert w.lb().stalled is None
     done = w.send("system", "ReconcileLb", "l", generation=gen, max_attempts=2)
     assert done.outcome is not None and done.outcome.events == ()
+
+
+def test_without_a_drain_time_a_member_goes_once_both_nodes_applied() -> None:
+    w = Lbs()
+    w.up("h0", "h1")
+    w.network("n", vni=42)
+    w.node("lb1", "lb2")
+    w.pool("p", 2)
+    w.balancer(drain_ms=0)
+    w.send("user", "StopInstance", "p-0")
+    w.settle()
+    w.applied("lb1")
+    done = w.applied("lb2")
+    only(done, "MemberDrained", "p-0")
+    assert w.instance("p-0").power == "stopped" and w.lb().draining == {}

@@ -176,3 +176,24 @@ async def test_the_reconciler_reissues_balancer_jobs_late_nodes_have_not_applied
                      encode(w.lb()).decode())
     reasons = [a.reason for a in await queries.alerts(pg) if (a.kind, a.id) == ("lb", "l")]
     assert any(r.startswith("nodes lb2 did not apply generation") for r in reasons), reasons
+
+
+async def test_the_reconciler_ticks_a_balancer_whose_drain_time_is_up(js, pg) -> None:
+    from orchestrator.deciders.lb import drains_due
+    from tests.test_lb_fold import Lbs
+
+    w = Lbs()
+    w.cloud()
+    w.send("user", "StopInstance", "p-0")
+    w.settle()
+    w.applied("lb1")
+    w.applied("lb2")
+    (since,) = w.lb().draining.values()
+    await pg.copy_records_to_table(
+        "entities", columns=["kind", "id", "state", "last_seq"],
+        records=[(kind, id_, encode(state), 0) for (kind, id_), state in w.states.items()])
+    reconciler = Reconciler(Publisher(js), ReconcilerConfig(deadline_s=3600))
+    assert drains_due(w.lb(), since + 999) == ()
+    assert [c for c in await reconciler.tick(pg, now_ms=since + 999) if c.kind == "lb"] == []
+    (tick,) = [c for c in await reconciler.tick(pg, now_ms=since + 1000) if c.kind == "lb"]
+    assert (type(tick).__name__, tick.id, tick.cmd_id) == ("DrainTick", "l", f"dt-l-{since}")

@@ -20,8 +20,9 @@ take it out for both (a node that cannot reach it would black-hole the flows it 
 there; the two nodes must keep one backend set).
 
 A member that leaves (stopped, deleted, scaled away) is drained first: it leaves the
-backends, and once every node has applied a job without it, the pool hears
-``BalancerDrained`` and lets the instance go.
+backends; once every node has applied a job without it, no new flow reaches it, and after
+``drain_ms`` more (its established flows' time to finish; the reconciler's ``DrainTick``
+says when) the pool hears ``BalancerDrained`` and lets the instance go.
 """
 
 import hashlib
@@ -77,6 +78,8 @@ class LoadBalancer(msgspec.Struct, kw_only=True):
     network: str | None = None
     backends: dict[str, BackendState] = {}
     leaving: dict[str, int] = {}  # instance -> the generation that dropped it
+    draining: dict[str, int] = {}  # instance -> when no node sent it new flows any more
+    drain_ms: int = 1000
     slots: list[Slot] = msgspec.field(default_factory=_slots)
     generation: int = 0
     attempts: int = 0  # re-issues of the current generation's jobs
@@ -92,6 +95,7 @@ class Created(Event):
     services: tuple[Service, ...]
     seed: int
     at: int
+    drain_ms: int = 1000
 
 
 class NetworkChosen(Event):
@@ -139,6 +143,13 @@ class SlotFailed(Event):
 
 class Drained(Event):
     instances: tuple[str, ...]
+
+
+class NoNewFlows(Event):
+    """Every node applied a job without these: their established flows drain now."""
+
+    instances: tuple[str, ...]
+    at: int
 
 
 class Reissued(Event):
@@ -248,6 +259,9 @@ def decide(state: LoadBalancer | None, cmd: c.Command, ctx: Ctx) -> Decision:
             return _report(state, cmd, ctx)
         case c.ReconcileLb():
             return _reconcile(state, cmd, ctx)
+        case c.DrainTick():
+            due = drains_due(state, ctx.at)
+            return _release(state, cmd.id, ctx, due) if due else accept()
     if state.status == "failed":
         return reject(f"load balancer {cmd.id} failed: {state.reason}")
     match cmd:
@@ -280,7 +294,7 @@ def _create(state: LoadBalancer | None, cmd: c.CreateLoadBalancer, ctx: Ctx) -> 
         return reject(reason)
     return accept(
         Created(vip=cmd.vip, pool=cmd.pool, services=services, seed=seed_of(cmd.id),
-                at=ctx.at),
+                at=ctx.at, drain_ms=cmd.drain_ms),
         commands=follow_ups(ctx, (c.AttachBalancer, dict(id=cmd.pool, lb=cmd.id)),
                             (c.PlaceBalancer, dict(id=SCHEDULER_ID, lb=cmd.id))))
 
@@ -295,9 +309,9 @@ def _end(state: LoadBalancer, lb_id: str, ctx: Ctx, event: Deleted | Failed, *,
     make.append((c.ReleaseBalancer, dict(id=SCHEDULER_ID, lb=lb_id)))
     if state.network is not None:
         make.append((c.DetachPort, dict(id=state.network, instance=lb_id, owner="lb")))
-    make += [(c.BalancerDrained, dict(id=state.pool, lb=lb_id, instance=i))
-             for i in sorted(state.leaving)]
-    drained = [Drained(tuple(sorted(state.leaving)))] if state.leaving else []
+    waiting = sorted(state.leaving.keys() | state.draining.keys())
+    make += [(c.BalancerDrained, dict(id=state.pool, lb=lb_id, instance=i)) for i in waiting]
+    drained = [Drained(tuple(waiting))] if waiting else []
     return accept(event, *drained, note=getattr(event, "reason", None),
                   commands=follow_ups(ctx, *make))
 
@@ -351,10 +365,9 @@ def _placed(state: LoadBalancer, cmd: c.BalancerPlaced, ctx: Ctx) -> Decision:
     event = NodesSet(nodes=tuple(nodes), dropped=dropped, reason=cmd.reason, at=ctx.at)
     drained = _drained_after(state, {i: None for i, n in enumerate(nodes) if n is None
                                      or n != state.slots[i].node})
-    make = binds + [(c.BalancerDrained, dict(id=state.pool, lb=cmd.id, instance=i))
-                    for i in drained]
-    return accept(event, *([Drained(drained)] if drained else []), note=cmd.reason or None,
-                  commands=follow_ups(ctx, *make))
+    done = _no_new_flows(state, cmd.id, ctx, drained, start=len(binds))
+    return accept(event, *done.events, note=cmd.reason or None,
+                  commands=follow_ups(ctx, *binds) + done.commands)
 
 
 def _drained_after(state: LoadBalancer, observed: dict[int, int | None]) -> tuple[str, ...]:
@@ -417,10 +430,31 @@ def _report(state: LoadBalancer, cmd: c.LbApplied | c.LbFailed, ctx: Ctx) -> Dec
         return accept(SlotFailed(index=index, generation=cmd.generation, error=cmd.error),
                       note=cmd.error)
     drained = _drained_after(state, {index: cmd.generation})
-    return accept(SlotApplied(index=index, generation=cmd.generation),
-                  *([Drained(drained)] if drained else []),
-                  commands=follow_ups(ctx, *[(c.BalancerDrained, dict(
-                      id=state.pool, lb=cmd.id, instance=i)) for i in drained]))
+    done = _no_new_flows(state, cmd.id, ctx, drained)
+    return accept(SlotApplied(index=index, generation=cmd.generation), *done.events,
+                  commands=done.commands)
+
+
+def _no_new_flows(state: LoadBalancer, lb_id: str, ctx: Ctx, instances: tuple[str, ...],
+                  start: int = 0) -> Decision:
+    """No node sends ``instances`` new flows: they drain, or go at once with no drain."""
+    if not instances:
+        return accept()
+    if state.drain_ms == 0:
+        return _release(state, lb_id, ctx, instances, start)
+    return accept(NoNewFlows(instances, ctx.at))
+
+
+def drains_due(state: LoadBalancer, now_ms: int) -> tuple[str, ...]:
+    """The draining members whose established flows have had their time."""
+    return tuple(sorted(i for i, since in state.draining.items()
+                        if since + state.drain_ms <= now_ms))
+
+
+def _release(state: LoadBalancer, lb_id: str, ctx: Ctx, instances: tuple[str, ...],
+             start: int = 0) -> Decision:
+    return accept(Drained(instances), commands=follow_ups(ctx, *[(c.BalancerDrained, dict(
+        id=state.pool, lb=lb_id, instance=i)) for i in instances], start=start))
 
 
 def lagging(state: LoadBalancer) -> list[int]:
@@ -455,8 +489,8 @@ def evolve(state: LoadBalancer | None, event: Event) -> LoadBalancer:
     if isinstance(event, Created):
         generation = state.generation if state is not None else 0
         return LoadBalancer(vip=event.vip, pool=event.pool, services=event.services,
-                            seed=event.seed, generation=generation, created_at=event.at,
-                            updated_at=event.at)
+                            seed=event.seed, drain_ms=event.drain_ms, generation=generation,
+                            created_at=event.at, updated_at=event.at)
     assert state is not None
     match event:
         case NetworkChosen():
@@ -469,6 +503,7 @@ def evolve(state: LoadBalancer | None, event: Event) -> LoadBalancer:
             for m in event.added:
                 state.backends[m.instance] = BackendState(ip=m.ip, since=state.generation)
                 state.leaving.pop(m.instance, None)
+                state.draining.pop(m.instance, None)
         case NodesSet():
             for slot, node in zip(state.slots, event.nodes, strict=True):
                 if slot.node != node:
@@ -493,9 +528,14 @@ def evolve(state: LoadBalancer | None, event: Event) -> LoadBalancer:
                 state.stalled = None
         case SlotFailed():
             state.slots[event.index].error = event.error
+        case NoNewFlows():
+            for instance in event.instances:
+                del state.leaving[instance]
+                state.draining[instance] = event.at
         case Drained():
             for instance in event.instances:
                 state.leaving.pop(instance, None)
+                state.draining.pop(instance, None)
         case Reissued():
             state.attempts, state.issued_at = event.attempt, event.at
         case Stalled():
