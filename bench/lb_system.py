@@ -367,13 +367,15 @@ async def backend_ips(cloud: BenchCloud) -> dict[str, str]:
 def spans(runs: Sequence[FailRun | ScaleRun],
           pairs: Sequence[tuple[str, str, str]]) -> list[str]:
     """Lines of 'label: min/median/max' of parts[to] - parts[from] over the runs with both
-    ("" as from: 0, the failure or the publish; a "*" in a key: the later of both nodes')."""
+    ("" as from: 0, the failure or the publish; "*" in a key: the later of both nodes',
+    "^": the earlier)."""
     def value(r: FailRun | ScaleRun, key: str) -> float | None:
         if not key:
             return 0.0
-        if "*" in key:
-            got = [r.parts.get(key.replace("*", n)) for n in NODES]
-            return None if None in got else max(g for g in got if g is not None)
+        for mark, pick in (("*", max), ("^", min)):
+            if mark in key:
+                got = [r.parts.get(key.replace(mark, n)) for n in NODES]
+                return None if None in got else pick(g for g in got if g is not None)
         return r.parts.get(key)
 
     out = []
@@ -522,6 +524,7 @@ class ScaleRun:
     agents: list[str] = field(default_factory=list)
     neighbours: list[str] = field(default_factory=list)
     ip: str = ""
+    reused: bool = False  # its address was another member's before
 
 
 async def scale_once(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse.Namespace,
@@ -634,7 +637,8 @@ async def part_scale(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse
         for k, size in enumerate(sizes):
             r = await scale_once(cloud, vip, jobs, args, size)
             runs.append(r)
-            reuse = f", {held[r.ip]}'s address before" if r.ip in held else ", a new address"
+            r.reused = r.ip in held
+            reuse = f", {held[r.ip]}'s address before" if r.reused else ", a new address"
             held[r.ip] = r.member
             say(f"    run {k + 1}: {r.member} ({r.ip}{reuse}): first request {r.first_s:6.3f} s"
                 f" after the publish ({r.lost} connections unanswered meanwhile)")
@@ -648,6 +652,12 @@ async def part_scale(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse
                     say(line)
             if back_each or k == len(sizes) - 1:
                 await scale_back(cloud)
+        if back_each:  # a member the fold gave a new address after all is not counted here
+            fresh = [r for r in runs if not r.reused]
+            runs = [r for r in runs if r.reused]
+            if fresh:
+                say(f"    ({len(fresh)} of them got a new address: the freed one was not free"
+                    " yet; left out below)")
         say(f"    ScalePool -> the new member's first request: {stats([r.first_s for r in runs])}")
         keys = sorted(dict.fromkeys(k for r in runs for k in r.parts),
                       key=lambda k: statistics.median([r.parts[k] for r in runs if k in r.parts]))
@@ -666,8 +676,8 @@ async def part_scale(cloud: BenchCloud, vip: str, jobs: JobTimes, args: argparse
                 *((f"{n}: it applied it -> it reports it up (rise probes)",
                    f"{n} applied the job with it, unhealthy (LbApplied)",
                    f"{n} reports it up (BackendHealth)") for n in NODES),
-                ("the later report up -> the job with it healthy on JOB",
-                 "* reports it up (BackendHealth)",
+                ("the first report up -> the job with it healthy on JOB",
+                 "^ reports it up (BackendHealth)",
                  "*'s job with it healthy on JOB (fold + relay)"),
                 *((f"{n}'s agent: that job on JOB -> its LbApplied",
                    f"{n}'s job with it healthy on JOB (fold + relay)",
