@@ -211,6 +211,8 @@ def measure(env: dict[str, str], seqs: dict[str, Any], runs: int, hot: int) -> N
         own = in_process(env, runs, *args)
         verdict = "ok" if own <= TARGET_S else "OVER 1 s"
         say(f"  {name:<{width}}  {seconds:6.3f} s  {own:6.3f} s  {lines:>6}  {verdict}")
+    # The machine may be shared: the figures mean little without the load they ran under.
+    say(f"  load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

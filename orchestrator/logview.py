@@ -1,6 +1,8 @@
 """Rendering the operator's views of the log: outcomes across entities, what a command
 changed, the tree of what it caused, and waits. Pure: rich renderables, no I/O."""
 
+import functools
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -16,9 +18,19 @@ _STATUS_STYLE = {"applied": "green", "superseded": "green", "failed": "bold red"
                  "pending": "yellow"}
 
 
+@functools.lru_cache(maxsize=1024)
+def _second(s: int) -> str:
+    return datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
+def _stamp(ms: int | None) -> str:
+    """``format_ms(ms)``, each second formatted once: a long timeline's lines share few."""
+    return f"{_second(ms // 1000)}{ms % 1000:03d}Z" if ms else ""
+
+
 def outcome_plain(o: Outcome) -> str:
     """``render.outcome_line(o).plain``, without building styled text: for a pipe."""
-    parts = [f"{o.seq:>6}  {format_ms(o.at)}  {o.source:<8} {o.type:<20} "]
+    parts = [f"{o.seq:>6}  {_stamp(o.at)}  {o.source:<8} {o.type:<20} "]
     if o.accepted:
         parts.append("ACCEPTED")
         parts.append(f" {', '.join(o.events)}" if o.events else " (no change)")
@@ -47,7 +59,7 @@ def _value(v: Any, path: str = "") -> str:
     if v is None:
         return "-"
     if path.endswith("_at") and isinstance(v, int) and v > 0:  # a time, in ms
-        return format_ms(v)
+        return _stamp(v)
     if isinstance(v, str):
         return v
     return msgspec.json.encode(v).decode()
