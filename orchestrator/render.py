@@ -5,7 +5,7 @@ Styles are always attached; the Console decides whether they become colours (onl
 
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from rich.console import Group, RenderableType
@@ -14,9 +14,11 @@ from rich.text import Text
 
 from orchestrator.deciders.lb import LoadBalancer, healthy_ports
 from orchestrator.queries import AlertRow, DeadLetterRow, EntityRow, HostRow
-from orchestrator.replay import ReplayReport
 from schemas.heartbeat import Heartbeat
 from schemas.outcomes import Outcome
+
+if TYPE_CHECKING:  # replay's imports (a process pool, asyncpg) would cost every `orch` verb
+    from orchestrator.replay import ReplayReport
 
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
 
@@ -279,7 +281,7 @@ def published_line(type_: str, kind: str, id_: str, seq: int, duplicate: bool) -
     return line
 
 
-def replay_lines(report: ReplayReport, verify: bool) -> list[Text]:
+def replay_lines(report: "ReplayReport", verify: bool) -> list[Text]:
     lines = [
         Text(f"replayed {report.commands} commands up to seq {report.last_seq} "
              f"into schema {report.schema} in {report.seconds:.3f} s "
@@ -296,7 +298,7 @@ def replay_lines(report: ReplayReport, verify: bool) -> list[Text]:
     return lines
 
 
-def replay_json(report: ReplayReport, verify: bool) -> dict[str, Any]:
+def replay_json(report: "ReplayReport", verify: bool) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "schema": report.schema, "commands": report.commands,
         "dead_letters": report.dead_letters, "last_seq": report.last_seq,
