@@ -22,12 +22,13 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from events.subjects import partition_of, stored_command_subject
 from orchestrator.deciders import DECIDERS, STATE_TYPES
 from orchestrator.deciders.instance import Instance
+from orchestrator.deciders.lb import LoadBalancer, lagging
 from orchestrator.deciders.network import Network
 from orchestrator.deciders.scheduler import Scheduler
 from orchestrator.fold import INTERNAL_ERROR, Folded, Key, fold_message, job_subject
@@ -62,6 +63,9 @@ PROPERTY_SETTINGS = settings(
     max_examples=200,
     database=None,  # no .hypothesis directory: examples are cheap to find again
     deadline=None,
+    # No explain phase: it traces every line, which on Python 3.11 turns a failure found
+    # in seconds into a timeout that hides it.
+    phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -575,6 +579,9 @@ def check_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
     if f.key[0] == "network" and f.key in states:
         check_network_jobs(before, states, f)
         return
+    if f.key[0] == "lb" and f.key in states:
+        check_lb_jobs(before, states, f)
+        return
     if f.key[0] != "instance" or f.key not in states:
         assert not f.jobs
         return
@@ -617,6 +624,34 @@ def check_network_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> N
         assert all(j.host not in state.hosts for j in f.jobs if j.spec is None)
     elif "Reissued" in f.outcome.events:
         assert all(j.attempt == state.attempts and j.spec is not None for j in f.jobs)
+    else:
+        assert not f.jobs
+
+
+def check_lb_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
+    """A balancer sends its nodes their full spec on each new generation (a removal when it
+    is gone), a removal to each node it dropped, and re-issues only to nodes still late."""
+    assert f.key is not None and f.outcome is not None
+    state: LoadBalancer = states[f.key]
+    old = before.get(f.key)
+    old_generation = msgspec.json.decode(old, type=LoadBalancer).generation if old else 0
+    assert state.generation >= old_generation
+    hosts = [j.host for j in f.jobs]
+    assert len(set(hosts)) == len(hosts), "one job per node"
+    assert all(j.kind == "lb" and j.id == f.key[1] and j.generation == state.generation
+               for j in f.jobs)
+    gone = state.status in ("deleted", "failed")
+    serving = {s.node for s in state.slots if s.node is not None and (s.port or gone)}
+    if state.generation > old_generation:
+        assert {j.host for j in f.jobs if j.spec is not None} == (set() if gone else serving)
+        assert all(j.host not in serving or gone for j in f.jobs if j.spec is None)
+        for j in f.jobs:
+            if j.spec is not None:
+                assert j.spec.seed == state.seed and j.spec.vip == state.vip
+                assert {b.instance for b in j.spec.backends} == set(state.backends)
+    elif "Reissued" in f.outcome.events:
+        late = {state.slots[i].node for i in lagging(state)}
+        assert set(hosts) <= late and all(j.attempt == state.attempts for j in f.jobs)
     else:
         assert not f.jobs
 
