@@ -9,6 +9,7 @@ namespace per host) is shared by the module; each test makes its own guests
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ipaddress
 import itertools
 import json
@@ -19,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -228,6 +229,30 @@ def link_exists(host: FabricHost, name: str) -> bool:
     return sh("ip", "-n", host.netns, "link", "show", name, check=False).returncode == 0
 
 
+@contextlib.contextmanager
+def underlay_arp(topo: Topology, mac: str | None = None) -> Iterator[Callable[[], int]]:
+    """A count of the ARP frames (from ``mac``) that cross VXLAN on the underlay: nft in
+    the fabric namespace, matching the inner ethertype (and source MAC), 28 (22) bytes
+    into UDP."""
+    fabric, table = topo.fabric.fabric_netns, f"arpobs{secrets.token_hex(3)}"
+    source = f" @th,176,48 0x{mac.replace(':', '')}" if mac else ""
+    sh("ip", "netns", "exec", fabric, "nft", "-f", "-",
+       stdin=f"table bridge {table} {{\n chain watch {{\n type filter hook forward priority 0\n"
+             f" udp dport 4789 @th,224,16 0x0806{source} counter\n }}\n}}\n")
+
+    def count() -> int:
+        out = sh("ip", "netns", "exec", fabric, "nft", "-j", "list", "chain", "bridge",
+                 table, "watch").stdout
+        rule = next(x["rule"] for x in json.loads(out)["nftables"] if "rule" in x)
+        return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+
+    try:
+        yield count
+    finally:
+        sh("ip", "netns", "exec", fabric, "nft", "delete", "table", "bridge", table,
+           check=False)
+
+
 # -- connectivity ---------------------------------------------------------------------------
 
 def test_ping_and_tcp_cross_hosts_once_segments_are_applied(net: Net) -> None:
@@ -281,28 +306,13 @@ def test_arp_for_a_remote_address_is_answered_without_crossing(net: Net) -> None
     phantom = RemotePort("02:00:5e:00:00:99", net.address(99), h3.underlay_ip)
     net.generation += 1
     net.agent(h1).network.apply(net.id, net.spec(h1, (phantom,)), net.generation)
-    # Count ARP inside VXLAN on the underlay: UDP 4789, inner ethertype 28 bytes into UDP.
-    fabric = net.topo.fabric.fabric_netns
-    rules = ("table bridge tndobs {\n chain watch {\n type filter hook forward priority 0\n"
-             " udp dport 4789 @th,224,16 0x0806 counter\n }\n}\n")
-    sh("ip", "netns", "exec", fabric, "nft", "-f", "-", stdin=rules)
-
-    def arp_crossings() -> int:
-        out = sh("ip", "netns", "exec", fabric, "nft", "-j", "list", "chain", "bridge",
-                 "tndobs", "watch").stdout
-        rule = next(x["rule"] for x in json.loads(out)["nftables"] if "rule" in x)
-        return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
-
-    try:
+    with underlay_arp(net.topo) as arp_crossings:
         assert not a.pings(phantom.ip)  # nobody is there...
         assert phantom.mac in a.run("ip", "neigh", "show", phantom.ip).stdout  # ...yet answered
         assert arp_crossings() == 0
         # Control: an address without a neighbour entry is asked for across the segment.
         assert not a.pings(net.address(98))
         assert arp_crossings() > 0
-    finally:
-        sh("ip", "netns", "exec", fabric, "nft", "delete", "table", "bridge", "tndobs",
-           check=False)
 
 
 # -- anti-spoofing --------------------------------------------------------------------------
@@ -566,6 +576,87 @@ def test_a_late_removal_does_not_undo_a_move(net: Net) -> None:
     net.apply(h1)
     assert a.pings(local.ip, attempts=3)
     assert m.mac not in bridge_fdb(h1, net.vni)  # neither remote nor sent to the VXLAN
+
+
+# -- announcements of reused addresses ------------------------------------------------------
+
+def neighbour(g: Guest, ip: str) -> str:
+    """The guest kernel's ARP entry for ``ip`` (``ip neigh show``), "" if it has none."""
+    return g.run("ip", "neigh", "show", ip, "dev", "eth0").stdout.strip()
+
+
+def garps(frames: list[bytes], ip: str) -> list[bytes]:
+    """The gratuitous ARPs for ``ip`` among raw frames (sender ip == target ip == ip)."""
+    address = socket.inet_aton(ip)
+    return [f for f in frames if f[12:14] == b"\x08\x06" and f[28:32] == address == f[38:42]]
+
+
+def drop(net: Net, g: Guest) -> None:
+    """The instance of ``g`` is deleted: its port unplugged, its guest gone."""
+    net.agent(g.host).ports.unplug(g.port)
+    net.topo.remove_guest(g)
+    net.guests.remove(g)
+
+
+def test_a_reused_address_is_announced_to_local_peers_at_its_new_mac(net: Net) -> None:
+    h1, h2, h3 = net.topo.hosts
+    peer, old = net.guest(h1, 10), net.guest(h2, 20)
+    net.apply()
+    assert peer.pings(old.ip, attempts=3)  # real traffic: the peer's entry is old's MAC
+    assert old.mac in neighbour(peer, old.ip)
+    # old is deleted; its address goes to a new instance, on h3, with another MAC.
+    drop(net, old)
+    new = net.guest(h3, 20)
+    assert new.ip == old.ip and new.mac != old.mac
+    with underlay_arp(net.topo, new.mac) as crossed:
+        net.apply()
+        # h1 announced it on its port itself: nothing crossed the VXLAN...
+        assert crossed() == 0
+    # ...and the peer's kernel has the new MAC now, not after its own 10-48 s of probing,
+    assert new.mac in neighbour(peer, new.ip)
+    # and h1's bridge did not learn new's MAC on a local port (its only entry sends it to
+    # the VXLAN device).
+    fdb = sh("bridge", "-n", h1.netns, "fdb", "show", "br", names.bridge_name(net.vni)).stdout
+    lines = [line for line in fdb.splitlines() if line.startswith(new.mac)]
+    assert lines and all(f"dev {names.vxlan_name(net.vni)}" in line for line in lines)
+    assert peer.pings(new.ip, wait=2)
+
+
+def test_an_address_reused_on_the_same_host_is_announced_when_plugged(net: Net) -> None:
+    h1, h2, _h3 = net.topo.hosts
+    peer, other, old = net.guest(h1, 10), net.guest(h1, 11), net.guest(h2, 20)
+    net.apply()
+    assert peer.pings(old.ip, attempts=3)
+    assert old.mac in neighbour(peer, old.ip)
+    drop(net, old)
+    # The address was remote and is local now; h1's network job has not come yet.
+    new = net.guest(h1, 20)
+    assert new.mac in neighbour(peer, new.ip)
+    assert peer.pings(new.ip, wait=2)
+    # The bridge no longer answers for it with old's MAC: a guest that asks gets new's.
+    assert other.pings(new.ip, wait=2)
+    assert new.mac in neighbour(other, new.ip)
+    net.apply()
+    assert peer.pings(new.ip)
+
+
+def test_a_second_apply_restart_or_plug_announces_nothing(net: Net) -> None:
+    h1, h2, _h3 = net.topo.hosts
+    a, b = net.guest(h1, 10), net.guest(h2, 11)
+    rx = raw_socket(a)
+    net.apply()
+    # b's address is new to h1: announced to a (whose kernel has no entry: ignored).
+    assert garps(received(rx, 0.3), b.ip)
+    announced = net.agent(h1).ports.host.announced
+    net.agent(h1).network.apply(net.id, net.spec(h1), net.generation)
+    net.plug(a)
+    fresh = NetworkDriver(h1.underlay_ip, h1.netns)  # a restarted agent adopting it
+    try:
+        fresh.apply(net.id, net.spec(h1), net.generation)
+    finally:
+        fresh.close()
+    assert not garps(received(rx, 0.3), b.ip)
+    assert net.agent(h1).ports.host.announced == announced
 
 
 # -- removal --------------------------------------------------------------------------------

@@ -86,8 +86,9 @@ class NetworkDriver:
 
     @property
     def writes(self) -> int:
-        """Netlink writes made so far in this namespace (the idempotency tests count them)."""
-        return self.host.rtnl.writes
+        """Netlink writes and announcements (gratuitous ARPs) made so far in this namespace
+        (the idempotency tests count them)."""
+        return self.host.rtnl.writes + self.host.announced
 
     # -- reading ----------------------------------------------------------------------------
 

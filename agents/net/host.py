@@ -144,6 +144,7 @@ class HostNet:
             self.sysctl_thread.close()
             raise
         self._users = 0
+        self.announced = 0  # gratuitous ARPs sent to local ports (agents.net.announce)
         self._nft: nftables.Nftables | None = None  # created and used in the thread only
         self._locks: dict[object, threading.RLock] = {}
         self._locks_lock = threading.Lock()

@@ -8,7 +8,9 @@ QEMU guest's tap (libvirt creates it, bare) or a namespace guest's veth. Pluggin
    its flows are written); ports plugged at the same time share one nft transaction;
 2. ensures its segment (bridge and VXLAN device): the instance's job may come before its
    network's job;
-3. sets its MTU to the segment's, attaches it to the bridge and brings it up.
+3. sets its MTU to the segment's, attaches it to the bridge and brings it up;
+4. once attached, announces its (IP, MAC) to the other local ports (`agents.net.announce`):
+   the address may be a freed one whose old holder's MAC their guests still hold.
 
 IPv6 is turned off on the port first (the host then sends nothing of its own to the guest).
 
@@ -20,11 +22,12 @@ from __future__ import annotations
 import ipaddress
 
 from agents.net import names
+from agents.net.announce import announce
 from agents.net.errors import NetlinkError, PermanentNetError, TransientNetError, classify
 from agents.net.firewall import Firewall, PortPolicy
 from agents.net.host import DEFAULT_TIMEOUT, HostNet
 from agents.net.netlink import Message
-from agents.net.rtnl import Link, set_link
+from agents.net.rtnl import NUD_PERMANENT, Link, delete_neighbour, set_link
 from agents.net.segment import ensure_segment, guest_ports, remove_segment
 from schemas.specs import NicSpec, SecurityRule
 
@@ -56,8 +59,9 @@ class PortPlumbing:
 
     @property
     def writes(self) -> int:
-        """Netlink messages and nft commands written so far (this namespace's socket)."""
-        return self.host.rtnl.writes + self.firewall.commands
+        """Netlink messages, nft commands and announcements (gratuitous ARPs) made so far
+        in this namespace."""
+        return self.host.rtnl.writes + self.firewall.commands + self.host.announced
 
     def plug(self, port: str, nic: NicSpec, rules: tuple[SecurityRule, ...],
              underlay_ip: str) -> None:
@@ -93,6 +97,8 @@ class PortPlumbing:
             if not link.up:
                 changes.append(set_link(port, link.index, up=True))
             self._write(changes)
+            if link.master != segment.bridge.index:
+                self._announce(segment.bridge, port, nic)
 
     def unplug(self, port: str) -> bool:
         """Remove the port's firewall and detach it from its segment; a segment left
@@ -131,6 +137,21 @@ class PortPlumbing:
         return found
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _announce(self, bridge: Link, port: str, nic: NicSpec) -> None:
+        """A port just joined: its address may have been another MAC's until now (reused,
+        or remote). The bridge forgets a remote entry for it at another MAC (it would answer
+        ARP with that one), and the guests of the other local ports are told the new one."""
+        ip, mac = str(ipaddress.IPv4Address(nic.ip)), nic.mac.lower()
+        try:
+            stale = any(n.ip == ip and n.mac != mac and n.state & NUD_PERMANENT
+                        for n in self.host.rtnl.neighbours(bridge.index))
+        except NetlinkError as exc:
+            raise classify(exc) from exc
+        if stale:
+            self._write([delete_neighbour(bridge.index, ip)])
+        others = [p for p in guest_ports(self.host, bridge) if p.name != port]
+        announce(self.host, others, [(ip, mac)])
 
     def _link(self, name: str) -> Link | None:
         try:

@@ -11,6 +11,9 @@ forwarding entries to the other hosts, and neighbour entries for the remote addr
   per remote address on the bridge: the bridge answers a guest's ARP request for a remote
   address itself, and the request does not cross VXLAN. A request for an address that
   has no entry still crosses, as before.
+- An address new here, or at another MAC (reused after its instance was deleted), is
+  announced to the local ports (`agents.net.announce`) once its entry is written: the
+  guests that talked to the old holder take the new MAC at once.
 
 Converging reads the kernel (links, FDB, neighbours), compares with what is wanted, and
 writes only the differences, in one batch. Removals are keyed by (MAC, VTEP) as read: the
@@ -24,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agents.net import names
+from agents.net.announce import announce
 from agents.net.errors import NetlinkError, PermanentNetError, classify
 from agents.net.host import HostNet
 from agents.net.netlink import Message
@@ -174,7 +178,8 @@ def set_holder(host: HostNet, bridge: Link, alias: str) -> int:
 
 def converge_remotes(host: HostNet, segment: Segment, vteps: Iterable[str],
                      ports: Iterable[Remote]) -> int:
-    """Make the segment's flood, FDB and neighbour entries exactly these; the writes made."""
+    """Make the segment's flood, FDB and neighbour entries exactly these, and announce each
+    address new here or at another MAC to the local ports; the writes and frames sent."""
     vx, br = segment.vxlan.index, segment.bridge.index
     flood_wanted = set(vteps)
     wanted = {p.mac: p for p in ports}
@@ -219,14 +224,22 @@ def converge_remotes(host: HostNet, segment: Segment, vteps: Iterable[str],
     writes += [delete_bridge_fdb(vx, mac) for mac in sorted(static - wanted.keys())]
     ips = {p.ip: p.mac for p in wanted.values()}
     have = {n.ip: n for n in neighbours}
+    news: list[tuple[str, str]] = []  # bindings this host did not hold: to announce
     for ip, mac in sorted(ips.items()):
         n = have.get(ip)
         if n is None or n.mac != mac or not n.state & NUD_PERMANENT:
             writes.append(set_neighbour(br, ip, mac))
+        if n is None or n.mac != mac:
+            news.append((ip, mac))
     # Ours are the permanent ones; the kernel's own (multicast, NOARP) are left alone.
     writes += [delete_neighbour(br, ip) for ip, n in sorted(have.items())
                if ip not in ips and n.state & NUD_PERMANENT]
-    return _write(host, writes) if writes else 0
+    made = _write(host, writes) if writes else 0
+    # Written first: a guest that re-asks for the address is answered with the new MAC.
+    # (A reused address's peers here still hold the old holder's MAC.)
+    if news:
+        made += announce(host, guest_ports(host, segment.bridge), news)
+    return made
 
 
 def guest_ports(host: HostNet, segment_bridge: Link) -> list[Link]:
