@@ -14,6 +14,7 @@ import typer
 import uvloop
 
 from agents.drivers.lb import BgpConfig, LbDriver
+from agents.drivers.migration import DEFAULT_MIGRATION_URI, MigrationTarget
 from agents.drivers.netns_guest import NetnsGuestDriver
 from agents.drivers.network import NetworkDriver
 from agents.drivers.testnode import test_node_uri
@@ -62,6 +63,9 @@ def main(
     bgp_asn: Annotated[int, typer.Option(metavar="ASN", help="This LB node's AS")] = 65001,
     bgp_router_id: Annotated[str | None, typer.Option(
         metavar="IP", help="This node's BGP router id [default: its underlay address]")] = None,
+    migration_uri: Annotated[str, typer.Option(
+        metavar="TEMPLATE", help="A live migration's destination libvirtd, from its underlay"
+                                 " {address} (and {host}, its name)")] = DEFAULT_MIGRATION_URI,
     heartbeat: Annotated[float, typer.Option(help="Heartbeat period, seconds")] = 1.0,
     resync: Annotated[float, typer.Option(help="Full resync period, seconds")] = 30.0,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs applied at once")] = 8,
@@ -88,6 +92,10 @@ def main(
         _usage("--guests netns: give the host's --underlay-ip or --underlay-dev")
     if lb and underlay_ip is None:
         _usage("--lb: give the node's --underlay-ip or --underlay-dev")
+    try:
+        MigrationTarget(migration_uri)
+    except ValueError as exc:
+        _usage(f"--migration-uri: {exc}")
     if bgp_peer is not None and not lb:
         _usage("--bgp-peer: only an LB node (--lb) announces VIPs")
     bgp = None
@@ -107,7 +115,7 @@ def main(
             uri = test_node_uri(host, Path(scratch))
         _run(AgentConfig(nats, host, uri, heartbeat_s=heartbeat, resync_s=resync,
                          concurrency=concurrency, underlay_ip=underlay_ip), guests, netns,
-             bridge, lb, bgp)
+             bridge, lb, bgp, migration_uri)
 
 
 def _usage(message: str) -> NoReturn:
@@ -116,7 +124,7 @@ def _usage(message: str) -> NoReturn:
 
 
 def _run(config: AgentConfig, guests: Guests, netns: str | None, bridge: str | None,
-         lb: bool, bgp: BgpConfig | None) -> None:
+         lb: bool, bgp: BgpConfig | None, migration_uri: str = DEFAULT_MIGRATION_URI) -> None:
     def drivers() -> dict[str, Driver]:
         """One driver per kind of job: the guests (or, on an LB node, the balancers), and
         their networks' segments."""
@@ -143,7 +151,8 @@ def _run(config: AgentConfig, guests: Guests, netns: str | None, bridge: str | N
             ports = PortPlumbing(netns)
         found["instance"] = VmDriver(config.libvirt_uri, config.host, guest=guest,
                                      bridge=bridge, ports=ports,
-                                     underlay_ip=config.underlay_ip if ports else None)
+                                     underlay_ip=config.underlay_ip if ports else None,
+                                     netns=netns, migration_uri=migration_uri)
         return found
 
     async def run() -> None:

@@ -9,6 +9,11 @@ retries. On start it re-reads the newest job of every entity it holds (the JOB s
 keeps one per subject), which is a full resync, and it repeats that on a timer to repair
 drift and remove what is no longer wanted; stale objects are swept only after such a
 complete pass.
+
+A job that comes while an older job of its entity is being applied waits for the entity's
+lock, but first the driver is told (`interrupt(entity_id, spec, generation)`, optional):
+an apply that takes long and that the newer job makes pointless (a live migration the
+fold aborts) can then be cut short; the older apply still reports how it really ended.
 """
 
 import asyncio
@@ -62,6 +67,8 @@ class Driver(Protocol):
     def remove(self, entity_id: str) -> bool: ...
     def generations(self) -> dict[str, int]: ...
     def close(self) -> None: ...
+    # Optional: interrupt(entity_id, spec, generation) -> None, called without the entity's
+    # lock when a newer job comes while an older one of that entity is being applied.
 
 
 def job_kind(subject: str) -> str:
@@ -143,6 +150,7 @@ class Agent:
         self.drivers: dict[str, Driver] = {}  # by the kind of job each applies
         self.applied: dict[Key, int] = {}  # entity -> newest generation applied here
         self.wanted: set[Key] = set()  # entities whose newest job wants them here
+        self.applying: dict[Key, int] = {}  # entity -> generation its driver applies now
         self.locks = KeyedLocks()
         self.slots = asyncio.Semaphore(config.concurrency)
         self.running: set[asyncio.Task[None]] = set()
@@ -233,6 +241,7 @@ class Agent:
             if job is None:
                 await msg.term()
                 return
+            await self._interrupt(job)
             async with self.locks(f"{job.kind}/{job.id}"):
                 await self._converge(job, msg)
             if not msg.is_acked:  # a stale job: nothing was reported
@@ -261,6 +270,7 @@ class Agent:
             self.wanted.add(key)
         applied, failed = REPORTS[job.kind]
         keepalive = KeepAlive(msg, self.config.in_progress_s) if msg else None
+        self.applying[key] = job.generation
         try:
             with APPLY_SECONDS.time():
                 observed = await self._apply(job)
@@ -275,6 +285,7 @@ class Agent:
                 msg)
             return
         finally:
+            del self.applying[key]
             if keepalive:
                 keepalive.cancel()
         JOB_ENDS[source, "applied"].inc()
@@ -286,6 +297,22 @@ class Agent:
                 id=job.id, generation=job.generation, observed=observed), msg)
             self.log.debug("applied", entity=entity, generation=job.generation,
                            observed=observed)
+
+    async def _interrupt(self, job: Job) -> None:
+        """Tell the driver of a newer job for an entity whose older job it applies now
+        (without waiting for the entity's lock: the point is not to wait)."""
+        key = (job.kind, job.id)
+        busy = self.applying.get(key)
+        driver = self.drivers.get(job.kind)
+        interrupt = getattr(driver, "interrupt", None)
+        if busy is None or job.generation <= busy or driver is None or interrupt is None:
+            return
+        self.log.info("apply_interrupted", entity=f"{job.kind}/{job.id}", applying=busy,
+                      generation=job.generation)
+        try:
+            await self._driver_call(driver, interrupt, job.id, job.spec, job.generation)
+        except Exception:  # the newer job is applied anyway, once the older one ends
+            self.log.exception("interrupt_failed", entity=f"{job.kind}/{job.id}")
 
     async def _apply(self, job: Job) -> str:
         """The driver's apply; transient errors retried with backoff."""
@@ -341,6 +368,7 @@ class Agent:
         jobs = [job async for batch in read_stream(js, JOB_STREAM, job_filter(self.host))
                 for m in batch if (job := self._decode(m.subject, m.data)) is not None]
         for job in jobs:
+            await self._interrupt(job)
             async with self.slots, self.locks(f"{job.kind}/{job.id}"):
                 await self._converge(job, None)
         removed = await self._remove_unwanted()

@@ -21,6 +21,35 @@ segment's MTU; given `ports` (the `PortPlumbing` of the namespace the taps land 
 their firewalls (idempotent: a resync repairs a detached tap), and a stop or removal
 unplugs them first.
 
+Live migration (issue 11; the fold runs it as a saga, this is one host's part of it):
+
+- a job with ``incoming`` (the destination's): the guest is coming here. Check that
+  libvirtd answers and that the NICs' segment bridges exist (TransientDriverError until
+  they do: the network's job makes them), write the ports' firewalls (they need no tap),
+  define and start nothing, and observe "incoming". When libvirt starts the incoming
+  domain (lifecycle event STARTED/MIGRATED: QEMU is paused, its taps exist) its taps are
+  plugged at once; when it resumes here (RESUMED/MIGRATED) the driver reports
+  `Applied(observed="running")` through the reporter at once: the fold repoints the
+  port's forwarding entries on that report (PLATFORM-FACTS: that moment is what keeps
+  the loss at the hypervisor's own downtime).
+- a job with ``outgoing`` (the source's): live-migrate the running domain, peer to peer
+  (`migration.MIGRATE_FLAGS`), to the destination's libvirtd (`migration_uri`, a template
+  of the destination's underlay address), report `MigrationProgress` every 0.5 s, abort it
+  at ``deadline_at``; observe "migrated", or raise PermanentDriverError with libvirt's
+  reason (the fold rolls back; nothing here retries a migration). An outcome is
+  remembered per generation: a re-apply reports it again and migrates nothing. Without
+  that memory (a restarted agent) libvirt decides: not here but running on the
+  destination is "migrated".
+- `interrupt()`: the runtime's hook when a newer job comes while one is being applied;
+  a newer job without ``outgoing`` aborts the running migration (libvirt decides whether
+  it still could: the outgoing apply then says what really happened).
+- a normal job adopts a migrated domain as it is (no restart: same digest), its metadata
+  then naming this host and generation; a removal also removes the firewalls of the
+  instance's taps that are gone with a guest that left (or never came).
+
+Never two running copies: the guest is never started here by an incoming job, and a
+guest that this driver migrated away is not started again here while it runs there.
+
 All calls are synchronous libvirt calls: the agent runs them in a thread. Two calls for the
 same instance must not run concurrently (the agent's work queue guarantees it).
 """
@@ -30,23 +59,38 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from xml.sax.saxutils import quoteattr
 
 import libvirt
 import msgspec
+import structlog
 
 from agents.drivers.errors import DriverError, PermanentDriverError, TransientDriverError
+from agents.drivers.migration import (
+    DEFAULT_MIGRATION_URI,
+    MIGRATE_FLAGS,
+    PROGRESS_S,
+    Migration,
+    MigrationTarget,
+    event_loop,
+    progress_mib,
+    report_id,
+)
 from agents.guest import READY_MARKER, GuestImage, build_guest_image
+from agents.net import names
 from agents.net.names import port_name as tap_name
+from schemas import commands as c
 from schemas.ids import mac_address
-from schemas.specs import InstanceSpec, InstanceTemplate, NicSpec
+from schemas.specs import InstanceSpec, InstanceTemplate, NicSpec, Outgoing
 
 if TYPE_CHECKING:
     from agents.net.ports import PortPlumbing
@@ -62,6 +106,12 @@ DEFAULT_CONSOLE_DIR = Path("/var/log/orch-guests")
 DEFAULT_NIC_PREFIX = 24  # Nic.ip carries no prefix length; the network's CIDR is not in the spec
 
 Observed = Literal["running", "stopped"]
+Reporter = Callable[[c.Command], None]
+# A removal looks for firewalls of this many NICs of a guest that is gone (taps are named
+# by instance and index; the spec that said how many is not in a removal).
+NIC_SCAN = 64
+
+log = structlog.get_logger()
 
 # libvirt prints every error on stderr by default, including the expected "no domain".
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -112,13 +162,25 @@ class VmDriver:
         nic_prefix: int = DEFAULT_NIC_PREFIX,
         ports: PortPlumbing | None = None,
         underlay_ip: str | None = None,
+        netns: str | None = None,
+        migration_uri: str = DEFAULT_MIGRATION_URI,
+        migration_bandwidth_mib: int | None = None,
     ) -> None:
         """`bridge`: every NIC on that one flat bridge (legacy). Otherwise each NIC is a
         bare tap; with `ports` (the plumbing of the namespace libvirtd puts taps in) and
         `underlay_ip`, the driver plugs each running guest's taps into their segments
-        behind their firewalls, and unplugs them when the guest stops or goes."""
+        behind their firewalls, and unplugs them when the guest stops or goes.
+
+        Migration: `migration_uri` is the template of a destination libvirtd's URI
+        (`{address}`: its underlay IPv4, `{host}`: its name); `netns` is the host's
+        namespace, where the underlay is (None: the agent's own), from which this driver
+        asks a destination whether a guest runs there; `migration_bandwidth_mib` caps a
+        migration's bandwidth (None: libvirt's default, unlimited)."""
         if ports is not None and (bridge is not None or underlay_ip is None):
             raise ValueError("ports need an underlay_ip, and exclude a flat bridge")
+        self.migration_target = MigrationTarget(migration_uri)
+        self.migration_bandwidth_mib = migration_bandwidth_mib
+        self.netns = netns
         self.uri = uri
         self.host = host
         self.bridge = bridge
@@ -137,6 +199,23 @@ class VmDriver:
         self._desired = functools.lru_cache(maxsize=4096)(self._render)
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
+        self._events_id: int | None = None  # the lifecycle callback on self._conn
+        self._reporter: Reporter | None = None
+        # Migration state, in memory only (libvirt's state decides after a restart), under
+        # _state_lock: the event thread, the runtime's interrupt and applies all read it.
+        self._state_lock = threading.Lock()
+        self._incoming: dict[str, tuple[InstanceSpec, int]] = {}  # expected here, at gen
+        self._plugged_on_arrival: set[str] = set()
+        self._migrations: dict[str, Migration] = {}  # outgoing, running now
+        self._outcomes: dict[str, tuple[int, str | None, str | None]] = {}  # gen, ok, error
+        self._moved: dict[str, tuple[int, Outgoing]] = {}  # migrated away from here
+        self._arrivals: ThreadPoolExecutor | None = None  # plugs and reports arrivals
+        if not self.is_test:
+            event_loop()  # before any connection: its events need the loop
+
+    def set_reporter(self, reporter: Reporter) -> None:
+        """Where migration progress and arrivals go (the agent's publisher; any thread)."""
+        self._reporter = reporter
 
     # -- connection -------------------------------------------------------------------------
 
@@ -149,18 +228,36 @@ class VmDriver:
                     if self._conn.isAlive():
                         return self._conn
             try:
-                self._conn = libvirt.open(self.uri)
+                conn = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
                 raise TransientDriverError(f"cannot connect to {self.uri}: {exc}") from exc
+            if not self.is_test:
+                # Every domain's lifecycle: an incoming guest's arrival is seen here.
+                try:
+                    self._events_id = conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+                except libvirt.libvirtError as exc:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        conn.close()
+                    raise TransientDriverError(
+                        f"cannot watch the domains of {self.uri}: {exc}") from exc
+            self._conn = conn
             return self._conn
 
     def close(self) -> None:
         """Close the libvirt connection, and the port plumbing given to this driver."""
         with self._conn_lock:
             if self._conn is not None:
+                if self._events_id is not None:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        self._conn.domainEventDeregisterAny(self._events_id)
+                    self._events_id = None
                 with contextlib.suppress(libvirt.libvirtError):
                     self._conn.close()
                 self._conn = None
+        if self._arrivals is not None:
+            self._arrivals.shutdown(wait=True)
+            self._arrivals = None
         if self.ports is not None:
             self.ports.close()
 
@@ -389,10 +486,21 @@ class VmDriver:
         }
         return " ".join(f"{k}={quoteattr(v)}" for k, v in attrs.items())
 
+    def _ours(self, dom: libvirt.virDomain, instance_id: str) -> dict[str, str]:
+        """The metadata of the instance's domain; PermanentDriverError if it has none of
+        ours (a domain of that name that orch never made is never touched)."""
+        name = domain_name(instance_id)
+        with self._errors(f"metadata of {name}"):
+            meta = self._metadata(dom)
+        if not meta or meta.get("id") != instance_id:
+            raise PermanentDriverError(f"domain {name} exists but is not managed by orch")
+        return meta
+
     # -- converging -------------------------------------------------------------------------
 
     def apply(self, instance_id: str, spec: InstanceSpec | None, generation: int) -> str:
-        """Converge one instance to `spec` (None: absent); returns the observed power state.
+        """Converge one instance to `spec` (None: absent); returns the observed power state
+        ("incoming" and "migrated" for a migration's jobs, see the module's docstring).
 
         Idempotent: applying the same spec again changes nothing. A job older than the
         generation already applied (a redelivery overtaken by a newer job) changes nothing
@@ -401,13 +509,17 @@ class VmDriver:
         name = domain_name(instance_id)
         if spec is not None:
             self._check_image(spec.template.image)
+            if spec.incoming:
+                return self._receive(instance_id, spec, generation)
+            if spec.outgoing is not None:
+                return self._send(instance_id, spec, spec.outgoing, generation)
+        with self._state_lock:
+            self._incoming.pop(instance_id, None)
+            self._plugged_on_arrival.discard(instance_id)
         dom = self._lookup(instance_id)
         meta = None
         if dom is not None:
-            with self._errors(f"metadata of {name}"):
-                meta = self._metadata(dom)
-            if not meta or meta.get("id") != instance_id:
-                raise PermanentDriverError(f"domain {name} exists but is not managed by orch")
+            meta = self._ours(dom, instance_id)
             if int(meta.get("generation", "0")) > generation:
                 return self._observed(dom, name)  # stale job: leave the newer state alone
 
@@ -415,8 +527,15 @@ class VmDriver:
             if dom is not None:
                 self._unplug(dom)
                 self._remove(dom, name)
+            # The firewalls of taps gone with a guest that left (or never came).
+            self._forget_ports(instance_id)
+            with self._state_lock:
+                self._moved.pop(instance_id, None)
+                self._outcomes.pop(instance_id, None)
             return "absent"
 
+        if spec.power == "running":
+            self._not_moved_away(instance_id, dom)
         xml, digest, xml_digest = self._desired(instance_id, spec.template, spec.nics)
         with self._errors(f"define {name}"):
             # A domain an older agent defined, exactly as this one would (no NIC, whose MAC
@@ -431,7 +550,9 @@ class VmDriver:
                 uid = dom.UUIDString() if dom is not None else str(domain_uuid(instance_id))
                 full = full.replace("<metadata>", f"<uuid>{uid}</uuid><metadata>", 1)
                 dom = self._connection().defineXML(full)
-            elif (meta.get("generation"), meta.get("digest")) != (str(generation), digest):
+            elif ((meta.get("generation"), meta.get("digest"), meta.get("host"))
+                  != (str(generation), digest, self.host)):
+                # Also a guest migrated here: its metadata still names its old host.
                 self._set_metadata(dom, instance_id, generation, digest)
 
         if spec.power != "running":
@@ -445,17 +566,321 @@ class VmDriver:
             self._plug(instance_id, spec)
         return self._observed(dom, name)
 
+    # -- migration: the destination ----------------------------------------------------------
+
+    def _receive(self, instance_id: str, spec: InstanceSpec, generation: int) -> str:
+        """The guest is coming here: everything it needs but its domain, which libvirt
+        brings. "incoming", or "running" once it has arrived (a re-apply after it did)."""
+        name = domain_name(instance_id)
+        with self._errors(f"libvirtd of {self.host}"):
+            self._connection().getLibVersion()  # it answers, or the migration cannot come
+        if self.ports is not None and self.underlay_ip is not None:
+            from agents.net.firewall import PortPolicy
+
+            for i, nic in enumerate(spec.nics):
+                bridge = names.bridge_name(nic.vni)
+                with self._net(f"segment bridge {bridge}"):
+                    present = self.ports.host.rtnl.link(bridge) is not None
+                if not present:  # the network's job makes it, maybe right now
+                    raise TransientDriverError(
+                        f"incoming {name}: segment bridge {bridge} (VNI {nic.vni}) is not "
+                        f"here yet")
+                port = tap_name(instance_id, i)
+                # Written before the tap exists (the rules name it), so that the tap can be
+                # plugged the moment libvirt creates it.
+                with self._net(f"firewall of {port}"):
+                    self.ports.firewall.converge(PortPolicy(
+                        port, bridge, nic.mac, nic.ip, spec.template.rules))
+        with self._state_lock:
+            self._incoming[instance_id] = (spec, generation)
+        dom = self._lookup(instance_id)
+        if dom is None:
+            return "incoming"
+        self._ours(dom, instance_id)
+        if self._observed(dom, name) != "running":
+            return "incoming"  # on its way (paused), or a definition left inactive
+        self._plug(instance_id, spec)  # it has arrived already
+        return "running"
+
+    def _on_lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int,
+                      detail: int, _opaque: object) -> None:
+        """libvirt's event thread: only hand over what matters, to the arrivals thread."""
+        name = dom.name()
+        if not name.startswith(DOMAIN_PREFIX):
+            return
+        instance_id = name[len(DOMAIN_PREFIX):]
+        if (event, detail) == (libvirt.VIR_DOMAIN_EVENT_STARTED,
+                               libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED):
+            what = "started"
+        elif (event, detail) == (libvirt.VIR_DOMAIN_EVENT_RESUMED,
+                                 libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED):
+            what = "resumed"
+        else:
+            return
+        with self._state_lock:
+            if instance_id not in self._incoming:
+                return
+            if self._arrivals is None:
+                self._arrivals = ThreadPoolExecutor(1, thread_name_prefix=f"arrivals-{self.host}")
+            # One thread, in order: the plug of "started" is done before "resumed" reports.
+            self._arrivals.submit(self._arrival, instance_id, what)
+
+    def _arrival(self, instance_id: str, what: str) -> None:
+        with self._state_lock:
+            entry = self._incoming.get(instance_id)
+        if entry is None:
+            return  # a newer job came meanwhile: it converges the guest itself
+        spec, generation = entry
+        if what == "started" or instance_id not in self._plugged_on_arrival:
+            # QEMU runs (paused) and its taps exist: on their segments now, before it resumes.
+            try:
+                self._plug(instance_id, spec)
+            except DriverError as exc:
+                log.warning("arrival_plug_failed", instance=instance_id, stage=what,
+                            error=str(exc))
+            else:
+                with self._state_lock:
+                    self._plugged_on_arrival.add(instance_id)
+            if what == "started":
+                return
+        log.info("migration_arrived", instance=instance_id, host=self.host,
+                 generation=generation)
+        self._report(c.Applied(cmd_id=report_id("arrived", self.host, instance_id, generation),
+                               id=instance_id, generation=generation, observed="running"))
+
+    def _report(self, cmd: c.Command) -> None:
+        if self._reporter is None:
+            log.warning("report_unsent", type=type(cmd).__name__, id=cmd.id)
+            return
+        self._reporter(cmd)
+
+    # -- migration: the source ----------------------------------------------------------------
+
+    def _send(self, instance_id: str, spec: InstanceSpec, out: Outgoing,
+              generation: int) -> str:
+        """Migrate the guest to ``out.dest``, once per generation: "migrated", or a
+        PermanentDriverError saying why not (the same again on a re-apply)."""
+        with self._state_lock:
+            known = self._outcomes.get(instance_id)
+        if known is not None and known[0] == generation:
+            _gen, observed, error = known
+            if error is not None:
+                raise PermanentDriverError(error)
+            assert observed is not None
+            return observed
+        try:
+            observed = self._send_once(instance_id, out, generation)
+        except PermanentDriverError as exc:
+            with self._state_lock:
+                self._outcomes[instance_id] = (generation, None, str(exc))
+            raise
+        with self._state_lock:
+            self._outcomes[instance_id] = (generation, observed, None)
+            self._moved[instance_id] = (generation, out)
+        return observed
+
+    def _send_once(self, instance_id: str, out: Outgoing, generation: int) -> str:
+        name = domain_name(instance_id)
+        uri = self.migration_target.uri(out.address, out.dest)
+        dom = self._lookup(instance_id)
+        here = False
+        if dom is not None:
+            self._ours(dom, instance_id)
+            with self._errors(f"state of {name}"):
+                here = self._is_active(dom)
+        if not here:  # gone already: a migration before this agent's restart, or never here
+            if self._runs_at(uri, instance_id):
+                return "migrated"
+            raise PermanentDriverError(
+                f"{name} runs nowhere: not on {self.host}, not on {out.dest} ({uri})")
+        left_ms = out.deadline_at - time.time() * 1000
+        if left_ms <= 0:
+            raise PermanentDriverError(
+                f"deadline passed {-left_ms / 1000:.1f}s before the migration of {name} to "
+                f"{out.dest} could start")
+        migration = Migration(instance_id, generation, dom)
+        with self._state_lock:
+            self._migrations[instance_id] = migration
+        try:
+            return self._migrate(migration, uri, out, left_ms / 1000)
+        finally:
+            with self._state_lock:
+                self._migrations.pop(instance_id, None)
+
+    def _migrate(self, migration: Migration, uri: str, out: Outgoing, left_s: float) -> str:
+        """libvirt's migration in a thread; this one reports its progress and aborts it at
+        its deadline. libvirt's outcome is the outcome, whoever asked to abort."""
+        instance_id, dom = migration.instance_id, migration.dom
+        params: dict[str, int] = {}
+        if self.migration_bandwidth_mib is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = self.migration_bandwidth_mib
+        failure: list[BaseException] = []
+        ended: list[float] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                dom.migrateToURI3(uri, params, MIGRATE_FLAGS)
+            except BaseException as exc:  # handed to the apply thread
+                failure.append(exc)
+            finally:
+                ended.append(time.monotonic())
+                done.set()
+
+        started = time.monotonic()
+        started_ms = int(time.time() * 1000)
+        deadline = started + left_s
+        next_report = started + PROGRESS_S
+        seq = 0
+        last: tuple[int, int] | None = None
+        log.info("migration_started", instance=instance_id, dest=out.dest, uri=uri,
+                 generation=migration.generation, deadline_s=round(left_s, 3))
+        threading.Thread(target=run, name=f"migrate-{instance_id}", daemon=True).start()
+        while not done.wait(max(0.0, min(next_report, deadline) - time.monotonic())):
+            now = time.monotonic()
+            if now >= deadline:
+                migration.abort("deadline exceeded")
+                deadline = math.inf  # asked once; libvirt ends it (or completes it)
+            if now >= next_report:
+                next_report = now + PROGRESS_S
+                try:
+                    figures = progress_mib(dom.jobStats())
+                except libvirt.libvirtError:
+                    figures = None  # it is ending: the outcome comes next
+                if figures is not None:
+                    last, seq = figures, seq + 1
+                    self._progress(migration, started_ms, seq, *figures)
+        seconds = ended[0] - started
+        if not failure:
+            stats = self._completed_stats(uri, instance_id)
+            total = progress_mib(stats) if stats else None
+            processed = total[0] if total else (sum(last) if last else 0)
+            self._progress(migration, started_ms, seq + 1, processed, 0)
+            log.info("migration_done", instance=instance_id, dest=out.dest,
+                     seconds=round(seconds, 3), downtime_ms=stats.get("downtime"),
+                     processed_mib=processed, asked_to_abort=migration.reason)
+            return "migrated"
+        exc = failure[0]
+        detail = str(exc) if isinstance(exc, libvirt.libvirtError) else repr(exc)
+        log.warning("migration_failed", instance=instance_id, dest=out.dest,
+                    seconds=round(seconds, 3), reason=migration.reason, error=detail)
+        if migration.reason is not None:
+            raise PermanentDriverError(
+                f"{migration.reason}: migration to {out.dest} after {seconds:.1f}s: {detail}")
+        raise PermanentDriverError(f"migration to {out.dest} failed after {seconds:.1f}s: "
+                                   f"{detail}")
+
+    def _progress(self, migration: Migration, started_ms: int, seq: int, processed: int,
+                  remaining: int) -> None:
+        self._report(c.MigrationProgress(
+            cmd_id=report_id("migration", self.host, migration.instance_id,
+                             migration.generation, started_ms, seq),
+            id=migration.instance_id, generation=migration.generation,
+            processed_mib=processed, remaining_mib=remaining))
+
+    def interrupt(self, instance_id: str, spec: InstanceSpec | None, generation: int) -> None:
+        """A newer job came while this instance's job is being applied (the runtime calls
+        this without the entity's lock): one without ``outgoing`` aborts a migration that
+        an older job started. The outgoing apply then says how it ended."""
+        with self._state_lock:
+            migration = self._migrations.get(instance_id)
+        if migration is None or generation <= migration.generation:
+            return
+        if spec is not None and spec.outgoing is not None:
+            return  # still wanted away
+        migration.abort("aborted")
+
+    @contextlib.contextmanager
+    def _remote(self, uri: str) -> Iterator[libvirt.virConnect]:
+        """A connection to another host's libvirtd, opened from this host's namespace
+        (the underlay is there; the socket stays in it)."""
+        from agents.guest_service import in_netns
+
+        try:
+            with in_netns(self.netns) if self.netns else contextlib.nullcontext():
+                conn = libvirt.open(uri)
+        except (libvirt.libvirtError, OSError) as exc:
+            raise TransientDriverError(f"cannot reach {uri}: {exc}") from exc
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+    def _runs_at(self, uri: str, instance_id: str) -> bool:
+        """Whether the instance's domain runs on the libvirtd at ``uri``."""
+        with self._remote(uri) as conn:
+            try:
+                return self._power(conn.lookupByName(domain_name(instance_id))) == "running"
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False
+                raise TransientDriverError(
+                    f"{domain_name(instance_id)} at {uri}: {exc}") from exc
+
+    def _completed_stats(self, uri: str, instance_id: str) -> dict[str, int]:
+        """libvirt's statistics of the migration that just completed, as the destination
+        holds them (the source's domain is gone); {} if they cannot be read."""
+        try:
+            with self._remote(uri) as conn:
+                dom = conn.lookupByName(domain_name(instance_id))
+                # Kept: reading them would delete them otherwise.
+                return dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                                    | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)
+        except (libvirt.libvirtError, TransientDriverError) as exc:
+            log.info("migration_stats_unread", instance=instance_id, error=str(exc))
+            return {}
+
+    def _not_moved_away(self, instance_id: str, dom: libvirt.virDomain | None) -> None:
+        """Refuse to start a guest here that this driver migrated away and that runs there:
+        a job for this host that comes after a migration libvirt completed (the fold may
+        have rolled back on an abort that came too late)."""
+        with self._state_lock:
+            moved = self._moved.get(instance_id)
+        if moved is None:
+            return
+        with self._errors(f"state of {domain_name(instance_id)}"):
+            back = dom is not None and self._is_active(dom)
+        if back:  # it came back: a migration here
+            with self._state_lock:
+                self._moved.pop(instance_id, None)
+            return
+        generation, out = moved
+        if self._runs_at(self.migration_target.uri(out.address, out.dest), instance_id):
+            raise PermanentDriverError(
+                f"{domain_name(instance_id)} runs on {out.dest} since its migration at "
+                f"generation {generation}: not starting a second copy on {self.host}")
+        with self._state_lock:
+            self._moved.pop(instance_id, None)
+
     # -- ports ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _net(self, what: str) -> Iterator[None]:
-        from agents.net.errors import NetError
+        from agents.net.errors import NetError, NetlinkError, classify
 
         try:
             yield
+        except NetlinkError as exc:
+            error = classify(exc)
+            cls = TransientDriverError if error.transient else PermanentDriverError
+            raise cls(f"{what}: {error}") from exc
         except NetError as exc:
             cls = TransientDriverError if exc.transient else PermanentDriverError
             raise cls(f"{what}: {exc}") from exc
+
+    def _forget_ports(self, instance_id: str) -> None:
+        """Remove what is left of the instance's ports here without a domain to name them:
+        the firewalls of taps that went with their QEMU (migrated away, or an incoming
+        guest that never came)."""
+        if self.ports is None:
+            return
+        with self._net(f"ports of {instance_id}"):
+            left = self.ports.firewall.ports() & {tap_name(instance_id, i)
+                                                  for i in range(NIC_SCAN)}
+        for port in sorted(left):
+            with self._net(f"unplug {port}"):
+                self.ports.unplug(port)
 
     def _plug(self, instance_id: str, spec: InstanceSpec) -> None:
         """Each tap of the running guest on its segment (idempotent: the plumbing reads
@@ -496,6 +921,7 @@ class VmDriver:
             return False  # not ours: never touched
         self._unplug(dom)
         self._remove(dom, domain_name(instance_id))
+        self._forget_ports(instance_id)
         return True
 
     def _observed(self, dom: libvirt.virDomain, name: str) -> Observed:
