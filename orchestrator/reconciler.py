@@ -57,6 +57,8 @@ class Reconciler:
             WHERE i.kind = 'instance' AND i.state->>'host' IS NOT NULL
               AND i.state->>'status' IN ('placed', 'deleted')
               AND (i.state->>'observed_generation')::int < (i.state->>'generation')::int
+              -- memory moving: its deadline bounds it, and the source's report ends it
+              AND i.state->'migration'->>'phase' IS DISTINCT FROM 'migrating'
               AND h.state->>'condition' IS DISTINCT FROM 'down'
             """
         )

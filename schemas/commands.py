@@ -73,7 +73,7 @@ class SetHostCondition(Command, tag=True, kw_only=True):
     """Admin action: drain a host or put it in maintenance, or bring it back up."""
 
     kind = "host"
-    sources = ("admin",)
+    sources = ("admin", "system")  # the system: a drained host goes into maintenance
     condition: Literal["up", "draining", "maintenance"]
 
 
@@ -170,6 +170,58 @@ class Failed(Command, tag=True, kw_only=True):
     attempt: Attempt = 1
 
 
+class MigrateInstance(Command, tag=True, kw_only=True):
+    """Move a running instance live to another hypervisor (``to``, or the scheduler's
+    choice, never its own host). From the system: a drain, which waits for capacity."""
+
+    kind = "instance"
+    sources = ("admin", "system")
+    to: EntityId | None = None
+    deadline_ms: Annotated[int, msgspec.Meta(ge=1000, le=3_600_000)] = 120_000
+
+
+class AbortMigration(Command, tag=True, kw_only=True):
+    """Roll the migration back: at once before memory moves; after, once the source says
+    whether libvirt still could abort it (the guest runs where libvirt says)."""
+
+    kind = "instance"
+    sources = ("admin", "system")
+    reason: Text = ""
+
+
+class MigrationReserved(Command, tag=True, kw_only=True):
+    """The scheduler reserved the destination: its capacity is held until the move ends."""
+
+    kind = "instance"
+    sources = ("system",)
+    host: EntityId
+    address: IPv4  # the destination's underlay: where the source's libvirtd sends the guest
+
+
+class MigrationRefused(Command, tag=True, kw_only=True):
+    kind = "instance"
+    sources = ("system",)
+    reason: Text
+
+
+class MigrationQueued(Command, tag=True, kw_only=True):
+    """Asked, not started yet: too many migrations at once on a host, or (a drain) no room."""
+
+    kind = "instance"
+    sources = ("system",)
+    reason: Text
+
+
+class MigrationProgress(Command, tag=True, kw_only=True):
+    """The source agent's view of a running migration, from libvirt's job statistics."""
+
+    kind = "instance"
+    sources = ("host",)
+    generation: Count
+    processed_mib: Count
+    remaining_mib: Count
+
+
 class Reconcile(Command, tag=True, kw_only=True):
     """The reconciler's tick for an instance whose job is overdue: re-issue, or degrade."""
 
@@ -226,7 +278,9 @@ class AttachPort(Command, tag=True, kw_only=True):
 
 class BindPort(Command, tag=True, kw_only=True):
     """Placement put the instance on a host: its ports live there now (with ``index``, only
-    that one: a balancer's two ports live on two nodes)."""
+    that one: a balancer's two ports live on two nodes). ``incoming``: a live migration's
+    destination, bound inactive (the segment spans it, its traffic still goes to the
+    source) until a binding without it moves the port, or one to its old host cancels."""
 
     kind = "network"
     sources = ("system",)
@@ -234,6 +288,7 @@ class BindPort(Command, tag=True, kw_only=True):
     host: EntityId
     owner: PortOwner = "instance"
     index: NicIndex | None = None
+    incoming: bool = False
 
 
 class DetachPort(Command, tag=True, kw_only=True):
@@ -529,6 +584,40 @@ class HostCapacity(Command, tag=True, kw_only=True):
     vcpus: HostVcpus
     memory_mib: MemoryMiB
     condition: HostCondition
+    underlay: IPv4 | None = None  # where migrations reach it; None until its agent says
+
+
+class ReserveMove(Command, tag=True, kw_only=True):
+    """An instance asks to move off ``source``: reserve a destination (``to``, or the best
+    fit), within the limit of migrations at once per host. ``wait`` (a drain): queue
+    while no host has room, instead of refusing."""
+
+    kind = "scheduler"
+    sources = ("system",)
+    instance: EntityId
+    source: EntityId
+    to: EntityId | None = None
+    vcpus: Vcpus
+    memory_mib: MemoryMiB
+    wait: bool = False
+
+
+class EndMove(Command, tag=True, kw_only=True):
+    """The move is over: ``moved``, the instance lives on the destination and the source's
+    capacity goes; else the destination's reservation goes."""
+
+    kind = "scheduler"
+    sources = ("system",)
+    instance: EntityId
+    moved: bool
+
+
+class SetMigrationLimit(Command, tag=True, kw_only=True):
+    """At most ``limit`` migrations at once out of any host, and into any host."""
+
+    kind = "scheduler"
+    sources = ("admin",)
+    limit: Annotated[int, msgspec.Meta(ge=1, le=64)]
 
 
 class Place(Command, tag=True, kw_only=True):
@@ -580,6 +669,12 @@ AnyCommand = (
     | PlacementFailed
     | Applied
     | Failed
+    | MigrateInstance
+    | AbortMigration
+    | MigrationReserved
+    | MigrationRefused
+    | MigrationQueued
+    | MigrationProgress
     | Reconcile
     | CreateNetwork
     | DeleteNetwork
@@ -622,6 +717,9 @@ AnyCommand = (
     | ReconcileLb
     | DrainTick
     | HostCapacity
+    | ReserveMove
+    | EndMove
+    | SetMigrationLimit
     | Place
     | Release
     | LbNode

@@ -78,6 +78,16 @@ class NicSpec(msgspec.Struct, frozen=True):
     mtu: Mtu = 1500
 
 
+class Outgoing(msgspec.Struct, frozen=True):
+    """On the source's job during a live migration: move the running guest, peer to peer,
+    to the libvirtd of host ``dest``, reached at its underlay ``address``; abort unless it
+    has ended by ``deadline_at`` (epoch ms: a restarted agent knows it has passed)."""
+
+    dest: EntityId
+    address: IPv4
+    deadline_at: Annotated[int, msgspec.Meta(ge=0)]
+
+
 class InstanceSpec(msgspec.Struct, frozen=True):
     """Everything an agent needs to converge one instance, never a delta."""
 
@@ -86,6 +96,10 @@ class InstanceSpec(msgspec.Struct, frozen=True):
     host: EntityId
     # Resolved, in the order of template.nics; inbound rules are template.rules.
     nics: tuple[NicSpec, ...] = ()
+    # On the destination's job during a live migration: the guest is coming here. Have its
+    # segments and its ports' rules ready; define and start nothing (libvirt brings it).
+    incoming: bool = False
+    outgoing: Outgoing | None = None  # on the source's job: send the guest away
 
 
 class RemotePort(msgspec.Struct, frozen=True, array_like=True):

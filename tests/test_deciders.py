@@ -46,7 +46,7 @@ class World:
         self.pending.extend(f.commands)
         return f
 
-    def send(self, source: str, type_: str, id_: str, **fields: Any) -> Folded:
+    def send(self, source: str, type_: str, id_: str, /, **fields: Any) -> Folded:
         self.n += 1
         doc = {"type": type_, "cmd_id": f"k{self.n}", "id": id_, **fields}
         return self.fold(subject(source, COMMAND_TYPES[type_].kind, id_), encode(doc))
@@ -477,6 +477,13 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "PlaceBalancer": {"lb": "l0"}, "ReleaseBalancer": {"lb": "l0"},
     "HostCapacity": {"host": "h0", "vcpus": 4, "memory_mib": 4096, "condition": "up"},
     "Place": {"instance": "i0", "vcpus": 1, "memory_mib": 64}, "Release": {"instance": "i0"},
+    "MigrateInstance": {"to": "h1"}, "AbortMigration": {"reason": "operator"},
+    "MigrationReserved": {"host": "h1", "address": "192.0.2.11"},
+    "MigrationRefused": {"reason": "host h1 is down"},
+    "MigrationQueued": {"reason": "queued: the limit"},
+    "MigrationProgress": {"generation": 1, "processed_mib": 10, "remaining_mib": 60},
+    "ReserveMove": {"instance": "i0", "source": "h0", "vcpus": 1, "memory_mib": 64},
+    "EndMove": {"instance": "i0", "moved": True}, "SetMigrationLimit": {"limit": 2},
 }
 SOURCE_OF_CLASS = {"user": "user", "admin": "admin", "system": "system", "host": "h0"}
 

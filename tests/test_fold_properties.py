@@ -45,7 +45,7 @@ POOLS = ("p0", "p1")
 LBS = ("l0", "l1")
 VTEPS = ("192.0.2.1", "192.0.2.2")
 # The answers a rejection may carry (to whoever asked).
-REFUSALS = {"NicRefused", "VniRefused", "LbPortRefused", "PoolRefused"}
+REFUSALS = {"NicRefused", "VniRefused", "LbPortRefused", "PoolRefused", "MigrationRefused"}
 MACS = ("02:00:00:00:00:01", "02:00:00:00:00:02")
 IDS: dict[str, tuple[str, ...]] = {
     "host": HOSTS,
@@ -145,7 +145,7 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
                   "owner": owners}),
     "BindPort": st.fixed_dictionaries(
         {"instance": st.sampled_from(INSTANCES + LBS), "host": st.sampled_from(HOSTS)},
-        optional={"owner": owners, "index": st.integers(0, 1)}),
+        optional={"owner": owners, "index": st.integers(0, 1), "incoming": st.booleans()}),
     "DetachPort": st.fixed_dictionaries({"instance": st.sampled_from(INSTANCES + LBS)},
                                         optional={"owner": owners}),
     "VniGranted": fields(),
@@ -166,7 +166,22 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
     "UnspanNetwork": fields(network=st.sampled_from(NETWORKS)),
     "Placed": fields(host=st.sampled_from(HOSTS)),
     "PlacementFailed": fields(reason=st.sampled_from(["full", "no host"])),
-    "Applied": fields(generation=generation, observed=st.sampled_from(["running", "stopped"])),
+    "Applied": fields(generation=generation, observed=st.sampled_from(
+        ["running", "stopped", "incoming", "migrated", "absent"])),
+    "MigrateInstance": st.fixed_dictionaries(
+        {}, optional={"to": st.sampled_from(HOSTS), "deadline_ms": st.just(5000)}),
+    "AbortMigration": st.fixed_dictionaries({}, optional={"reason": st.just("operator")}),
+    "MigrationReserved": fields(host=st.sampled_from(HOSTS), address=st.sampled_from(VTEPS)),
+    "MigrationRefused": fields(reason=st.just("host h1 is down")),
+    "MigrationQueued": fields(reason=st.just("queued: 2 migrations out of h0 already")),
+    "MigrationProgress": fields(generation=generation, processed_mib=st.integers(0, 80),
+                                remaining_mib=st.integers(0, 80)),
+    "ReserveMove": st.fixed_dictionaries(
+        {"instance": st.sampled_from(INSTANCES), "source": st.sampled_from(HOSTS),
+         "vcpus": small_cpus, "memory_mib": small_memory},
+        optional={"to": st.sampled_from(HOSTS), "wait": st.booleans()}),
+    "EndMove": fields(instance=st.sampled_from(INSTANCES), moved=st.booleans()),
+    "SetMigrationLimit": fields(limit=st.integers(1, 3)),
     "Reconcile": fields(generation=generation, max_attempts=st.integers(0, 3)),
     "Failed": st.fixed_dictionaries(
         {"generation": generation, "error": st.just("qemu exited")},
@@ -216,8 +231,10 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
     "DrainTick": fields(),
     "BackendHealth": fields(instance=st.sampled_from(INSTANCES), port=st.sampled_from([80, 443]),
                             healthy=st.booleans(), generation=generation),
-    "HostCapacity": fields(host=st.sampled_from(HOSTS), vcpus=cpus, memory_mib=memory,
-                           condition=st.sampled_from(["up", "up", "down", "draining"])),
+    "HostCapacity": st.fixed_dictionaries(
+        {"host": st.sampled_from(HOSTS), "vcpus": cpus, "memory_mib": memory,
+         "condition": st.sampled_from(["up", "up", "down", "draining"])},
+        optional={"underlay": st.sampled_from(VTEPS)}),
     "Place": fields(instance=st.sampled_from(INSTANCES), vcpus=small_cpus,
                     memory_mib=small_memory),
     "Release": fields(instance=st.sampled_from(INSTANCES)),
@@ -387,7 +404,7 @@ POKES = {
     "StartInstance": "instance", "StopInstance": "instance", "DeleteInstance": "instance",
     "ScalePool": "pool", "DeletePool": "pool", "DeleteNetwork": "network",
     "DeleteLoadBalancer": "lb", "SetHostCondition": "host", "HostDown": "host",
-    "HostUp": "host",
+    "HostUp": "host", "MigrateInstance": "instance", "AbortMigration": "instance",
 }
 REPORTS = ("Applied", "Failed", "Reconcile")
 
@@ -398,13 +415,17 @@ Step = tuple[str, bytes] | int | Poke
 relay = st.integers(0, 7)
 pokes = st.builds(Poke, st.sampled_from(sorted(POKES)), st.integers(0, 7),
                   st.sampled_from([0, 0, 1, 2, -1]))
+# A live migration's steps need their agents' reports in turn: drawn more often.
+migration_pokes = st.builds(
+    Poke, st.sampled_from(["MigrateInstance", "Applied", "Applied", "Applied", "Failed",
+                           "AbortMigration"]), st.integers(0, 7), st.sampled_from([0, 0, 2]))
 
 
 @st.composite
 def scripts(draw: st.DrawFn) -> list[Step]:
     """Some creations first (so that later commands find their entities), then anything."""
     setup = draw(st.lists(st.one_of(creation(), relay), min_size=4, max_size=20))
-    rest = draw(st.lists(st.one_of(stored_message(), relay, relay, pokes),
+    rest = draw(st.lists(st.one_of(stored_message(), relay, relay, pokes, migration_pokes),
                          min_size=20, max_size=100))
     return setup + rest
 
@@ -441,12 +462,25 @@ def poke(step: Poke, states: dict[Key, Any]) -> tuple[str, bytes] | None:
         doc["generation"] = max(0, state.generation - step.lag)
         doc.update({"Applied": {"observed": state.power}, "Failed": {"error": "boom"},
                     "Reconcile": {"max_attempts": 2}}[step.type])
+        # A migration's reports: the destination ready or the guest arrived, the source
+        # that it left, a removal applied.
+        m, turn = state.migration, step.pick % 4
+        if step.type != "Reconcile" and m is not None and m.dest and turn == 1:
+            source = m.dest
+            if step.type == "Applied":
+                doc["observed"] = ("incoming", "running")[step.lag % 2]
+        elif step.type == "Applied" and m is not None and turn == 2:
+            doc["observed"] = "migrated"
+        elif step.type == "Applied" and state.cleanup and turn == 3:
+            source = sorted(state.cleanup)[step.lag % len(state.cleanup)]
+            doc["observed"] = "absent"
     elif step.type == "ScalePool":
         doc["size"] = step.pick % 5
     elif step.type == "SetHostCondition":
         doc["condition"] = ("up", "draining", "maintenance")[step.pick % 3]
-    elif step.type == "HostUp":
+    elif step.type == "HostUp":  # with its underlay: the scheduler may migrate to it
         doc["boot_id"] = f"b{step.lag}"
+        doc["underlay"] = VTEPS[step.pick % len(VTEPS)]
     return subject_for(source, *key), encode(doc)
 
 
@@ -594,7 +628,18 @@ def check_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
     if not f.jobs:  # the host has nothing new to do, or there is no host yet
         assert state.host is None or (state.generation == old_generation and not reissued)
         return
-    (job,) = f.jobs
+    assert all(j.kind == "instance" and j.id == f.key[1] for j in f.jobs)
+    hosts = [j.host for j in f.jobs]
+    assert len(set(hosts)) == len(hosts), "one job per host"
+    job, *others = f.jobs
+    m = state.migration
+    for other in others:  # a migration's destination, or a removal from a host it left
+        assert other.generation == state.generation
+        if other.spec is None:
+            assert state.cleanup.get(other.host, -1) > old_generation, (other, state.cleanup)
+        else:
+            assert m is not None and other.host == m.dest and other.spec.incoming
+            assert (other.spec.template, other.spec.power) == (state.template, state.power)
     assert (job.kind, job.id, job.host) == ("instance", f.key[1], state.host)
     assert job.generation == state.generation
     assert job.generation > old_generation or reissued
@@ -668,7 +713,9 @@ def check_scheduler(before: Snapshot, states: dict[Key, Any], f: Folded) -> None
     raw = before.get(KEY_SCHEDULER)
     old = msgspec.json.decode(raw, type=Scheduler) if raw else Scheduler()
     for name, slot in sched.hosts.items():
-        mine = [a for a in sched.allocations.values() if a.host == name]
+        # A running move holds its destination's capacity besides its source's.
+        mine = [a for a in sched.allocations.values() if a.host == name] + [
+            m for m in sched.moves if m.dest == name]
         assert slot.used_vcpus == sum(a.vcpus for a in mine) >= 0, (name, slot)
         assert slot.used_memory_mib == sum(a.memory_mib for a in mine) >= 0, (name, slot)
         over = slot.used_vcpus > slot.vcpus or slot.used_memory_mib > slot.memory_mib

@@ -55,15 +55,15 @@ def _vtep_to(ctx: Ctx, host_id: str, underlay: str | None, networks: list[str],
                              for n in networks], start=start)
 
 
-def _capacity(ctx: Ctx, host_id: str, host: Host) -> list[c.Command]:
+def _capacity(ctx: Ctx, host_id: str, host: Host, start: int = 0) -> list[c.Command]:
     """Tell the scheduler what this host can take now: instances, or balancers."""
     if host.role == "lb":
         return follow_ups(ctx, (c.LbNode, dict(id=SCHEDULER_ID, host=host_id,
-                                               condition=host.condition)))
+                                               condition=host.condition)), start=start)
     return follow_ups(ctx, (c.HostCapacity, dict(
         id=SCHEDULER_ID, host=host_id, vcpus=host.vcpus, memory_mib=host.memory_mib,
-        condition=host.condition,
-    )))
+        condition=host.condition, underlay=host.underlay,
+    )), start=start)
 
 
 def decide(state: Host | None, cmd: c.Command, ctx: Ctx) -> Decision:
@@ -91,13 +91,19 @@ def decide(state: Host | None, cmd: c.Command, ctx: Ctx) -> Decision:
             return accept(NetworkUnspanned(cmd.network))
         case c.HostUp() if cmd.underlay is not None and cmd.underlay != state.underlay:
             moved = UnderlaySet(underlay=cmd.underlay, at=ctx.at)
-            rest = decide_condition(state, cmd, ctx)
-            return accept(moved, *rest.events, commands=[*rest.commands, *_vtep_to(
-                ctx, cmd.id, cmd.underlay, state.networks, start=len(rest.commands))])
+            rest = decide_condition(state, cmd, ctx, underlay=cmd.underlay)
+            commands = [*rest.commands, *_vtep_to(ctx, cmd.id, cmd.underlay, state.networks,
+                                                  start=len(rest.commands))]
+            if not any(isinstance(x, c.HostCapacity) for x in commands) and \
+                    state.role == "hypervisor":  # the scheduler hears where it is reached
+                after = msgspec.structs.replace(state, underlay=cmd.underlay)
+                commands += _capacity(ctx, cmd.id, after, start=len(commands))
+            return accept(moved, *rest.events, commands=commands)
     return decide_condition(state, cmd, ctx)
 
 
-def decide_condition(state: Host, cmd: c.Command, ctx: Ctx) -> Decision:
+def decide_condition(state: Host, cmd: c.Command, ctx: Ctx,
+                     underlay: str | None = None) -> Decision:
     """Admin conditions and liveness; the scheduler hears of every change."""
     match cmd:
         case c.SetHostCondition():
@@ -117,7 +123,7 @@ def decide_condition(state: Host, cmd: c.Command, ctx: Ctx) -> Decision:
     if (condition, boot_id) == (state.condition, state.boot_id):
         return accept()
     after = Host(vcpus=state.vcpus, memory_mib=state.memory_mib, role=state.role,
-                 condition=condition)
+                 condition=condition, underlay=underlay or state.underlay)
     return accept(ConditionSet(condition=condition, boot_id=boot_id, at=ctx.at),
                   commands=_capacity(ctx, cmd.id, after))
 

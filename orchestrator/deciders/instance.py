@@ -4,12 +4,14 @@ from typing import Literal
 
 import msgspec
 
+from orchestrator.deciders import migration
 from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
+from orchestrator.deciders.migration import MOVING, Migration
 from schemas import commands as c
 from schemas.commands import SCHEDULER_ID
 from schemas.ids import mac_address
 from schemas.jobs import Job
-from schemas.specs import InstanceSpec, InstanceTemplate, NicSpec, Power, SecurityRule
+from schemas.specs import InstanceSpec, InstanceTemplate, NicSpec, Outgoing, Power, SecurityRule
 
 # pending: waiting for its NICs' addresses, then for a host; failed: a NIC was refused.
 Status = Literal["pending", "placed", "unplaceable", "degraded", "failed", "deleted"]
@@ -29,6 +31,9 @@ class Instance(msgspec.Struct, kw_only=True):
     error: str | None = None
     # A serving pool member asked to stop or go: held until its balancers let it go.
     leaving: Literal["stop", "delete"] | None = None
+    migration: Migration | None = None  # a live migration under way (`migration`)
+    # Hosts sent its removal (a migration's other side) that have not applied it yet.
+    cleanup: dict[str, int] = {}
     attempts: int = 0  # re-issues of the current generation's job
     issued_at: int = 0  # when the current job was last issued: the reconciler's clock
     created_at: int = 0
@@ -125,8 +130,7 @@ def _place(ctx: Ctx, instance_id: str, t: InstanceTemplate) -> list[c.Command]:
                                           vcpus=t.vcpus, memory_mib=t.memory_mib)))
 
 
-def _networks(state: Instance) -> list[str]:
-    return sorted({nic.network for nic in state.template.nics})
+_networks = migration.networks
 
 
 def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
@@ -180,6 +184,25 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
             if state.status != "pending":
                 return reject(f"instance {cmd.id} is already {state.status}")
             return accept(Unplaceable(reason=cmd.reason, at=ctx.at))
+        case c.MigrateInstance():
+            return migration.ask(state, cmd, ctx)
+        case c.MigrationReserved():
+            return migration.reserved(state, cmd, ctx)
+        case c.MigrationQueued():
+            return migration.queued(state, cmd, ctx)
+        case c.MigrationRefused():
+            return migration.refused(state, cmd, ctx)
+        case c.AbortMigration():
+            return migration.abort(state, cmd, ctx)
+        case c.MigrationProgress():
+            m = state.migration
+            if m is None or m.phase != "migrating" or ctx.source != m.source:
+                return accept()
+            return accept(note=f"{cmd.processed_mib} MiB sent, {cmd.remaining_mib} MiB left")
+        case c.SetRules() | c.StartInstance() | c.StopInstance() if (
+                busy := migration.busy(state, type(cmd).__name__)):
+            return busy
+    match cmd:
         case c.SetRules():
             if state.template.rules == cmd.rules:
                 return accept()
@@ -211,6 +234,8 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
             deleted = _delete(cmd.id, state, ctx)
             return accept(Left(at=ctx.at), *deleted.events, commands=deleted.commands)
         case c.Applied() | c.Failed():
+            if (decided := migration.report(state, cmd, ctx)) is not None:
+                return decided
             if ctx.source != state.host:
                 return reject(f"report from host {ctx.source}, but {cmd.id} is on {state.host}")
             if cmd.generation > state.generation:
@@ -227,8 +252,9 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
             if (cmd.generation != state.generation or state.host is None
                     or state.observed_generation >= state.generation):
                 return accept()  # converged meanwhile, or a newer generation is on its way
-            if state.status == "degraded":
-                return accept()
+            if state.status == "degraded" or (
+                    state.migration is not None and state.migration.phase == "migrating"):
+                return accept()  # alerted; or migrating, which its deadline bounds
             if state.attempts >= cmd.max_attempts:
                 if state.status == "deleted":
                     return accept()  # a removal that keeps failing degrades nothing wanted
@@ -239,7 +265,15 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
 
 
 def _delete(instance_id: str, state: Instance, ctx: Ctx) -> Decision:
-    return accept(Deleted(at=ctx.at), commands=follow_ups(
+    """Removal from its host; a migration under way ends, and a destination that may hold
+    the guest already is sent a removal too (Release ends the scheduler's move)."""
+    m = state.migration
+    first: list[Event] = []
+    if m is not None and m.phase in MOVING:
+        first = [migration.RolledBack(reason="deleted", at=ctx.at)]
+    elif m is not None and m.phase != "cleaning":
+        first = [migration.MigrationEnded(outcome="deleted", at=ctx.at)]
+    return accept(*first, Deleted(at=ctx.at), commands=follow_ups(
         ctx,
         (c.Release, dict(id=SCHEDULER_ID, instance=instance_id)),
         *[(c.DetachPort, dict(id=n, instance=instance_id)) for n in _networks(state)],
@@ -289,6 +323,10 @@ def evolve(state: Instance | None, event: Event) -> Instance:
                         updated_at=event.at)
     assert state is not None
     state.updated_at = event.at  # type: ignore[attr-defined]
+    if isinstance(event, migration.NEW_GENERATION):
+        _new_generation(state, event.at)
+    if migration.evolve(state, event):
+        return state
     match event:
         case NicResolved():
             state.nics[event.index] = event.nic
@@ -336,18 +374,32 @@ def _new_generation(state: Instance, at: int) -> None:
 
 def jobs(kind: str, id: str, before_generation: int, state: Instance,
          events: list[Event]) -> list[Job]:
-    """A job whenever the host has something new to do, or must be told again.
+    """A job whenever a host has something new to do, or must be told again.
 
-    It carries the full spec, or None for removal.
+    Each carries the full spec, or None for removal: to its host; while it migrates, to
+    the destination too (``incoming``); and a removal to each host newly in ``cleanup``.
     """
     if state.host is None:
         return []
     if state.generation == before_generation and not any(
             isinstance(e, Reissued) for e in events):
         return []
+    m = state.migration
     spec = None
     if state.status != "deleted":
+        outgoing = None
+        if m is not None and m.phase == "migrating":
+            assert m.dest is not None and m.address is not None
+            outgoing = Outgoing(dest=m.dest, address=m.address, deadline_at=m.deadline_at)
         spec = InstanceSpec(template=state.template, power=state.power, host=state.host,
-                            nics=tuple(n for n in state.nics if n is not None))
-    return [Job(kind=kind, id=id, host=state.host, generation=state.generation,
-                attempt=state.attempts, spec=spec)]
+                            nics=tuple(n for n in state.nics if n is not None),
+                            outgoing=outgoing)
+    out = [Job(kind=kind, id=id, host=state.host, generation=state.generation,
+               attempt=state.attempts, spec=spec)]
+    if spec is not None and m is not None and m.phase in MOVING and m.dest is not None:
+        incoming = msgspec.structs.replace(spec, host=m.dest, incoming=True, outgoing=None)
+        out.append(Job(kind=kind, id=id, host=m.dest, generation=state.generation,
+                       attempt=state.attempts, spec=incoming))
+    out.extend(Job(kind=kind, id=id, host=h, generation=state.generation, spec=None)
+               for h, g in sorted(state.cleanup.items()) if g > before_generation)
+    return out

@@ -7,9 +7,13 @@ the reason). Placement binds a port to a host; the first port on a host makes th
 span it, and the host answers with its VTEP (``HostVtep``). Every change sends each host
 the full segment as that host must see it (``jobs``), and a host left with no port gets a
 removal job.
+
+A live migration binds the port to its destination first as ``incoming``: the segment
+spans the destination (its bridge and VXLAN device exist before any memory moves) while
+every host still reaches the port at its source. The switch binds it there for real; a
+rollback binds it to its source again, which drops the incoming binding.
 """
 
-from collections.abc import Callable
 from typing import Literal
 
 import msgspec
@@ -33,6 +37,7 @@ class Port(msgspec.Struct, kw_only=True):
     ip: str
     host: str | None = None
     owner: PortOwner = "instance"
+    incoming: str | None = None  # a live migration's destination, bound inactive
 
 
 class Span(msgspec.Struct, kw_only=True):
@@ -88,6 +93,14 @@ class PortBound(Event):
     at: int
     owner: PortOwner = "instance"
     index: int | None = None  # None: every port of the owner
+
+
+class PortIncoming(Event):
+    """The owner's ports are expected on ``host`` (None: no more): it spans the segment."""
+
+    instance: str
+    host: str | None
+    at: int
 
 
 class PortRemoved(Event):
@@ -255,30 +268,48 @@ def _bind(state: Network, cmd: c.BindPort, ctx: Ctx) -> Decision:
         return reject(f"{cmd.owner} {cmd.instance} has no port"
                       + (f" {cmd.index}" if cmd.index is not None else "")
                       + f" on network {cmd.id}")
-    if all(p.host == cmd.host for p in ports):
+    moves = lambda p: _moving(p, cmd.owner, cmd.instance, cmd.index)  # noqa: E731
+    if cmd.incoming:
+        if all(p.incoming == cmd.host or p.host == cmd.host for p in ports):
+            return accept()
+        event: Event = PortIncoming(instance=cmd.instance, host=cmd.host, at=ctx.at)
+    elif all(p.host == cmd.host and p.incoming is None for p in ports):
         return accept()
-    spanned = [] if cmd.host in state.hosts else [Spanned(cmd.host)]
-    left = _left(state, lambda p: _moving(p, cmd.owner, cmd.instance, cmd.index),
-                 keep=cmd.host)
-    return accept(PortBound(instance=cmd.instance, host=cmd.host, at=ctx.at, owner=cmd.owner,
-                            index=cmd.index), *spanned, *left,
+    elif all(p.host == cmd.host for p in ports):  # back to where it is: a rollback
+        event = PortIncoming(instance=cmd.instance, host=None, at=ctx.at)
+    else:
+        event = PortBound(instance=cmd.instance, host=cmd.host, at=ctx.at, owner=cmd.owner,
+                          index=cmd.index)
+    after = [_rebound(p, event) if moves(p) else p for p in state.ports]
+    spanned, left = _respan(state.ports, after)
+    return accept(event, *spanned, *left,
                   commands=follow_ups(ctx, *_span_commands(cmd.id, spanned, left)))
+
+
+def _rebound(port: Port, event: Event) -> Port:
+    if isinstance(event, PortIncoming):
+        return msgspec.structs.replace(port, incoming=event.host)
+    assert isinstance(event, PortBound)
+    return msgspec.structs.replace(port, host=event.host, incoming=None)
+
+
+def _present(ports: list[Port]) -> set[str]:
+    """The hosts a segment must span: where a port is bound, or expected."""
+    return {h for p in ports for h in (p.host, p.incoming) if h is not None}
+
+
+def _respan(before: list[Port], after: list[Port]) -> tuple[list[Spanned], list[Unspanned]]:
+    was, now = _present(before), _present(after)
+    return [Spanned(h) for h in sorted(now - was)], [Unspanned(h) for h in sorted(was - now)]
 
 
 def _detach(state: Network, cmd: c.DetachPort, ctx: Ctx) -> Decision:
     if not any(_owned(p, cmd.owner, cmd.instance) for p in state.ports):
         return accept()  # detached already, or refused before it was attached
-    left = _left(state, lambda p: _owned(p, cmd.owner, cmd.instance))
+    _, left = _respan(state.ports, [p for p in state.ports
+                                    if not _owned(p, cmd.owner, cmd.instance)])
     return accept(PortRemoved(instance=cmd.instance, at=ctx.at, owner=cmd.owner), *left,
                   commands=follow_ups(ctx, *_span_commands(cmd.id, [], left)))
-
-
-def _left(state: Network, moves: Callable[[Port], bool],
-          keep: str | None = None) -> list[Unspanned]:
-    """The hosts that the ports ``moves`` picks leaving would leave without a port."""
-    leaving = {p.host for p in state.ports if moves(p) and p.host}
-    staying = {p.host for p in state.ports if not moves(p) and p.host}
-    return [Unspanned(h) for h in sorted(leaving - staying - {keep})]
 
 
 def _span_commands(network_id: str, spanned: list[Spanned],
@@ -339,10 +370,16 @@ def evolve(state: Network | None, event: Event) -> Network:
         case PortBound():
             for port in state.ports:
                 if _moving(port, event.owner, event.instance, event.index):
-                    port.host = event.host
+                    port.host, port.incoming = event.host, None
+            _new_generation(state, event.at)
+        case PortIncoming():
+            for port in state.ports:
+                if _owned(port, "instance", event.instance):
+                    port.incoming = event.host
             _new_generation(state, event.at)
         case PortRemoved():
-            bound = any(p.host for p in state.ports if _owned(p, event.owner, event.instance))
+            bound = any(p.host or p.incoming for p in state.ports
+                        if _owned(p, event.owner, event.instance))
             state.ports = [p for p in state.ports if not _owned(p, event.owner, event.instance)]
             if bound:  # an unbound port was in no host's view
                 _new_generation(state, event.at)

@@ -6,6 +6,13 @@ an instance released) places waiting requests first come, first served. The choi
 deterministic: most free memory, then most free vCPUs, then the host's name.
 
 It also owns the LB nodes: each balancer is placed on two (`_replace_balancers`).
+
+And live migrations' capacity (`ReserveMove`): a move holds its destination's capacity
+besides its source's until it ends (`EndMove`), and at most ``migration_limit`` moves run
+at once out of any host and into any host; the rest queue, first come, first served. A
+host set draining asks each of its instances to move (`MigrateInstance` from the system),
+and once nothing is left on it, sets it in maintenance. A destination that goes down aborts
+the moves into it.
 """
 
 import msgspec
@@ -22,6 +29,7 @@ class Slot(msgspec.Struct, kw_only=True):
     condition: HostCondition
     used_vcpus: int = 0
     used_memory_mib: int = 0
+    underlay: str | None = None  # where a migration reaches it
 
 
 class Allocation(msgspec.Struct, array_like=True):
@@ -36,6 +44,21 @@ class Request(msgspec.Struct, array_like=True):
     memory_mib: int
 
 
+class Move(msgspec.Struct, array_like=True):
+    """An instance moving off ``source``; ``dest`` is None while it queues."""
+
+    instance: str
+    source: str
+    to: str | None
+    vcpus: int
+    memory_mib: int
+    wait: bool
+    dest: str | None = None
+
+
+DEFAULT_MIGRATION_LIMIT = 2
+
+
 class Scheduler(msgspec.Struct, kw_only=True):
     hosts: dict[str, Slot] = {}
     allocations: dict[str, Allocation] = {}
@@ -44,6 +67,8 @@ class Scheduler(msgspec.Struct, kw_only=True):
     # waits for a node; the waiting ones in the order they asked).
     lb_nodes: dict[str, HostCondition] = {}
     balancers: dict[str, list[str]] = {}
+    moves: list[Move] = []  # running (dest set), then queued, each in the order asked
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT
 
 
 class CapacitySet(Event):
@@ -51,6 +76,7 @@ class CapacitySet(Event):
     vcpus: int
     memory_mib: int
     condition: HostCondition
+    underlay: str | None = None
 
 
 class Allocated(Event):
@@ -83,6 +109,26 @@ class BalancerNodes(Event):
 
 class BalancerReleased(Event):
     lb: str
+
+
+class MoveQueued(Event):
+    move: Move
+    reason: str
+
+
+class MoveStarted(Event):
+    """The destination's capacity is held for the instance, besides its source's."""
+
+    move: Move
+
+
+class MoveEnded(Event):
+    instance: str
+    moved: bool  # the instance lives on the destination now: the source's capacity goes
+
+
+class LimitSet(Event):
+    limit: int
 
 
 Free = dict[str, list[int]]  # host -> [free memory, free vCPUs], schedulable hosts only
@@ -165,21 +211,217 @@ def _balancers_answer(ctx: Ctx, *events: Event) -> Decision:
         for e in events if isinstance(e, BalancerNodes)]))
 
 
+# ---- live migrations: a destination's capacity held, within the limit per host --------
+
+
+def _fits(free: Free, host: str, vcpus: int, memory_mib: int) -> bool:
+    return host in free and free[host][0] >= memory_mib and free[host][1] >= vcpus
+
+
+def _counts(moves: list[Move]) -> tuple[dict[str, int], dict[str, int]]:
+    """Running moves out of and into each host."""
+    out: dict[str, int] = {}
+    into: dict[str, int] = {}
+    for m in moves:
+        if m.dest is not None:
+            out[m.source] = out.get(m.source, 0) + 1
+            into[m.dest] = into.get(m.dest, 0) + 1
+    return out, into
+
+
+def _destination(state: Scheduler, free: Free, out: dict[str, int], into: dict[str, int],
+                 move: Move) -> tuple[str | None, str]:
+    """Where the move can go now (the best fit, as for placement), or why it waits."""
+    limit = state.migration_limit
+    if out.get(move.source, 0) >= limit:
+        return None, f"{limit} migrations out of {move.source} already (the limit)"
+    names = [move.to] if move.to else [h for h in free if h != move.source]
+    fits = [(-free[h][0], -free[h][1], h) for h in names
+            if _fits(free, h, move.vcpus, move.memory_mib) and state.hosts[h].underlay]
+    if not fits:
+        where = f"host {move.to} has not" if move.to else "no other host has"
+        return None, f"{where} {move.vcpus} vCPUs and {move.memory_mib} MiB free"
+    room = [f for f in fits if into.get(f[2], 0) < limit]
+    if not room:
+        return None, f"{limit} migrations into {fits[0][2]} already (the limit)"
+    return min(room)[2], ""
+
+
+def _start(state: Scheduler, free: Free, ended: set[str]) -> list[MoveStarted]:
+    """Queued moves that can start now, in the order asked (``free`` and the counts are
+    updated as each starts; ``ended``: moves this decision ends)."""
+    live = [m for m in state.moves if m.instance not in ended]
+    out, into = _counts(live)
+    started = []
+    for m in live:
+        if m.dest is not None:
+            continue
+        dest, _ = _destination(state, free, out, into, m)
+        if dest is not None:
+            free[dest][0] -= m.memory_mib
+            free[dest][1] -= m.vcpus
+            out[m.source] = out.get(m.source, 0) + 1
+            into[dest] = into.get(dest, 0) + 1
+            started.append(MoveStarted(move=msgspec.structs.replace(m, dest=dest)))
+    return started
+
+
+def _refusal(state: Scheduler, cmd: c.ReserveMove, free: Free) -> str | None:
+    """Why a move to the host asked for can never be: a clear reason, or None."""
+    if cmd.to is None:
+        return None
+    if cmd.to == cmd.source:
+        return f"instance {cmd.instance} is on {cmd.to} already"
+    if cmd.to in state.lb_nodes:
+        return f"host {cmd.to} is an LB node: instances do not run there"
+    slot = state.hosts.get(cmd.to)
+    if slot is None:
+        return f"no host {cmd.to}"
+    if slot.condition != "up":
+        return f"host {cmd.to} is {slot.condition}"
+    if not slot.underlay:
+        return f"host {cmd.to} has not reported its underlay address (is its agent up?)"
+    if not cmd.wait and not _fits(free, cmd.to, cmd.vcpus, cmd.memory_mib):
+        mem, cpu = free[cmd.to]
+        return f"host {cmd.to} has {cpu} vCPUs and {mem} MiB free, not {cmd.vcpus} and" \
+            f" {cmd.memory_mib}"
+    return None
+
+
+def _reserve(state: Scheduler, cmd: c.ReserveMove, ctx: Ctx) -> Decision:
+    held = next((m for m in state.moves if m.instance == cmd.instance), None)
+    if held is not None:  # asked twice: answer the same
+        return accept(commands=_move_answers(ctx, state, [MoveStarted(move=held)])
+                      if held.dest else [])
+    free = _free(state.hosts)
+    reason = _refusal(state, cmd, free)
+    if reason is not None:
+        return reject(reason, commands=follow_ups(ctx, (c.MigrationRefused, dict(
+            id=cmd.instance, reason=reason))))
+    move = Move(cmd.instance, cmd.source, cmd.to, cmd.vcpus, cmd.memory_mib, cmd.wait)
+    out, into = _counts(state.moves)
+    dest, why = _destination(state, free, out, into, move)
+    if dest is not None:
+        started = MoveStarted(move=msgspec.structs.replace(move, dest=dest))
+        return accept(started, commands=_move_answers(ctx, state, [started]))
+    no_room = not any(_fits(free, h, cmd.vcpus, cmd.memory_mib)
+                      for h in ([cmd.to] if cmd.to else free) if h != cmd.source)
+    if no_room and not cmd.wait:
+        return reject(why, commands=follow_ups(ctx, (c.MigrationRefused, dict(
+            id=cmd.instance, reason=why))))
+    return accept(MoveQueued(move=move, reason=why), commands=follow_ups(
+        ctx, (c.MigrationQueued, dict(id=cmd.instance, reason=f"queued: {why}"))))
+
+
+def _move_answers(ctx: Ctx, state: Scheduler, started: list[MoveStarted],
+                  start: int = 0) -> list[c.Command]:
+    return follow_ups(ctx, *[(c.MigrationReserved, dict(
+        id=e.move.instance, host=e.move.dest,
+        address=state.hosts[e.move.dest or ""].underlay)) for e in started], start=start)
+
+
+def _drained(state: Scheduler, gone: set[str]) -> list[str]:
+    """Draining hosts left with nothing on them (``gone``: instances leaving now)."""
+    draining = {h for h, s in state.hosts.items() if s.condition == "draining"}
+    if not draining:
+        return []
+    busy = {a.host for i, a in state.allocations.items() if i not in gone}
+    busy |= {m.dest for m in state.moves if m.dest and m.instance not in gone}
+    return sorted(draining - busy)
+
+
+def _after_freeing(state: Scheduler, ctx: Ctx, events: list[Event], free: Free, *,
+                   ended: set[str], gone: set[str], hosts: set[str]) -> Decision:
+    """Capacity came free: waiting placements first, then queued moves (``ended``: moves
+    this decision ends); a draining host among ``hosts`` that is left empty (``gone``:
+    instances that leave it now) goes into maintenance."""
+    placed = _place(free, state.waiting)
+    started = _start(state, free, ended=ended)
+    done = [h for h in _drained(state, gone) if h in hosts]
+    decision = _answer(ctx, *events, *placed)
+    moves = _move_answers(ctx, state, started, start=len(decision.commands))
+    maintenance = follow_ups(ctx, *[(c.SetHostCondition, dict(id=h, condition="maintenance"))
+                                    for h in done], start=len(decision.commands) + len(moves))
+    return accept(*decision.events, *started, commands=[*decision.commands, *moves,
+                                                         *maintenance])
+
+
+def _end_move(state: Scheduler, cmd: c.EndMove, ctx: Ctx) -> Decision:
+    move = next((m for m in state.moves if m.instance == cmd.instance), None)
+    if move is None:
+        return accept()
+    ended = MoveEnded(instance=cmd.instance, moved=cmd.moved and move.dest is not None)
+    free = _free(state.hosts)
+    freed = move.source if ended.moved else move.dest
+    if freed in free:
+        free[freed][0] += move.memory_mib
+        free[freed][1] += move.vcpus
+    gone = {cmd.instance} if ended.moved else set()
+    decision = _after_freeing(state, ctx, [ended], free, ended={cmd.instance}, gone=gone,
+                              hosts={move.source})
+    dest = state.hosts.get(move.dest or "")
+    if ended.moved and dest is not None and dest.condition == "draining":
+        # It arrived on a host set draining meanwhile: it moves on.
+        decision.commands.extend(follow_ups(ctx, (c.MigrateInstance, dict(id=cmd.instance)),
+                                            start=len(decision.commands)))
+    return decision
+
+
+def _capacity(state: Scheduler, cmd: c.HostCapacity, ctx: Ctx) -> Decision:
+    hosts = dict(state.hosts)
+    old = hosts.get(cmd.host)
+    hosts[cmd.host] = Slot(vcpus=cmd.vcpus, memory_mib=cmd.memory_mib,
+                           condition=cmd.condition,
+                           used_vcpus=old.used_vcpus if old else 0,
+                           used_memory_mib=old.used_memory_mib if old else 0,
+                           underlay=cmd.underlay or (old.underlay if old else None))
+    changed = CapacitySet(host=cmd.host, vcpus=cmd.vcpus, memory_mib=cmd.memory_mib,
+                          condition=cmd.condition, underlay=hosts[cmd.host].underlay)
+    free = _free(hosts)
+    now = Scheduler(hosts=hosts, moves=state.moves, migration_limit=state.migration_limit)
+    decision = _answer(ctx, changed, *_place(free, state.waiting))
+    started = _start(now, free, ended=set())
+    extra = _move_answers(ctx, now, started, start=len(decision.commands))
+    was = old.condition if old else None
+    if cmd.condition == "draining" and was != "draining":
+        # Each of its instances is asked to move; an empty host is in maintenance at once.
+        moving = {m.instance for m in state.moves}
+        here = sorted(i for i, a in state.allocations.items() if a.host == cmd.host)
+        asks = [(c.MigrateInstance, dict(id=i)) for i in here if i not in moving]
+        if not here and not any(m.dest == cmd.host for m in state.moves):
+            asks = [(c.SetHostCondition, dict(id=cmd.host, condition="maintenance"))]
+        extra += follow_ups(ctx, *asks, start=len(decision.commands) + len(extra))
+    elif cmd.condition == "down" and was != "down":
+        into = sorted(m.instance for m in state.moves if m.dest == cmd.host)
+        extra += follow_ups(ctx, *[(c.AbortMigration, dict(
+            id=i, reason=f"destination {cmd.host} is down")) for i in into],
+            start=len(decision.commands) + len(extra))
+    return accept(*decision.events, *started, commands=[*decision.commands, *extra])
+
+
+def _release(state: Scheduler, cmd: c.Release, ctx: Ctx) -> Decision:
+    alloc = state.allocations.get(cmd.instance)
+    move = next((m for m in state.moves if m.instance == cmd.instance), None)
+    ended = [MoveEnded(instance=cmd.instance, moved=False)] if move else []
+    if alloc is None:
+        waiting = any(w.instance == cmd.instance for w in state.waiting)
+        return accept(*ended, Freed(cmd.instance)) if waiting or ended else accept()
+    free = _free(state.hosts)
+    for host in (alloc.host, move.dest if move else None):
+        if host in free:
+            free[host][0] += alloc.memory_mib
+            free[host][1] += alloc.vcpus
+    return _after_freeing(state, ctx, [*ended, Freed(cmd.instance)], free,
+                          ended={cmd.instance}, gone={cmd.instance}, hosts={alloc.host})
+
+
 def decide(state: Scheduler | None, cmd: c.Command, ctx: Ctx) -> Decision:
     if cmd.id != SCHEDULER_ID:
         return reject(f"the scheduler is {SCHEDULER_ID!r}, not {cmd.id!r}")
     state = state or Scheduler()
     match cmd:
         case c.HostCapacity():
-            hosts = dict(state.hosts)
-            old = hosts.get(cmd.host)
-            hosts[cmd.host] = Slot(vcpus=cmd.vcpus, memory_mib=cmd.memory_mib,
-                                   condition=cmd.condition,
-                                   used_vcpus=old.used_vcpus if old else 0,
-                                   used_memory_mib=old.used_memory_mib if old else 0)
-            changed = CapacitySet(host=cmd.host, vcpus=cmd.vcpus, memory_mib=cmd.memory_mib,
-                                  condition=cmd.condition)
-            return _answer(ctx, changed, *_place(_free(hosts), state.waiting))
+            return _capacity(state, cmd, ctx)
         case c.Place():
             held = state.allocations.get(cmd.instance)
             if held is not None:  # asked twice: answer the same
@@ -214,15 +456,18 @@ def decide(state: Scheduler | None, cmd: c.Command, ctx: Ctx) -> Decision:
             return _balancers_answer(ctx, BalancerReleased(cmd.lb),
                                      *_replace_balancers(state.lb_nodes, rest))
         case c.Release():
-            alloc = state.allocations.get(cmd.instance)
-            if alloc is None:
-                waiting = any(w.instance == cmd.instance for w in state.waiting)
-                return accept(Freed(cmd.instance)) if waiting else accept()
-            free = _free(state.hosts)
-            if alloc.host in free:
-                free[alloc.host][0] += alloc.memory_mib
-                free[alloc.host][1] += alloc.vcpus
-            return _answer(ctx, Freed(cmd.instance), *_place(free, state.waiting))
+            return _release(state, cmd, ctx)
+        case c.ReserveMove():
+            return _reserve(state, cmd, ctx)
+        case c.EndMove():
+            return _end_move(state, cmd, ctx)
+        case c.SetMigrationLimit():
+            if cmd.limit == state.migration_limit:
+                return accept()
+            limited = Scheduler(hosts=state.hosts, moves=state.moves, migration_limit=cmd.limit)
+            started = _start(limited, _free(state.hosts), ended=set())
+            return accept(LimitSet(cmd.limit), *started,
+                          commands=_move_answers(ctx, state, started))
     return reject(f"{type(cmd).__name__} does not apply to the scheduler")
 
 
@@ -233,10 +478,11 @@ def evolve(state: Scheduler | None, event: Event) -> Scheduler:
             slot = state.hosts.get(event.host)
             if slot is None:
                 state.hosts[event.host] = Slot(vcpus=event.vcpus, memory_mib=event.memory_mib,
-                                               condition=event.condition)
+                                               condition=event.condition,
+                                               underlay=event.underlay)
             else:
                 slot.vcpus, slot.memory_mib = event.vcpus, event.memory_mib
-                slot.condition = event.condition
+                slot.condition, slot.underlay = event.condition, event.underlay
         case Allocated():
             slot = state.hosts[event.host]
             slot.used_vcpus += event.vcpus
@@ -252,6 +498,39 @@ def evolve(state: Scheduler | None, event: Event) -> Scheduler:
             state.balancers[event.lb] = list(event.nodes)
         case BalancerReleased():
             del state.balancers[event.lb]
+        case MoveQueued():
+            state.moves.append(event.move)
+        case MoveStarted():
+            move = event.move
+            assert move.dest is not None
+            at = next((i for i, m in enumerate(state.moves) if m.instance == move.instance),
+                      None)
+            if at is None:
+                state.moves.append(move)
+            else:
+                state.moves[at] = move
+            dest = state.hosts[move.dest]
+            dest.used_vcpus += move.vcpus
+            dest.used_memory_mib += move.memory_mib
+        case MoveEnded():
+            at = next(i for i, m in enumerate(state.moves) if m.instance == event.instance)
+            move = state.moves.pop(at)
+            alloc = state.allocations.get(event.instance)
+            if move.dest is not None:
+                if event.moved and alloc is not None:
+                    # It lives on the destination now: its reservation there is its
+                    # allocation, and the source's capacity goes.
+                    source = state.hosts[alloc.host]
+                    source.used_vcpus -= alloc.vcpus
+                    source.used_memory_mib -= alloc.memory_mib
+                    state.allocations[event.instance] = Allocation(move.dest, move.vcpus,
+                                                                   move.memory_mib)
+                else:
+                    dest = state.hosts[move.dest]
+                    dest.used_vcpus -= move.vcpus
+                    dest.used_memory_mib -= move.memory_mib
+        case LimitSet():
+            state.migration_limit = event.limit
         case Freed():
             alloc = state.allocations.pop(event.instance, None)
             if alloc is None:

@@ -1,0 +1,331 @@
+"""Live migration of an instance: a saga that the instance folds itself, step by step.
+
+Every step is a command, an event and a line of the instance's timeline:
+
+- ``reserving``: ``MigrateInstance`` asked the scheduler for a destination (``ReserveMove``);
+  it may answer that the move queues (``queued``: too many migrations on a host, or, for a
+  drain, no room anywhere), or refuse it with the reason.
+- ``preparing``: the destination is reserved. Its job says ``incoming`` and its networks
+  bind the ports there inactive (``BindPort incoming``), so its segments exist before any
+  memory moves. It answers ``Applied`` "incoming" once it can take the guest.
+- ``migrating``: the source's job says ``outgoing``: its agent runs libvirt's live
+  migration, peer to peer, with the deadline.
+- ``cleaning``: the destination reported the guest running there (or the source, that it
+  left): the instance lives on the destination, its ports are bound there (every member
+  host's forwarding entries follow), and the source is sent a removal.
+- done: the source applied its removal; the scheduler releases the source's capacity.
+
+A rollback before the switch (the destination could not prepare, libvirt failed, an abort,
+the deadline) sends the source the instance again and the destination a removal, binds the
+ports back and ends the reservation: one running copy, on the source. An abort while memory
+moves is not decided here, since only libvirt knows whether the guest already runs on the
+destination: the source's job gets a deadline of now, and what its agent then reports
+decides between rollback and switch.
+
+Hosts sent a removal (``cleanup``) stay listed until they apply it: a host whose agent is
+away cleans up when it returns, since the newest job on its subject says removal.
+
+A stopped instance moves cold: once the destination is reserved it is defined there and
+removed from the source, with nothing to copy (its disks are the image).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import msgspec
+
+from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
+from schemas import commands as c
+from schemas.commands import SCHEDULER_ID
+
+if TYPE_CHECKING:
+    from orchestrator.deciders.instance import Instance
+
+Phase = Literal["reserving", "queued", "preparing", "migrating", "cleaning"]
+MOVING: tuple[Phase, ...] = ("preparing", "migrating")  # the destination is involved
+
+
+class Migration(msgspec.Struct, kw_only=True):
+    source: str
+    to: str | None = None  # the destination asked for; None: the scheduler's choice
+    drain: bool = False  # asked by a drain: waits for room instead of being refused
+    deadline_ms: int
+    asked_at: int
+    phase: Phase = "reserving"
+    reason: str | None = None  # why it queues
+    dest: str | None = None
+    address: str | None = None  # the destination's underlay
+    generation: int = 0  # the instance's generation when the current phase began
+    dest_observed: int = 0  # the newest generation the destination applied
+    started_at: int = 0  # memory began to move
+    deadline_at: int = 0
+    abort: str | None = None  # why an abort was asked while memory moves
+
+
+class MigrationAsked(Event):
+    source: str
+    to: str | None
+    drain: bool
+    deadline_ms: int
+    at: int
+
+
+class MigrationWaits(Event):
+    reason: str
+    at: int
+
+
+class MigrationPreparing(Event):
+    dest: str
+    address: str
+    at: int
+
+
+class MigrationStarted(Event):
+    deadline_at: int
+    at: int
+
+
+class AbortAsked(Event):
+    reason: str
+    at: int
+
+
+class DestObserved(Event):
+    generation: int
+    at: int
+
+
+class Switched(Event):
+    """The guest runs on the destination: the instance lives there now."""
+
+    at: int
+
+
+class RolledBack(Event):
+    reason: str
+    at: int
+
+
+class MovedCold(Event):
+    dest: str
+    at: int
+
+
+class MigrationEnded(Event):
+    outcome: str
+    at: int
+
+
+class CleanedUp(Event):
+    host: str
+    at: int
+
+
+def networks(state: Instance) -> list[str]:
+    return sorted({nic.network for nic in state.template.nics})
+
+
+def _bind(ctx: Ctx, instance_id: str, state: Instance, host: str, *, incoming: bool = False,
+          start: int = 0) -> list[c.Command]:
+    return follow_ups(ctx, *[(c.BindPort, dict(id=n, instance=instance_id, host=host,
+                                               incoming=incoming))
+                             for n in networks(state)], start=start)
+
+
+def _end_move(ctx: Ctx, instance_id: str, moved: bool, start: int = 0) -> list[c.Command]:
+    return follow_ups(ctx, (c.EndMove, dict(id=SCHEDULER_ID, instance=instance_id,
+                                            moved=moved)), start=start)
+
+
+def ask(state: Instance, cmd: c.MigrateInstance, ctx: Ctx) -> Decision:
+    m = state.migration
+    drain = ctx.source == "system"
+    if m is not None:
+        if drain:
+            return accept()  # a drain asking again: this migration serves it
+        return reject(f"instance {cmd.id} is already migrating ({m.phase}"
+                      + (f" to {m.dest}" if m.dest else "") + ")")
+    if state.status != "placed" or state.host is None:
+        return reject(f"instance {cmd.id} is {state.status}: only a placed instance moves")
+    if state.leaving is not None:
+        return reject(f"instance {cmd.id} is leaving its pool ({state.leaving})")
+    if cmd.to == state.host:
+        return reject(f"instance {cmd.id} is on {cmd.to} already")
+    t = state.template
+    return accept(
+        MigrationAsked(source=state.host, to=cmd.to, drain=drain, deadline_ms=cmd.deadline_ms,
+                       at=ctx.at),
+        commands=follow_ups(ctx, (c.ReserveMove, dict(
+            id=SCHEDULER_ID, instance=cmd.id, source=state.host, to=cmd.to, vcpus=t.vcpus,
+            memory_mib=t.memory_mib, wait=drain))))
+
+
+def _asking(state: Instance) -> bool:
+    return state.migration is not None and state.migration.phase in ("reserving", "queued")
+
+
+def queued(state: Instance, cmd: c.MigrationQueued, ctx: Ctx) -> Decision:
+    if not _asking(state):
+        return accept()
+    return accept(MigrationWaits(reason=cmd.reason, at=ctx.at), note=cmd.reason)
+
+
+def refused(state: Instance, cmd: c.MigrationRefused, ctx: Ctx) -> Decision:
+    if not _asking(state):
+        return accept()
+    return accept(MigrationEnded(outcome=f"refused: {cmd.reason}", at=ctx.at), note=cmd.reason)
+
+
+def reserved(state: Instance, cmd: c.MigrationReserved, ctx: Ctx) -> Decision:
+    m = state.migration
+    if m is not None and m.dest == cmd.host:
+        return accept()  # answered twice
+    if m is None or not _asking(state) or state.status != "placed":
+        # Nobody moves any more (aborted, deleted meanwhile): the reservation goes.
+        return accept(commands=_end_move(ctx, cmd.id, moved=False))
+    if state.power != "running":
+        return accept(MovedCold(dest=cmd.host, at=ctx.at),
+                      MigrationEnded(outcome=f"moved cold to {cmd.host}", at=ctx.at),
+                      commands=[*_bind(ctx, cmd.id, state, cmd.host),
+                                *_end_move(ctx, cmd.id, moved=True,
+                                           start=len(networks(state)))])
+    return accept(MigrationPreparing(dest=cmd.host, address=cmd.address, at=ctx.at),
+                  commands=_bind(ctx, cmd.id, state, cmd.host, incoming=True))
+
+
+def abort(state: Instance, cmd: c.AbortMigration, ctx: Ctx) -> Decision:
+    m = state.migration
+    reason = f"aborted: {cmd.reason}" if cmd.reason else "aborted"
+    if m is None:
+        return reject(f"instance {cmd.id} is not migrating")
+    if m.phase in ("reserving", "queued"):
+        return accept(MigrationEnded(outcome=reason, at=ctx.at), note=reason,
+                      commands=_end_move(ctx, cmd.id, moved=False))
+    if m.phase == "preparing":
+        return rollback(state, cmd.id, ctx, reason)
+    if m.phase == "cleaning":
+        return reject(f"instance {cmd.id} runs on {m.dest} already: too late to abort")
+    if m.abort is not None:
+        return accept()
+    # Memory is moving: only libvirt knows whether the guest still runs on the source.
+    return accept(AbortAsked(reason=reason, at=ctx.at), note=reason)
+
+
+def rollback(state: Instance, instance_id: str, ctx: Ctx, reason: str) -> Decision:
+    m = state.migration
+    assert m is not None and state.host is not None
+    binds = _bind(ctx, instance_id, state, state.host)
+    return accept(RolledBack(reason=reason, at=ctx.at), note=reason,
+                  commands=[*binds, *_end_move(ctx, instance_id, moved=False,
+                                               start=len(binds))])
+
+
+def _switch(state: Instance, instance_id: str, ctx: Ctx, note: str) -> Decision:
+    m = state.migration
+    assert m is not None and m.dest is not None
+    return accept(Switched(at=ctx.at), note=note, commands=_bind(ctx, instance_id, state, m.dest))
+
+
+def report(state: Instance, cmd: c.Applied | c.Failed, ctx: Ctx) -> Decision | None:
+    """An agent's report that the migration decides; None: the usual handling."""
+    m, host = state.migration, ctx.source
+    if host in state.cleanup and host != state.host and not (m and host == m.dest):
+        if not isinstance(cmd, c.Applied) or cmd.generation < state.cleanup[host]:
+            return accept()  # a stale report, or a failed removal: re-issued by its agent
+        done = m is not None and m.phase == "cleaning" and host == m.source
+        if not done:
+            return accept(CleanedUp(host=host, at=ctx.at))
+        return accept(CleanedUp(host=host, at=ctx.at),
+                      MigrationEnded(outcome=f"moved to {state.host}", at=ctx.at),
+                      commands=_end_move(ctx, cmd.id, moved=True))
+    if m is None or m.phase not in MOVING or cmd.generation < m.generation:
+        return None
+    if cmd.generation > state.generation:
+        return reject(f"report for generation {cmd.generation} > {state.generation}")
+    if host == m.dest:
+        if isinstance(cmd, c.Failed):
+            if m.phase == "preparing":
+                return rollback(state, cmd.id, ctx,
+                                f"destination {host} could not prepare: {cmd.error}")
+            return accept(note=f"destination {host}: {cmd.error}")
+        seen = [DestObserved(generation=cmd.generation, at=ctx.at)] \
+            if cmd.generation > m.dest_observed else []
+        if cmd.observed == "running" and m.phase == "migrating":
+            return _switch(state, cmd.id, ctx, f"the guest runs on {host}")
+        if cmd.observed == "incoming" and m.phase == "preparing":
+            return accept(*seen, MigrationStarted(deadline_at=ctx.at + m.deadline_ms,
+                                                  at=ctx.at))
+        return accept(*seen)
+    if host != m.source or m.phase != "migrating":
+        return None
+    if isinstance(cmd, c.Failed):
+        why = f"{m.abort}: {cmd.error}" if m.abort else f"the migration failed: {cmd.error}"
+        return rollback(state, cmd.id, ctx, why)
+    if cmd.observed == "migrated":
+        return _switch(state, cmd.id, ctx, f"{host} says the guest left for {m.dest}")
+    return None
+
+
+def busy(state: Instance, what: str) -> Decision | None:
+    """A rejection of ``what`` while memory may move, or None."""
+    m = state.migration
+    if m is None or m.phase not in MOVING:
+        return None
+    return reject(f"instance is migrating to {m.dest} ({m.phase}): {what} once it has"
+                  " moved, or abort it first (AbortMigration)")
+
+
+def evolve(state: Instance, event: Event) -> bool:
+    """Apply a migration event to ``state``; False if ``event`` is none of them. For those
+    in NEW_GENERATION the caller has begun the new generation already."""
+    m = state.migration
+    match event:
+        case MigrationAsked():
+            state.migration = Migration(source=event.source, to=event.to, drain=event.drain,
+                                        deadline_ms=event.deadline_ms, asked_at=event.at)
+        case MigrationWaits():
+            assert m is not None
+            m.phase, m.reason = "queued", event.reason
+        case MigrationEnded():
+            state.migration = None
+        case CleanedUp():
+            state.cleanup.pop(event.host, None)
+        case DestObserved():
+            assert m is not None
+            m.dest_observed = event.generation
+        case MigrationPreparing():
+            assert m is not None
+            m.phase, m.dest, m.address, m.reason = "preparing", event.dest, event.address, None
+            m.generation = state.generation
+            state.cleanup.pop(event.dest, None)  # involved again: its removal is superseded
+        case MigrationStarted():
+            assert m is not None
+            m.phase, m.generation = "migrating", state.generation
+            m.started_at, m.deadline_at = event.at, event.deadline_at
+        case AbortAsked():
+            assert m is not None
+            m.abort, m.deadline_at = event.reason, event.at
+        case Switched():
+            assert m is not None and m.dest is not None
+            state.cleanup[m.source] = state.generation
+            state.host, m.phase, m.generation = m.dest, "cleaning", state.generation
+            state.observed_generation, state.observed = m.dest_observed, "running"
+        case RolledBack():
+            assert m is not None
+            if m.dest is not None:
+                state.cleanup[m.dest] = state.generation
+            state.migration = None
+        case MovedCold():
+            assert state.host is not None
+            state.cleanup[state.host] = state.generation
+            state.host, state.observed_generation = event.dest, 0
+            state.cleanup.pop(event.dest, None)
+        case _:
+            return False
+    return True
+
+
+NEW_GENERATION = (MigrationPreparing, MigrationStarted, AbortAsked, Switched, RolledBack,
+                  MovedCold)
