@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,7 @@ from nats.js import JetStreamContext
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents.drivers import testnode
+from agents.drivers.errors import PermanentDriverError
 from agents.drivers.vm import VmDriver
 from agents.runtime import Agent, AgentConfig
 from events.bus import Publisher, read_stream
@@ -137,6 +139,84 @@ async def test_a_resync_never_applies_an_older_job_after_a_newer_removal(
     assert [(r["generation"], r["observed"]) for r in reports] == [
         (1, "running"), (2, "stopped"), (3, "absent")]
     driver.close()
+
+
+class HeldDriver:
+    """A driver whose apply of generation 1 runs until the runtime interrupts it (a live
+    migration stands behind this hook); it records every call. Our own driver protocol,
+    not a fake of an external component."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, bool]] = []  # (what, generation, while held)
+        self.holding = threading.Event()
+        self.released = threading.Event()
+
+    def apply(self, entity_id: str, spec: Any, generation: int) -> str:
+        self.calls.append(("apply", generation, self.holding.is_set()))
+        if generation == 1:
+            self.holding.set()
+            if not self.released.wait(30):
+                return "never interrupted"
+            self.holding.clear()
+            raise PermanentDriverError("aborted: a newer job came")
+        return "running"
+
+    def interrupt(self, entity_id: str, spec: Any, generation: int) -> None:
+        self.calls.append(("interrupt", generation, self.holding.is_set()))
+        self.released.set()
+
+    def observe(self) -> dict[str, str]:
+        return {}
+
+    def remove(self, entity_id: str) -> bool:
+        return False
+
+    def generations(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        self.released.set()
+
+
+async def test_a_newer_job_interrupts_the_apply_it_would_wait_for(
+        env: Env, js: JetStreamContext) -> None:
+    """The runtime tells the driver of a newer job without waiting for the entity's lock
+    (the older apply holds it); the older apply reports how it ended, then the newer one
+    is applied."""
+    driver = HeldDriver()
+    agent = Agent(AgentConfig(env.nats_url, "h1", "test:///default", resync_s=3600),
+                  lambda: {"instance": driver})
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    template = InstanceTemplate(vcpus=1, memory_mib=128, image="tiny")
+
+    async def publish_job(generation: int) -> None:
+        spec = InstanceSpec(template=template, power="running", host="h1")
+        job = Job(kind="instance", id="a", host="h1", generation=generation, spec=spec)
+        await js.publish("job.h1.instance.a", msgspec.json.encode(job), stream=JOB_STREAM)
+
+    try:
+        await publish_job(1)
+        await eventually(lambda: asyncio.sleep(0, driver.holding.is_set()))
+        await publish_job(2)
+
+        async def reported() -> list[dict]:
+            found = [msgspec.json.decode(m.data) async for batch in read_stream(
+                js, CMD_STREAM, "cmd.*.h1.instance.a") for m in batch]
+            return found if len(found) == 2 else []
+
+        reports = await eventually(reported)
+        assert [(r["type"], r["generation"]) for r in reports] == [("Failed", 1),
+                                                                   ("Applied", 2)]
+        assert reports[0]["error"].startswith("aborted")
+        assert driver.calls == [("apply", 1, False), ("interrupt", 2, True),
+                                ("apply", 2, False)]
+        assert agent.applying == {}
+    finally:
+        stop.set()
+        await running
 
 
 async def test_300_instances_converge_across_3_agents(env: Env, js, pg, processes) -> None:

@@ -22,6 +22,8 @@ import concurrent.futures
 import contextlib
 import secrets
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -388,6 +390,72 @@ def test_a_restarted_source_finds_a_completed_migration_and_never_migrates_again
                                                     match="deadline passed"):
         restarted.apply(mig.instance, late, generation)
     assert mig.runs_on(a) and domain_name(mig.instance) not in mig.domains(b)
+
+
+def _dying_agent(mig: Cluster, src: Side, dst: Side) -> None:
+    """What an agent that dies mid-migration leaves: libvirt's peer-to-peer migration of
+    the guest, throttled to 1 MiB/s, asked by a process that is SIGKILLed once it runs
+    (libvirtd goes on with it)."""
+    code = (f"import libvirt\n"
+            f"dom = libvirt.open({src.daemon.uri!r}).lookupByName("
+            f"{domain_name(mig.instance)!r})\n"
+            f"dom.migrateToURI3({dst.daemon.tcp_uri!r}, "
+            f"{{libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 1}}, {MIGRATE_FLAGS})\n")
+    agent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        conn = src.daemon.connect()
+        try:
+            dom = conn.lookupByName(domain_name(mig.instance))
+            wait_for(lambda: dom.jobStats().get("data_processed", 0) > 0, 10.0)
+        finally:
+            conn.close()
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_a_source_restarted_mid_migration_watches_it_and_never_starts_another(
+        mig: Cluster) -> None:
+    a, b = mig.a, mig.b
+    # It completes: the restarted agent reports it migrated.
+    before = mig.uptime(a)
+    mig.prepare(b)
+    generation = mig.next_generation()
+    job = mig.spec(a, outgoing=mig.outgoing(b))
+    _dying_agent(mig, a, b)
+    with a.new_driver() as restarted, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        seen: list[c.Command] = []
+        restarted.set_reporter(seen.append)
+        b.reports.clear()
+        sending = pool.submit(restarted.apply, mig.instance, job, generation)
+        wait_for(lambda: seen, 10.0)  # it watches the job that runs: its progress
+        assert not sending.done()
+        conn = a.daemon.connect()
+        try:  # no longer throttled (what an operator could do), so that it ends soon
+            conn.lookupByName(domain_name(mig.instance)).migrateSetMaxSpeed(8192)
+        finally:
+            conn.close()
+        assert sending.result(timeout=30) == "migrated"
+        progress = [r for r in seen if isinstance(r, c.MigrationProgress)]
+        assert progress and progress[-1].remaining_mib == 0
+    wait_for(lambda: any(isinstance(r, c.Applied) for r in b.reports), 5.0)
+    assert mig.runs_on(b) and domain_name(mig.instance) not in mig.domains(a)
+    mig.switch(a, b)
+    mig.assert_only_on(b, a)
+    assert mig.uptime(b) > before
+    mig.migrate(b, a)
+    # It would not end by its deadline: the restarted agent aborts it.
+    mig.prepare(b)
+    generation = mig.next_generation()
+    _dying_agent(mig, a, b)
+    with a.new_driver() as restarted, pytest.raises(PermanentDriverError,
+                                                    match=r"^deadline exceeded"):
+        restarted.set_reporter(seen.append)
+        restarted.apply(mig.instance, mig.spec(a, outgoing=mig.outgoing(b, deadline_s=1.0)),
+                        generation)
+    assert mig.runs_on(a) and domain_name(mig.instance) not in mig.domains(b)
+    mig.rollback(a, b)
+    mig.assert_only_on(a, b)
 
 
 def test_a_migration_past_its_deadline_is_aborted_and_the_guest_stays(mig: Cluster) -> None:

@@ -693,8 +693,15 @@ class VmDriver:
                 return "migrated"
             raise PermanentDriverError(
                 f"{name} runs nowhere: not on {self.host}, not on {out.dest} ({uri})")
+        assert dom is not None
+        # A peer-to-peer migration goes on in libvirtd when the agent that asked for it
+        # dies: a restarted agent watches that one (a second would be refused).
+        with self._errors(f"jobs of {name}"):
+            job = dom.jobStats()
+        in_flight = (job.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+                     and job.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT)
         left_ms = out.deadline_at - time.time() * 1000
-        if left_ms <= 0:
+        if left_ms <= 0 and not in_flight:
             raise PermanentDriverError(
                 f"deadline passed {-left_ms / 1000:.1f}s before the migration of {name} to "
                 f"{out.dest} could start")
@@ -702,14 +709,16 @@ class VmDriver:
         with self._state_lock:
             self._migrations[instance_id] = migration
         try:
-            return self._migrate(migration, uri, out, left_ms / 1000)
+            return self._migrate(migration, uri, out, left_ms / 1000, adopted=in_flight)
         finally:
             with self._state_lock:
                 self._migrations.pop(instance_id, None)
 
-    def _migrate(self, migration: Migration, uri: str, out: Outgoing, left_s: float) -> str:
-        """libvirt's migration in a thread; this one reports its progress and aborts it at
-        its deadline. libvirt's outcome is the outcome, whoever asked to abort."""
+    def _migrate(self, migration: Migration, uri: str, out: Outgoing, left_s: float, *,
+                 adopted: bool = False) -> str:
+        """libvirt's migration in a thread (``adopted``: one that runs already, watched
+        until its job ends); this one reports its progress and aborts it at its deadline.
+        libvirt's outcome is the outcome, whoever asked to abort."""
         instance_id, dom = migration.instance_id, migration.dom
         params: dict[str, int] = {}
         if self.migration_bandwidth_mib is not None:
@@ -720,8 +729,18 @@ class VmDriver:
 
         def run() -> None:
             try:
-                dom.migrateToURI3(uri, params, MIGRATE_FLAGS)
-            except BaseException as exc:  # handed to the apply thread
+                if not adopted:
+                    dom.migrateToURI3(uri, params, MIGRATE_FLAGS)
+                    return
+                while dom.jobStats().get("type", libvirt.VIR_DOMAIN_JOB_NONE) != (
+                        libvirt.VIR_DOMAIN_JOB_NONE):
+                    time.sleep(0.05)
+            except libvirt.libvirtError as exc:
+                # Watched: the domain is gone or stopped here, so its job has ended.
+                if not adopted or exc.get_error_code() not in (
+                        libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                    failure.append(exc)  # handed to the apply thread
+            except BaseException as exc:
                 failure.append(exc)
             finally:
                 ended.append(time.monotonic())
@@ -734,7 +753,8 @@ class VmDriver:
         seq = 0
         last: tuple[int, int] | None = None
         log.info("migration_started", instance=instance_id, dest=out.dest, uri=uri,
-                 generation=migration.generation, deadline_s=round(left_s, 3))
+                 generation=migration.generation, deadline_s=round(left_s, 3),
+                 adopted=adopted)
         threading.Thread(target=run, name=f"migrate-{instance_id}", daemon=True).start()
         while not done.wait(max(0.0, min(next_report, deadline) - time.monotonic())):
             now = time.monotonic()
@@ -751,6 +771,19 @@ class VmDriver:
                     last, seq = figures, seq + 1
                     self._progress(migration, started_ms, seq, *figures)
         seconds = ended[0] - started
+        if adopted and not failure and not self._runs_at(uri, instance_id):
+            # Its job ended, and not with the guest there: libvirt's reason, if it kept one.
+            with self._errors(f"jobs of {domain_name(instance_id)}"):
+                try:
+                    reason = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED).get(
+                        "errmsg", "")
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+                    reason = ""
+            failure.append(RuntimeError(
+                "the migration running when this agent started ended without moving it"
+                + (f": {reason}" if reason else "")))
         if not failure:
             stats = self._completed_stats(uri, instance_id)
             total = progress_mib(stats) if stats else None
@@ -761,7 +794,7 @@ class VmDriver:
                      processed_mib=processed, asked_to_abort=migration.reason)
             return "migrated"
         exc = failure[0]
-        detail = str(exc) if isinstance(exc, libvirt.libvirtError) else repr(exc)
+        detail = str(exc) or repr(exc)
         log.warning("migration_failed", instance=instance_id, dest=out.dest,
                     seconds=round(seconds, 3), reason=migration.reason, error=detail)
         if migration.reason is not None:
