@@ -194,6 +194,8 @@ class MigrationReserved(Command, tag=True, kw_only=True):
 
     kind = "instance"
     sources = ("system",)
+    ticket: Count  # the migration asked (its MigrateInstance's seq): answers to an
+    # older one are told apart
     host: EntityId
     address: IPv4  # the destination's underlay: where the source's libvirtd sends the guest
 
@@ -201,6 +203,7 @@ class MigrationReserved(Command, tag=True, kw_only=True):
 class MigrationRefused(Command, tag=True, kw_only=True):
     kind = "instance"
     sources = ("system",)
+    ticket: Count
     reason: Text
 
 
@@ -209,6 +212,7 @@ class MigrationQueued(Command, tag=True, kw_only=True):
 
     kind = "instance"
     sources = ("system",)
+    ticket: Count
     reason: Text
 
 
@@ -594,6 +598,7 @@ class ReserveMove(Command, tag=True, kw_only=True):
 
     kind = "scheduler"
     sources = ("system",)
+    ticket: Count  # the migration asking: its MigrateInstance's seq
     instance: EntityId
     source: EntityId
     to: EntityId | None = None
@@ -608,6 +613,7 @@ class EndMove(Command, tag=True, kw_only=True):
 
     kind = "scheduler"
     sources = ("system",)
+    ticket: Count  # only the move of that migration ends
     instance: EntityId
     moved: bool
 

@@ -478,12 +478,13 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "HostCapacity": {"host": "h0", "vcpus": 4, "memory_mib": 4096, "condition": "up"},
     "Place": {"instance": "i0", "vcpus": 1, "memory_mib": 64}, "Release": {"instance": "i0"},
     "MigrateInstance": {"to": "h1"}, "AbortMigration": {"reason": "operator"},
-    "MigrationReserved": {"host": "h1", "address": "192.0.2.11"},
-    "MigrationRefused": {"reason": "host h1 is down"},
-    "MigrationQueued": {"reason": "queued: the limit"},
+    "MigrationReserved": {"ticket": 3, "host": "h1", "address": "192.0.2.11"},
+    "MigrationRefused": {"ticket": 3, "reason": "host h1 is down"},
+    "MigrationQueued": {"ticket": 3, "reason": "queued: the limit"},
     "MigrationProgress": {"generation": 1, "processed_mib": 10, "remaining_mib": 60},
-    "ReserveMove": {"instance": "i0", "source": "h0", "vcpus": 1, "memory_mib": 64},
-    "EndMove": {"instance": "i0", "moved": True}, "SetMigrationLimit": {"limit": 2},
+    "ReserveMove": {"instance": "i0", "ticket": 3, "source": "h0", "vcpus": 1,
+                    "memory_mib": 64},
+    "EndMove": {"instance": "i0", "ticket": 3, "moved": True}, "SetMigrationLimit": {"limit": 2},
 }
 SOURCE_OF_CLASS = {"user": "user", "admin": "admin", "system": "system", "host": "h0"}
 

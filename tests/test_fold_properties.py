@@ -87,6 +87,7 @@ memory = st.sampled_from([256, 1024, 2048, 4096])
 small_cpus = st.sampled_from([1, 2, 4])
 small_memory = st.sampled_from([64, 512, 1024, 2048])
 generation = st.integers(0, 5)
+tickets = st.integers(0, 40)  # a migration's ticket is its MigrateInstance's seq
 images = st.sampled_from(["debian-12", "alpine:3.19"])
 networks = st.sampled_from(NETWORKS)
 owners = st.sampled_from(["instance", "lb"])
@@ -171,16 +172,18 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
     "MigrateInstance": st.fixed_dictionaries(
         {}, optional={"to": st.sampled_from(HOSTS), "deadline_ms": st.just(5000)}),
     "AbortMigration": st.fixed_dictionaries({}, optional={"reason": st.just("operator")}),
-    "MigrationReserved": fields(host=st.sampled_from(HOSTS), address=st.sampled_from(VTEPS)),
-    "MigrationRefused": fields(reason=st.just("host h1 is down")),
-    "MigrationQueued": fields(reason=st.just("queued: 2 migrations out of h0 already")),
+    "MigrationReserved": fields(ticket=tickets, host=st.sampled_from(HOSTS),
+                                address=st.sampled_from(VTEPS)),
+    "MigrationRefused": fields(ticket=tickets, reason=st.just("host h1 is down")),
+    "MigrationQueued": fields(ticket=tickets,
+                              reason=st.just("queued: 2 migrations out of h0 already")),
     "MigrationProgress": fields(generation=generation, processed_mib=st.integers(0, 80),
                                 remaining_mib=st.integers(0, 80)),
     "ReserveMove": st.fixed_dictionaries(
-        {"instance": st.sampled_from(INSTANCES), "source": st.sampled_from(HOSTS),
-         "vcpus": small_cpus, "memory_mib": small_memory},
+        {"instance": st.sampled_from(INSTANCES), "ticket": tickets,
+         "source": st.sampled_from(HOSTS), "vcpus": small_cpus, "memory_mib": small_memory},
         optional={"to": st.sampled_from(HOSTS), "wait": st.booleans()}),
-    "EndMove": fields(instance=st.sampled_from(INSTANCES), moved=st.booleans()),
+    "EndMove": fields(instance=st.sampled_from(INSTANCES), ticket=tickets, moved=st.booleans()),
     "SetMigrationLimit": fields(limit=st.integers(1, 3)),
     "Reconcile": fields(generation=generation, max_attempts=st.integers(0, 3)),
     "Failed": st.fixed_dictionaries(

@@ -47,9 +47,11 @@ MOVING: tuple[Phase, ...] = ("preparing", "migrating")  # the destination is inv
 
 
 class Migration(msgspec.Struct, kw_only=True):
+    ticket: int  # its MigrateInstance's seq: the scheduler's answers name it
     source: str
     to: str | None = None  # the destination asked for; None: the scheduler's choice
     drain: bool = False  # asked by a drain: waits for room instead of being refused
+    cold: bool = False  # stopped when asked: it moves cold
     deadline_ms: int
     asked_at: int
     phase: Phase = "reserving"
@@ -64,11 +66,13 @@ class Migration(msgspec.Struct, kw_only=True):
 
 
 class MigrationAsked(Event):
+    ticket: int
     source: str
     to: str | None
     drain: bool
     deadline_ms: int
     at: int
+    cold: bool = False
 
 
 class MigrationWaits(Event):
@@ -134,9 +138,10 @@ def _bind(ctx: Ctx, instance_id: str, state: Instance, host: str, *, incoming: b
                              for n in networks(state)], start=start)
 
 
-def _end_move(ctx: Ctx, instance_id: str, moved: bool, start: int = 0) -> list[c.Command]:
+def _end_move(ctx: Ctx, instance_id: str, ticket: int, moved: bool,
+              start: int = 0) -> list[c.Command]:
     return follow_ups(ctx, (c.EndMove, dict(id=SCHEDULER_ID, instance=instance_id,
-                                            moved=moved)), start=start)
+                                            ticket=ticket, moved=moved)), start=start)
 
 
 def ask(state: Instance, cmd: c.MigrateInstance, ctx: Ctx) -> Decision:
@@ -153,43 +158,69 @@ def ask(state: Instance, cmd: c.MigrateInstance, ctx: Ctx) -> Decision:
         return reject(f"instance {cmd.id} is leaving its pool ({state.leaving})")
     if cmd.to == state.host:
         return reject(f"instance {cmd.id} is on {cmd.to} already")
+    cold = state.power == "stopped"
+    if cold and not _stopped(state):
+        # Its host may run it yet: moved now, it could run on two.
+        return reject(f"instance {cmd.id} is stopping: it moves once {state.host} has"
+                      " stopped it")
     t = state.template
     return accept(
-        MigrationAsked(source=state.host, to=cmd.to, drain=drain, deadline_ms=cmd.deadline_ms,
-                       at=ctx.at),
+        MigrationAsked(ticket=ctx.seq, source=state.host, to=cmd.to, drain=drain,
+                       deadline_ms=cmd.deadline_ms, at=ctx.at, cold=cold),
         commands=follow_ups(ctx, (c.ReserveMove, dict(
-            id=SCHEDULER_ID, instance=cmd.id, source=state.host, to=cmd.to, vcpus=t.vcpus,
-            memory_mib=t.memory_mib, wait=drain))))
+            id=SCHEDULER_ID, instance=cmd.id, ticket=ctx.seq, source=state.host, to=cmd.to,
+            vcpus=t.vcpus, memory_mib=t.memory_mib, wait=drain))))
 
 
-def _asking(state: Instance) -> bool:
-    return state.migration is not None and state.migration.phase in ("reserving", "queued")
+def _stopped(state: Instance) -> bool:
+    """Stopped, and its host says so of the current generation."""
+    return (state.power == "stopped" and state.observed == "stopped"
+            and state.observed_generation == state.generation)
+
+
+def _asking(state: Instance, ticket: int) -> bool:
+    m = state.migration
+    return m is not None and m.ticket == ticket and m.phase in ("reserving", "queued")
+
+
+def _stale(state: Instance, ticket: int) -> bool:
+    """An answer about another migration than the one under way (an earlier one, ended)."""
+    return state.migration is None or state.migration.ticket != ticket
 
 
 def queued(state: Instance, cmd: c.MigrationQueued, ctx: Ctx) -> Decision:
-    if not _asking(state):
+    if _stale(state, cmd.ticket):  # the scheduler queues for nobody: its move goes
+        return accept(commands=_end_move(ctx, cmd.id, cmd.ticket, moved=False))
+    if not _asking(state, cmd.ticket):
         return accept()
     return accept(MigrationWaits(reason=cmd.reason, at=ctx.at), note=cmd.reason)
 
 
 def refused(state: Instance, cmd: c.MigrationRefused, ctx: Ctx) -> Decision:
-    if not _asking(state):
+    if not _asking(state, cmd.ticket):
         return accept()
     return accept(MigrationEnded(outcome=f"refused: {cmd.reason}", at=ctx.at), note=cmd.reason)
 
 
 def reserved(state: Instance, cmd: c.MigrationReserved, ctx: Ctx) -> Decision:
     m = state.migration
-    if m is not None and m.dest == cmd.host:
+    if m is not None and m.ticket == cmd.ticket and m.dest == cmd.host:
         return accept()  # answered twice
-    if m is None or not _asking(state) or state.status != "placed":
+    if m is None or not _asking(state, cmd.ticket):
         # Nobody moves any more (aborted, deleted meanwhile): the reservation goes.
-        return accept(commands=_end_move(ctx, cmd.id, moved=False))
-    if state.power != "running":
+        return accept(commands=_end_move(ctx, cmd.id, cmd.ticket, moved=False))
+    if state.status != "placed" or (state.power == "stopped") != m.cold or (
+            m.cold and not _stopped(state)):
+        change = state.status if state.status != "placed" else (
+            "stopped" if state.power == "stopped" else "started")
+        why = f"not moved: {change} meanwhile"
+        return accept(MigrationEnded(outcome=why, at=ctx.at), note=why,
+                      commands=_end_move(ctx, cmd.id, m.ticket, moved=False))
+    if m.cold:
         return accept(MovedCold(dest=cmd.host, at=ctx.at),
                       MigrationEnded(outcome=f"moved cold to {cmd.host}", at=ctx.at),
                       commands=[*_bind(ctx, cmd.id, state, cmd.host),
-                                *_end_move(ctx, cmd.id, moved=True,
+                                *_end_move(ctx, cmd.id, m.ticket, moved=True,
                                            start=len(networks(state)))])
     return accept(MigrationPreparing(dest=cmd.host, address=cmd.address, at=ctx.at),
                   commands=_bind(ctx, cmd.id, state, cmd.host, incoming=True))
@@ -202,7 +233,7 @@ def abort(state: Instance, cmd: c.AbortMigration, ctx: Ctx) -> Decision:
         return reject(f"instance {cmd.id} is not migrating")
     if m.phase in ("reserving", "queued"):
         return accept(MigrationEnded(outcome=reason, at=ctx.at), note=reason,
-                      commands=_end_move(ctx, cmd.id, moved=False))
+                      commands=_end_move(ctx, cmd.id, m.ticket, moved=False))
     if m.phase == "preparing":
         return rollback(state, cmd.id, ctx, reason)
     if m.phase == "cleaning":
@@ -218,7 +249,7 @@ def rollback(state: Instance, instance_id: str, ctx: Ctx, reason: str) -> Decisi
     assert m is not None and state.host is not None
     binds = _bind(ctx, instance_id, state, state.host)
     return accept(RolledBack(reason=reason, at=ctx.at), note=reason,
-                  commands=[*binds, *_end_move(ctx, instance_id, moved=False,
+                  commands=[*binds, *_end_move(ctx, instance_id, m.ticket, moved=False,
                                                start=len(binds))])
 
 
@@ -239,7 +270,7 @@ def report(state: Instance, cmd: c.Applied | c.Failed, ctx: Ctx) -> Decision | N
             return accept(CleanedUp(host=host, at=ctx.at))
         return accept(CleanedUp(host=host, at=ctx.at),
                       MigrationEnded(outcome=f"moved to {state.host}", at=ctx.at),
-                      commands=_end_move(ctx, cmd.id, moved=True))
+                      commands=_end_move(ctx, cmd.id, m.ticket, moved=True))
     if m is None or m.phase not in MOVING or cmd.generation < m.generation:
         return None
     if cmd.generation > state.generation:
@@ -283,8 +314,9 @@ def evolve(state: Instance, event: Event) -> bool:
     m = state.migration
     match event:
         case MigrationAsked():
-            state.migration = Migration(source=event.source, to=event.to, drain=event.drain,
-                                        deadline_ms=event.deadline_ms, asked_at=event.at)
+            state.migration = Migration(
+                ticket=event.ticket, source=event.source, to=event.to, drain=event.drain,
+                cold=event.cold, deadline_ms=event.deadline_ms, asked_at=event.at)
         case MigrationWaits():
             assert m is not None
             m.phase, m.reason = "queued", event.reason

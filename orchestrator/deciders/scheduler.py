@@ -48,6 +48,7 @@ class Move(msgspec.Struct, array_like=True):
     """An instance moving off ``source``; ``dest`` is None while it queues."""
 
     instance: str
+    ticket: int  # the migration asking (its MigrateInstance's seq)
     source: str
     to: str | None
     vcpus: int
@@ -290,15 +291,21 @@ def _refusal(state: Scheduler, cmd: c.ReserveMove, free: Free) -> str | None:
 
 def _reserve(state: Scheduler, cmd: c.ReserveMove, ctx: Ctx) -> Decision:
     held = next((m for m in state.moves if m.instance == cmd.instance), None)
-    if held is not None:  # asked twice: answer the same
+    if held is not None and held.ticket == cmd.ticket:  # asked twice: answer the same
         return accept(commands=_move_answers(ctx, state, [MoveStarted(move=held)])
                       if held.dest else [])
+    if held is not None:  # an earlier migration's, whose end is not heard yet: it goes
+        return reject(f"instance {cmd.instance} still holds the move of migration"
+                      f" {held.ticket}", commands=follow_ups(ctx, (c.MigrationRefused, dict(
+                          id=cmd.instance, ticket=cmd.ticket,
+                          reason=f"its previous migration ({held.ticket}) has not ended"))))
     free = _free(state.hosts)
     reason = _refusal(state, cmd, free)
     if reason is not None:
         return reject(reason, commands=follow_ups(ctx, (c.MigrationRefused, dict(
-            id=cmd.instance, reason=reason))))
-    move = Move(cmd.instance, cmd.source, cmd.to, cmd.vcpus, cmd.memory_mib, cmd.wait)
+            id=cmd.instance, ticket=cmd.ticket, reason=reason))))
+    move = Move(cmd.instance, cmd.ticket, cmd.source, cmd.to, cmd.vcpus, cmd.memory_mib,
+                cmd.wait)
     out, into = _counts(state.moves)
     dest, why = _destination(state, free, out, into, move)
     if dest is not None:
@@ -308,15 +315,16 @@ def _reserve(state: Scheduler, cmd: c.ReserveMove, ctx: Ctx) -> Decision:
                       for h in ([cmd.to] if cmd.to else free) if h != cmd.source)
     if no_room and not cmd.wait:
         return reject(why, commands=follow_ups(ctx, (c.MigrationRefused, dict(
-            id=cmd.instance, reason=why))))
+            id=cmd.instance, ticket=cmd.ticket, reason=why))))
     return accept(MoveQueued(move=move, reason=why), commands=follow_ups(
-        ctx, (c.MigrationQueued, dict(id=cmd.instance, reason=f"queued: {why}"))))
+        ctx, (c.MigrationQueued, dict(id=cmd.instance, ticket=cmd.ticket,
+                                      reason=f"queued: {why}"))))
 
 
 def _move_answers(ctx: Ctx, state: Scheduler, started: list[MoveStarted],
                   start: int = 0) -> list[c.Command]:
     return follow_ups(ctx, *[(c.MigrationReserved, dict(
-        id=e.move.instance, host=e.move.dest,
+        id=e.move.instance, ticket=e.move.ticket, host=e.move.dest,
         address=state.hosts[e.move.dest or ""].underlay)) for e in started], start=start)
 
 
@@ -348,8 +356,8 @@ def _after_freeing(state: Scheduler, ctx: Ctx, events: list[Event], free: Free, 
 
 def _end_move(state: Scheduler, cmd: c.EndMove, ctx: Ctx) -> Decision:
     move = next((m for m in state.moves if m.instance == cmd.instance), None)
-    if move is None:
-        return accept()
+    if move is None or move.ticket != cmd.ticket:
+        return accept()  # ended already (or never held: refused)
     ended = MoveEnded(instance=cmd.instance, moved=cmd.moved and move.dest is not None)
     free = _free(state.hosts)
     freed = move.source if ended.moved else move.dest
