@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
+import msgspec
 import pytest
 
 from agents.drivers.migration import (
@@ -145,6 +146,12 @@ class Side:
     driver: VmDriver
     network: NetworkDriver
     reports: list[c.Command] = field(default_factory=list)
+    sent_at: dict[str, float] = field(default_factory=dict)  # cmd_id -> monotonic time
+
+    def report(self, cmd: c.Command) -> None:
+        """The reporter this host's driver is given (the agent's publisher in real life)."""
+        self.sent_at[cmd.cmd_id] = time.monotonic()
+        self.reports.append(cmd)
 
     @property
     def name(self) -> str:
@@ -262,13 +269,17 @@ class Cluster:
         before = self.uptime(src)
         since = time.monotonic()
         incoming = self.prepare(dst)
+        # Prepared: the tap's firewall is in the destination's kernel before the tap is.
+        assert self.firewall_mentions_tap(dst) and self.tap_master(dst) is None
+        assert domain_name(self.instance) not in self.domains(dst)
         generation = self.next_generation()
         src.reports.clear()
         dst.reports.clear()
         started = time.monotonic()
         assert src.driver.apply(self.instance, self.spec(src, outgoing=self.outgoing(dst)),
                                 generation) == "migrated"
-        took = time.monotonic() - started
+        returned = time.monotonic()
+        took = returned - started
         # libvirt: one running copy, on the destination.
         assert self.runs_on(dst), self.domains(dst)
         assert domain_name(self.instance) not in self.domains(src), self.domains(src)
@@ -279,6 +290,10 @@ class Cluster:
         arrived = [r for r in dst.reports if isinstance(r, c.Applied)]
         assert [(r.id, r.generation, r.observed) for r in arrived] == [
             (self.instance, incoming, "running")], dst.reports
+        # At the guest's resume there, not once the source's call returned (the loss
+        # PLATFORM-FACTS measured: 40-110 ms against 1.0-1.3 s).
+        early = returned - dst.sent_at[arrived[0].cmd_id]
+        assert early > 0, early
         progress = [r for r in src.reports if isinstance(r, c.MigrationProgress)]
         assert progress and progress[-1].remaining_mib == 0, src.reports
         assert progress[-1].processed_mib > 0
@@ -295,6 +310,7 @@ class Cluster:
         hop = (f"{src.name} -> {dst.name}: migrate call {took:.2f}s, libvirt time "
                f"{stats.get('time_elapsed')} ms, downtime {stats.get('downtime')} ms, "
                f"{stats.get('data_processed', 0) >> 20} MiB, {len(progress)} progress reports,"
+               f" arrival reported {early:.2f}s before the call returned,"
                f" uptime {before:.1f}s -> {after:.1f}s")
         self.hops.append(hop)
         print(hop)
@@ -335,7 +351,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 daemons[h.name].uri, h.name, guest=guest, ports=PortPlumbing(h.netns),
                 underlay_ip=h.underlay_ip, netns=h.netns))
             side = Side(h, daemons[h.name], driver, network)
-            driver.set_reporter(side.reports.append)
+            driver.set_reporter(side.report)
             sides.append(side)
         made = Cluster(fabric, *sides, instance=instance)
         started = time.monotonic()
@@ -379,6 +395,11 @@ def test_a_restarted_source_finds_a_completed_migration_and_never_migrates_again
         assert mig.runs_on(b) and domain_name(mig.instance) not in mig.domains(a)
     finally:
         conn.close()
+    # A job that wants it on A again after libvirt moved it (a rollback that came too
+    # late): refused, no second copy is started.
+    with pytest.raises(PermanentDriverError, match="not starting a second copy"):
+        a.driver.apply(mig.instance, mig.spec(a), mig.next_generation())
+    assert domain_name(mig.instance) not in mig.domains(a)
     mig.switch(a, b)
     mig.assert_only_on(b, a)
     mig.migrate(b, a)
@@ -472,7 +493,7 @@ def test_a_migration_past_its_deadline_is_aborted_and_the_guest_stays(mig: Clust
                        generation)
     took = time.monotonic() - started
     print(f"deadline 1.5s: failed after {took:.2f}s: {failed.value}")
-    assert 1.4 < took < 5, took
+    assert 1.4 < took < 10, took  # not the ~80 s the throttled copy would take
     assert any(isinstance(r, c.MigrationProgress) for r in a.reports), a.reports
     assert mig.runs_on(a) and domain_name(mig.instance) not in mig.domains(b)
     assert not any(isinstance(r, c.Applied) for r in b.reports)
@@ -507,6 +528,17 @@ def test_a_newer_job_interrupts_a_running_migration(mig: Cluster) -> None:
     mig.assert_only_on(a, b)
     # An interrupt by a job that still wants it away, or by no newer job, aborts nothing.
     a.driver.interrupt(mig.instance, mig.spec(a, outgoing=mig.outgoing(b)), rollback + 1)
+
+
+def test_an_incoming_guest_waits_for_its_segment_bridge(mig: Cluster) -> None:
+    spec = mig.spec(mig.b, incoming=True)
+    elsewhere = msgspec.structs.replace(spec.nics[0], vni=VNI + 1)
+    with pytest.raises(TransientDriverError, match="not here yet"):
+        mig.b.driver.apply(mig.instance, msgspec.structs.replace(spec, nics=(elsewhere,)),
+                           mig.next_generation())
+    assert not mig.firewall_mentions_tap(mig.b)
+    assert domain_name(mig.instance) not in mig.domains(mig.b)
+    assert mig.b.driver.apply(mig.instance, None, mig.next_generation()) == "absent"
 
 
 def test_an_unreachable_destination_fails_prepare_and_migration(mig: Cluster) -> None:
