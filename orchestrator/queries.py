@@ -77,6 +77,10 @@ class HostRow:
     instances: int
     role: str = "hypervisor"
     balancers: tuple[str, ...] = ()  # an LB node's: those it serves
+    # Live migrations: moving memory out of it or into it, and asked but waiting.
+    migrating_out: int = 0
+    migrating_in: int = 0
+    queued: int = 0
 
 
 async def hosts(conn: asyncpg.Connection) -> list[HostRow]:
@@ -90,7 +94,18 @@ async def hosts(conn: asyncpg.Connection) -> list[HostRow]:
                             jsonb_array_elements(l.state->'slots') AS slot
                      WHERE l.kind = 'lb' AND slot->>'node' = h.id
                        AND l.state->>'status' NOT IN ('deleted', 'failed')
-                     ORDER BY l.id) AS balancers
+                     ORDER BY l.id) AS balancers,
+               (SELECT count(*) FROM entities m WHERE m.kind = 'instance'
+                  AND m.state->'migration'->>'source' = h.id
+                  AND m.state->'migration'->>'phase' IN ('preparing', 'migrating', 'cleaning')
+               ) AS migrating_out,
+               (SELECT count(*) FROM entities m WHERE m.kind = 'instance'
+                  AND m.state->'migration'->>'dest' = h.id
+                  AND m.state->'migration'->>'phase' IN ('preparing', 'migrating')
+               ) AS migrating_in,
+               (SELECT count(*) FROM entities m WHERE m.kind = 'instance'
+                  AND m.state->'migration'->>'source' = h.id
+                  AND m.state->'migration'->>'phase' IN ('reserving', 'queued')) AS queued
         FROM entities h
         LEFT JOIN entities i ON i.kind = 'instance' AND i.state->>'host' = h.id
              AND i.state->>'status' <> 'deleted'

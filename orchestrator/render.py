@@ -313,14 +313,16 @@ def replay_json(report: "ReplayReport", verify: bool) -> dict[str, Any]:
 
 def hosts_table(rows: Iterable[HostRow], beats: Mapping[str, Heartbeat], now_ms: int) -> Table:
     table = Table("host", "role", "condition", "underlay", "vcpus", "memory_mib", "serves",
-                  "last heartbeat", "boot")
+                  "migrations", "last heartbeat", "boot")
     for row in rows:
         beat = beats.get(row.id)
         seen = "never" if beat is None else f"{(now_ms - beat.at_ms) / 1000:.1f}s ago"
         serves = (f"lb: {', '.join(row.balancers) or '-'}" if row.role == "lb"
                   else f"{row.instances} instance{'s' if row.instances != 1 else ''}")
+        moves = ", ".join(f"{n} {what}" for n, what in (
+            (row.migrating_out, "out"), (row.migrating_in, "in"), (row.queued, "queued")) if n)
         table.add_row(row.id, row.role, row.condition, row.underlay or "", str(row.vcpus),
-                      str(row.memory_mib), serves, seen,
+                      str(row.memory_mib), serves, moves or "-", seen,
                       (beat.boot_id if beat else row.boot_id)[:8])
     return table
 

@@ -28,6 +28,14 @@ Power: "running" is every link up (both ends) and the service answering for the 
 then have no carrier; their admin state is the plumbing's); a spec of None removes the
 namespace and its veths ("absent").
 
+A live migration of a namespace guest is a real move, of its namespace and its ports:
+there is no memory to copy, so on the source's job (``outgoing``) the guest is removed
+here and the driver answers "migrated" (unless the deadline passed first: then it stays
+and the migration fails); the destination's job (``incoming``) prepares nothing and
+answers "incoming", and the guest is created there by the job the fold sends once it has
+switched the instance over, after the source said it left. So there is never a moment with
+two.
+
 Ports are plugged by `agents.net.ports.PortPlumbing` of the host's namespace (the network
 driver's: segment, firewall, master, up), or by any `Ports` given.
 
@@ -297,6 +305,16 @@ class NetnsGuestDriver:
                 # A stale job: leave the newer state alone.
                 return self._power(instance_id, name, links, _links(h),
                                    self._serving(start=False))
+            if spec is not None and spec.incoming:
+                return "incoming"  # it is created here once the fold has switched it over
+            if spec is not None and spec.outgoing is not None:
+                if g is not None and time.time() * 1000 >= spec.outgoing.deadline_at:
+                    raise PermanentDriverError(
+                        f"deadline passed: guest {instance_id} stays on {self.host}")
+                if g is not None:  # handed over: the destination creates it, never before
+                    stack.close()
+                    self._remove(instance_id, name)
+                return "migrated"
             if spec is None:
                 if g is not None:
                     stack.close()  # no socket of ours may keep the namespace alive

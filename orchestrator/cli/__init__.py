@@ -7,7 +7,7 @@ for the traceback instead.
 """
 
 # Each module registers its verbs on `app` when imported; the order is `orch --help`'s.
-from orchestrator.cli import entities, publish, replay, stack, timelines
+from orchestrator.cli import entities, moves, publish, replay, stack, timelines
 from orchestrator.cli.app import app
 
-__all__ = ["app", "entities", "publish", "replay", "stack", "timelines"]
+__all__ = ["app", "entities", "moves", "publish", "replay", "stack", "timelines"]

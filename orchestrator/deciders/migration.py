@@ -217,8 +217,9 @@ def reserved(state: Instance, cmd: c.MigrationReserved, ctx: Ctx) -> Decision:
         return accept(MigrationEnded(outcome=why, at=ctx.at), note=why,
                       commands=_end_move(ctx, cmd.id, m.ticket, moved=False))
     if m.cold:
+        moved = f"moved cold to {cmd.host}"
         return accept(MovedCold(dest=cmd.host, at=ctx.at),
-                      MigrationEnded(outcome=f"moved cold to {cmd.host}", at=ctx.at),
+                      MigrationEnded(outcome=moved, at=ctx.at), note=moved,
                       commands=[*_bind(ctx, cmd.id, state, cmd.host),
                                 *_end_move(ctx, cmd.id, m.ticket, moved=True,
                                            start=len(networks(state)))])
@@ -268,8 +269,9 @@ def report(state: Instance, cmd: c.Applied | c.Failed, ctx: Ctx) -> Decision | N
         done = m is not None and m.phase == "cleaning" and host == m.source
         if not done:
             return accept(CleanedUp(host=host, at=ctx.at))
+        moved = f"moved to {state.host}"
         return accept(CleanedUp(host=host, at=ctx.at),
-                      MigrationEnded(outcome=f"moved to {state.host}", at=ctx.at),
+                      MigrationEnded(outcome=moved, at=ctx.at), note=moved,
                       commands=_end_move(ctx, cmd.id, m.ticket, moved=True))
     if m is None or m.phase not in MOVING or cmd.generation < m.generation:
         return None
