@@ -18,6 +18,7 @@ hops under load): a test that sees one fails and says so; nothing here retries a
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import secrets
@@ -32,6 +33,7 @@ from pathlib import Path
 import libvirt
 import msgspec
 import pytest
+from nats.js import JetStreamContext
 
 from agents.drivers.migration import (
     DEFAULT_MIGRATION_URI,
@@ -52,9 +54,12 @@ from agents.drivers.vm import (
 from agents.guest import SERVICE_PORT, build_guest_image
 from agents.net import names
 from agents.net.ports import PortPlumbing
+from events.bus import read_stream
+from events.subjects import CMD_STREAM, JOB_STREAM
 from orchestrator.fabric import Fabric, FabricHost, unavailable
 from schemas import commands as c
 from schemas.ids import mac_address
+from schemas.jobs import Job
 from schemas.specs import (
     InstanceSpec,
     InstanceTemplate,
@@ -64,6 +69,7 @@ from schemas.specs import (
     Outgoing,
     SecurityRule,
 )
+from tests.conftest import Env, Processes, eventually
 from tests.libvirt_hosts import HostLibvirtd, host_libvirtds
 from tests.test_qemu_network import Console
 from tests.test_qemu_system import booted
@@ -539,6 +545,70 @@ def test_an_incoming_guest_waits_for_its_segment_bridge(mig: Cluster) -> None:
     assert not mig.firewall_mentions_tap(mig.b)
     assert domain_name(mig.instance) not in mig.domains(mig.b)
     assert mig.b.driver.apply(mig.instance, None, mig.next_generation()) == "absent"
+
+
+async def test_two_agents_run_the_saga_from_their_jobs_and_report_it_on_the_bus(
+        mig: Cluster, env: Env, js: JetStreamContext, processes: Processes) -> None:
+    """The same hops through two agent processes (their runtime, their reporter, the bus):
+    the jobs published as the fold would, the reports read from the CMD stream."""
+    for side in (mig.a, mig.b):
+        processes.orch("agent", "--host", side.name, "--libvirt", side.daemon.uri,
+                       "--netns", side.host.netns, "--underlay-ip", side.host.underlay_ip,
+                       "--resync", "3600", "--heartbeat", "0.5", env=env.environ(),
+                       name=f"agent-{side.name}")
+
+    async def job(side: Side, kind: str, entity: str, generation: int,
+                  spec: InstanceSpec | NetworkSpec | None) -> None:
+        await js.publish(f"job.{side.name}.{kind}.{entity}", msgspec.json.encode(
+            Job(kind=kind, id=entity, host=side.name, generation=generation, spec=spec)),
+            stream=JOB_STREAM)
+
+    async def reported(side: Side, type_: str, generation: int, observed: str | None = None,
+                       timeout: float = 30.0) -> list[dict]:
+        """The host's reports of that type and generation, once there is one (for
+        progress: once the final one, with nothing remaining, is there)."""
+        async def found() -> list[dict]:
+            out = [r for batch in [[msgspec.json.decode(m.data) for m in b] async for b in
+                                   read_stream(js, CMD_STREAM,
+                                               f"cmd.*.{side.name}.instance.{mig.instance}")]
+                   for r in batch if r["type"] == type_ and r["generation"] == generation
+                   and (observed is None or r.get("observed") == observed)]
+            final = type_ != "MigrationProgress" or any(r["remaining_mib"] == 0 for r in out)
+            return out if final else []
+
+        return await eventually(found, timeout=timeout)
+
+    for side in (mig.a, mig.b):  # what the fold holds of the network on each host
+        other = mig.b if side is mig.a else mig.a
+        await job(side, "network", "net", 2, NetworkSpec(
+            vni=VNI, cidr=CIDR, mtu=1500, vteps=(other.host.underlay_ip,), ports=()))
+    generation = mig.next_generation()
+    await job(mig.a, "instance", mig.instance, generation, mig.spec(mig.a))
+    await reported(mig.a, "Applied", generation, "running", timeout=60)
+    for src, dst in ((mig.a, mig.b), (mig.b, mig.a)):
+        before = await asyncio.to_thread(mig.uptime, src)
+        incoming = mig.next_generation()
+        await job(dst, "instance", mig.instance, incoming, mig.spec(dst, incoming=True))
+        await reported(dst, "Applied", incoming, "incoming")
+        outgoing = mig.next_generation()
+        await job(src, "instance", mig.instance, outgoing,
+                  mig.spec(src, outgoing=mig.outgoing(dst)))
+        arrived = await reported(dst, "Applied", incoming, "running")
+        assert arrived[0]["cmd_id"].startswith("arrived-"), arrived
+        await reported(src, "Applied", outgoing, "migrated")
+        progress = await reported(src, "MigrationProgress", outgoing)
+        assert progress[-1]["remaining_mib"] == 0, progress
+        switch = mig.next_generation()
+        await job(dst, "instance", mig.instance, switch, mig.spec(dst))
+        await job(src, "instance", mig.instance, switch, None)
+        await reported(dst, "Applied", switch, "running")
+        await reported(src, "Applied", switch, "absent")
+        mig.assert_only_on(dst, src)
+        after = await asyncio.to_thread(mig.uptime, dst)
+        assert after > before, (before, after)
+        print(f"agents: {src.name} -> {dst.name}: {len(progress)} progress reports, "
+              f"uptime {before:.1f}s -> {after:.1f}s")
+    # The agents stop with the test; the drivers of this module carry on from libvirt.
 
 
 def test_an_unreachable_destination_fails_prepare_and_migration(mig: Cluster) -> None:
