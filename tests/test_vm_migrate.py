@@ -38,6 +38,7 @@ from nats.js import JetStreamContext
 from agents.drivers.migration import (
     DEFAULT_MIGRATION_URI,
     MIGRATE_FLAGS,
+    Migration,
     MigrationTarget,
     progress_mib,
     report_id,
@@ -131,6 +132,24 @@ def test_report_ids_are_deterministic_valid_keys() -> None:
     assert len(long) <= 128 and long.startswith("arrived-") and long.endswith(str(2**62))
     for cmd_id in (key, long):  # what a command accepts as its idempotency key
         c.Applied(cmd_id=cmd_id, id="x", generation=1, observed="running")
+
+
+def test_a_newer_job_ends_a_migration_unless_it_still_wants_it_moved_there() -> None:
+    def running() -> Migration:
+        return Migration("x", 5, None, "h2", "10.0.0.2", deadline_at=10_000)
+
+    def target(deadline_at: int, dest: str = "h2") -> Outgoing:
+        return Outgoing(dest=dest, address="10.0.0.2", deadline_at=deadline_at)
+
+    assert running().newer_job(None, now_ms=1_000) == "aborted"
+    assert running().newer_job(target(10_000, dest="h3"), 1_000).startswith("aborted: ")
+    # The fold's abort while memory moves: the same target, a deadline of now.
+    assert running().newer_job(target(1_000), now_ms=1_000) == "aborted"
+    moved = running()
+    assert moved.newer_job(target(5_000), now_ms=1_000) is None
+    assert moved.deadline_at == 5_000  # brought forward: the monitor aborts then
+    assert moved.newer_job(target(20_000), now_ms=1_000) is None
+    assert moved.deadline_at == 5_000  # never pushed back (the fold only brings it forward)
 
 
 def test_the_flags_move_the_guest_live_peer_to_peer_and_leave_one_definition() -> None:
@@ -532,8 +551,29 @@ def test_a_newer_job_interrupts_a_running_migration(mig: Cluster) -> None:
     assert b.driver.apply(mig.instance, None, rollback) == "absent"
     assert a.driver.apply(mig.instance, mig.spec(a), rollback) == "running"
     mig.assert_only_on(a, b)
-    # An interrupt by a job that still wants it away, or by no newer job, aborts nothing.
-    a.driver.interrupt(mig.instance, mig.spec(a, outgoing=mig.outgoing(b)), rollback + 1)
+    # The fold's own abort while memory moves: the same move, its deadline now (and the
+    # destination told the same generation).
+    mig.prepare(b)
+    generation = mig.next_generation()
+    a.reports.clear()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(a.driver.apply, mig.instance,
+                              mig.spec(a, outgoing=mig.outgoing(b)), generation)
+        wait_for(lambda: a.reports, 10.0)
+        aborting = mig.next_generation()
+        now = mig.outgoing(b, deadline_s=0)
+        # A newer job that still wants it there, by a later deadline: no abort.
+        a.driver.interrupt(mig.instance, mig.spec(a, outgoing=mig.outgoing(b, 120)), aborting)
+        assert not sending.done()
+        b.driver.apply(mig.instance, mig.spec(b, incoming=True), aborting)
+        a.driver.interrupt(mig.instance, mig.spec(a, outgoing=now), aborting)
+        with pytest.raises(PermanentDriverError, match=r"^aborted"):
+            sending.result(timeout=30)
+    with pytest.raises(PermanentDriverError, match="deadline passed"):  # the newer job
+        a.driver.apply(mig.instance, mig.spec(a, outgoing=now), aborting)
+    assert mig.runs_on(a) and domain_name(mig.instance) not in mig.domains(b)
+    mig.rollback(a, b)
+    mig.assert_only_on(a, b)
 
 
 def test_an_incoming_guest_waits_for_its_segment_bridge(mig: Cluster) -> None:

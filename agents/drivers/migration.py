@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import libvirt
 import structlog
 
+from schemas.specs import Outgoing
+
 log = structlog.get_logger()
 
 DEFAULT_MIGRATION_URI = "qemu+tcp://{address}/system"
@@ -90,14 +92,32 @@ def report_id(kind: str, host: str, instance_id: str, *parts: object) -> str:
 
 @dataclass
 class Migration:
-    """An outgoing migration in flight: the domain, the job's generation, and why it was
-    aborted (the first reason wins; None while nobody asked)."""
+    """An outgoing migration in flight: the domain, the job's generation and target, its
+    deadline (epoch ms; a newer job may bring it forward), and why it was aborted (the
+    first reason wins; None while nobody asked)."""
 
     instance_id: str
     generation: int
     dom: libvirt.virDomain
+    dest: str
+    address: str
+    deadline_at: int
     reason: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def newer_job(self, outgoing: Outgoing | None, now_ms: int) -> str | None:
+        """Why a newer job for the instance ends this migration (None: it does not).
+        Without ``outgoing`` the fold no longer wants it moved; with another target it
+        wants it elsewhere; with a deadline that has passed (the fold's abort while memory
+        moves) at once; a later deadline is ignored, an earlier one is kept."""
+        if outgoing is None:
+            return "aborted"
+        if (outgoing.dest, outgoing.address) != (self.dest, self.address):
+            return f"aborted: the destination is now {outgoing.dest} ({outgoing.address})"
+        self.deadline_at = min(self.deadline_at, outgoing.deadline_at)
+        if self.deadline_at <= now_ms:
+            return "aborted"
+        return None
 
     def abort(self, reason: str) -> bool:
         """Ask libvirt to abort (once); False if it was asked already or refused (the

@@ -41,8 +41,11 @@ Live migration (issue 11; the fold runs it as a saga, this is one host's part of
   that memory (a restarted agent) libvirt decides: not here but running on the
   destination is "migrated".
 - `interrupt()`: the runtime's hook when a newer job comes while one is being applied;
-  a newer job without ``outgoing`` aborts the running migration (libvirt decides whether
-  it still could: the outgoing apply then says what really happened).
+  a newer job without ``outgoing``, with another target, or with a deadline that has
+  passed (the fold's abort while memory moves) aborts the running migration (libvirt
+  decides whether it still could: the outgoing apply then says what really happened).
+  The fold sends the destination each generation of the move too (``incoming``): the
+  arrival reports the newest one given.
 - a normal job adopts a migrated domain as it is (no restart: same digest), its metadata
   then naming this host and generation; a removal also removes the firewalls of the
   instance's taps that are gone with a guest that left (or never came).
@@ -572,6 +575,8 @@ class VmDriver:
         """The guest is coming here: everything it needs but its domain, which libvirt
         brings. "incoming", or "running" once it has arrived (a re-apply after it did)."""
         name = domain_name(instance_id)
+        with self._state_lock:  # first: an arrival while this runs reports this generation
+            self._incoming[instance_id] = (spec, generation)
         with self._errors(f"libvirtd of {self.host}"):
             self._connection().getLibVersion()  # it answers, or the migration cannot come
         if self.ports is not None and self.underlay_ip is not None:
@@ -591,8 +596,6 @@ class VmDriver:
                 with self._net(f"firewall of {port}"):
                     self.ports.firewall.converge(PortPolicy(
                         port, bridge, nic.mac, nic.ip, spec.template.rules))
-        with self._state_lock:
-            self._incoming[instance_id] = (spec, generation)
         dom = self._lookup(instance_id)
         if dom is None:
             return "incoming"
@@ -705,20 +708,22 @@ class VmDriver:
             raise PermanentDriverError(
                 f"deadline passed {-left_ms / 1000:.1f}s before the migration of {name} to "
                 f"{out.dest} could start")
-        migration = Migration(instance_id, generation, dom)
+        migration = Migration(instance_id, generation, dom, out.dest, out.address,
+                              out.deadline_at)
         with self._state_lock:
             self._migrations[instance_id] = migration
         try:
-            return self._migrate(migration, uri, out, left_ms / 1000, adopted=in_flight)
+            return self._migrate(migration, uri, out, adopted=in_flight)
         finally:
             with self._state_lock:
                 self._migrations.pop(instance_id, None)
 
-    def _migrate(self, migration: Migration, uri: str, out: Outgoing, left_s: float, *,
+    def _migrate(self, migration: Migration, uri: str, out: Outgoing, *,
                  adopted: bool = False) -> str:
         """libvirt's migration in a thread (``adopted``: one that runs already, watched
-        until its job ends); this one reports its progress and aborts it at its deadline.
-        libvirt's outcome is the outcome, whoever asked to abort."""
+        until its job ends); this one reports its progress and aborts it at its deadline
+        (``migration.deadline_at``, which a newer job may bring forward). libvirt's
+        outcome is the outcome, whoever asked to abort."""
         instance_id, dom = migration.instance_id, migration.dom
         params: dict[str, int] = {}
         if self.migration_bandwidth_mib is not None:
@@ -748,19 +753,23 @@ class VmDriver:
 
         started = time.monotonic()
         started_ms = int(time.time() * 1000)
-        deadline = started + left_s
+
+        def deadline() -> float:  # monotonic
+            if migration.reason is not None:
+                return math.inf  # asked once; libvirt ends it (or completes it)
+            return started + (migration.deadline_at - started_ms) / 1000
+
         next_report = started + PROGRESS_S
         seq = 0
         last: tuple[int, int] | None = None
         log.info("migration_started", instance=instance_id, dest=out.dest, uri=uri,
-                 generation=migration.generation, deadline_s=round(left_s, 3),
-                 adopted=adopted)
+                 generation=migration.generation,
+                 deadline_s=round(deadline() - started, 3), adopted=adopted)
         threading.Thread(target=run, name=f"migrate-{instance_id}", daemon=True).start()
-        while not done.wait(max(0.0, min(next_report, deadline) - time.monotonic())):
+        while not done.wait(max(0.0, min(next_report, deadline()) - time.monotonic())):
             now = time.monotonic()
-            if now >= deadline:
+            if now >= deadline():
                 migration.abort("deadline exceeded")
-                deadline = math.inf  # asked once; libvirt ends it (or completes it)
             if now >= next_report:
                 next_report = now + PROGRESS_S
                 try:
@@ -813,15 +822,17 @@ class VmDriver:
 
     def interrupt(self, instance_id: str, spec: InstanceSpec | None, generation: int) -> None:
         """A newer job came while this instance's job is being applied (the runtime calls
-        this without the entity's lock): one without ``outgoing`` aborts a migration that
-        an older job started. The outgoing apply then says how it ended."""
+        this without the entity's lock): one without ``outgoing``, or with another target,
+        or with a deadline that has passed (the fold's abort while memory moves) aborts a
+        migration that an older job started. The outgoing apply then says how it ended."""
         with self._state_lock:
             migration = self._migrations.get(instance_id)
         if migration is None or generation <= migration.generation:
             return
-        if spec is not None and spec.outgoing is not None:
-            return  # still wanted away
-        migration.abort("aborted")
+        why = migration.newer_job(spec.outgoing if spec is not None else None,
+                                  int(time.time() * 1000))
+        if why is not None:
+            migration.abort(why)
 
     @contextlib.contextmanager
     def _remote(self, uri: str) -> Iterator[libvirt.virConnect]:
