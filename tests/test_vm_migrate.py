@@ -326,6 +326,9 @@ class Cluster:
         assert len({r.cmd_id for r in progress}) == len(progress)
         # Its tap is on the segment there before the switch: the arrival plugged it.
         assert self.tap_master(dst) == names.bridge_name(VNI)
+        # And the destination's driver holds it (an agent restarted now would adopt it).
+        wait_for(lambda: dst.driver.observe().get(self.instance) == "running", 5.0)
+        assert dst.driver.generations()[self.instance] == incoming
         self.switch(src, dst)
         self.assert_only_on(dst, src)
         after = self.uptime(dst)

@@ -46,9 +46,10 @@ Live migration (issue 11; the fold runs it as a saga, this is one host's part of
   decides whether it still could: the outgoing apply then says what really happened).
   The fold sends the destination each generation of the move too (``incoming``): the
   arrival reports the newest one given.
-- a normal job adopts a migrated domain as it is (no restart: same digest), its metadata
-  then naming this host and generation; a removal also removes the firewalls of the
-  instance's taps that are gone with a guest that left (or never came).
+- once arrived (and reported), the domain's metadata names this host and the incoming
+  generation; a normal job adopts it as it is (no restart: same digest); a removal also
+  removes the firewalls of the instance's taps that are gone with a guest that left (or
+  never came).
 
 Never two running copies: the guest is never started here by an incoming job, and a
 guest that this driver migrated away is not started again here while it runs there.
@@ -650,6 +651,16 @@ class VmDriver:
                  generation=generation)
         self._report(c.Applied(cmd_id=report_id("arrived", self.host, instance_id, generation),
                                id=instance_id, generation=generation, observed="running"))
+        # Then its metadata names this host (it still names the source): observe() and
+        # generations() see it here, and an agent restarted before the next job adopts it.
+        try:
+            dom = self._lookup(instance_id)
+            if dom is not None:
+                meta = self._ours(dom, instance_id)
+                with self._errors(f"metadata of {domain_name(instance_id)}"):
+                    self._set_metadata(dom, instance_id, generation, meta.get("digest", ""))
+        except DriverError as exc:
+            log.warning("arrival_metadata_failed", instance=instance_id, error=str(exc))
 
     def _report(self, cmd: c.Command) -> None:
         if self._reporter is None:
