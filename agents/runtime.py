@@ -172,6 +172,9 @@ class Agent:
         for kind, driver in self.drivers.items():
             held = await asyncio.to_thread(driver.generations)
             self.applied.update(((kind, id_), gen) for id_, gen in held.items())
+        # Copies the newest jobs say to remove (a host back after an evacuation: its
+        # instances run elsewhere now) go before this host says it is up, or runs anything.
+        await self._unless_transient("stale_removal", self._remove_stale(js))
         inventory = await nc.subscribe(inventory_subject(self.host), cb=self._inventory)
         tasks = [
             asyncio.create_task(self._heartbeats(js, stop)),
@@ -362,11 +365,27 @@ class Agent:
             self.log.warning(f"{what}_failed", error=repr(exc))
             ROUNDS_SKIPPED[what].inc()
 
-    async def resync(self, js: JetStreamContext) -> None:
-        """Converge every entity to its newest job and remove what nobody wants here."""
-        started = time.perf_counter()
+    async def _newest_jobs(self, js: JetStreamContext) -> list[Job]:
+        """Every entity's newest job for this host, removals first."""
         jobs = [job async for batch in read_stream(js, JOB_STREAM, job_filter(self.host))
                 for m in batch if (job := self._decode(m.subject, m.data)) is not None]
+        return sorted(jobs, key=lambda job: job.spec is not None)
+
+    async def _remove_stale(self, js: JetStreamContext) -> None:
+        """Apply the removals among the newest jobs of what this host still holds."""
+        stale = [job for job in await self._newest_jobs(js)
+                 if job.spec is None and (job.kind, job.id) in self.applied]
+        for job in stale:
+            async with self.locks(f"{job.kind}/{job.id}"):
+                await self._converge(job, None)
+        if stale:
+            self.log.info("stale_removed", entities=[f"{j.kind}/{j.id}" for j in stale])
+
+    async def resync(self, js: JetStreamContext) -> None:
+        """Converge every entity to its newest job (removals first) and remove what nobody
+        wants here."""
+        started = time.perf_counter()
+        jobs = await self._newest_jobs(js)
         for job in jobs:
             await self._interrupt(job)
             async with self.slots, self.locks(f"{job.kind}/{job.id}"):

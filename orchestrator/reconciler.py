@@ -5,7 +5,8 @@ Whether to re-issue the job or to degrade the instance is the fold's decision (p
 replayable); this loop only notices lateness, with exponential backoff per attempt.
 Instances on a host that is down are left alone: re-issuing to nobody would only degrade
 them, one alert each, and the host's return brings a full resync anyway. Their deadline
-counts from that return, so a host that flaps does not use up their retries.
+counts from that return, so a host that flaps does not use up their retries. A host down
+longer than ``evacuate_after_s`` (when set) is evacuated: EvacuateHost, once per outage.
 """
 
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class ReconcilerConfig:
     deadline_s: float = 10.0
     max_attempts: int = 5
     max_backoff_s: float = 300.0
+    evacuate_after_s: float | None = None  # None: a host down is never evacuated by itself
 
 
 class Reconciler:
@@ -120,6 +122,8 @@ class Reconciler:
             for lag in due(balancers)
         ]
         commands += await _drains_due(conn, now_ms)
+        if cfg.evacuate_after_s is not None:
+            commands += await _evacuations_due(conn, now_ms, int(cfg.evacuate_after_s * 1000))
         if commands:
             await self.publisher.publish_many([(SYSTEM, cmd) for cmd in commands])
         return commands
@@ -136,3 +140,18 @@ async def _drains_due(conn: asyncpg.Connection, now_ms: int) -> list[c.Command]:
             oldest = min(state.draining.values())
             out.append(c.DrainTick(cmd_id=f"dt-{r['id']}-{oldest}", id=r["id"]))
     return out
+
+
+async def _evacuations_due(conn: asyncpg.Connection, now_ms: int,
+                           after_ms: int) -> list[c.Command]:
+    """EvacuateHost for each hypervisor down longer than ``after_ms`` and not evacuated
+    yet; keyed by when it went down, so the ticks of one outage dedupe."""
+    rows = await conn.fetch(
+        """
+        SELECT id, (state->>'updated_at')::bigint AS down_since FROM entities
+        WHERE kind = 'host' AND state->>'condition' = 'down'
+          AND coalesce(state->>'role', 'hypervisor') = 'hypervisor'
+          AND coalesce((state->>'evacuated_at')::bigint, 0) = 0
+          AND (state->>'updated_at')::bigint <= $1
+        """, now_ms - after_ms)
+    return [c.EvacuateHost(cmd_id=f"ev-{r['id']}-{r['down_since']}", id=r["id"]) for r in rows]

@@ -94,6 +94,15 @@ class HostUp(Command, tag=True, kw_only=True):
     underlay: IPv4 | None = None
 
 
+class EvacuateHost(Command, tag=True, kw_only=True):
+    """Rebuild a down host's instances elsewhere, cold, each as a new generation; its own
+    jobs say removal, so its agent destroys the stale copies when it returns. From the
+    system: the host has been down longer than the replica's ``--evacuate-after``."""
+
+    kind = "host"
+    sources = ("admin", "system")
+
+
 class SpanNetwork(Command, tag=True, kw_only=True):
     """A network has a port on this host now: the host answers with its VTEP."""
 
@@ -213,6 +222,16 @@ class MigrationQueued(Command, tag=True, kw_only=True):
     kind = "instance"
     sources = ("system",)
     ticket: Count
+    reason: Text
+
+
+class Rehome(Command, tag=True, kw_only=True):
+    """Its host was evacuated: the scheduler gave it ``host`` instead, where it starts anew
+    (None: no host has room yet; it waits, and ``reason`` says so)."""
+
+    kind = "instance"
+    sources = ("system",)
+    host: EntityId | None
     reason: Text
 
 
@@ -605,6 +624,9 @@ class ReserveMove(Command, tag=True, kw_only=True):
     vcpus: Vcpus
     memory_mib: MemoryMiB
     wait: bool = False
+    # Hosts that have not yet removed an earlier copy of it: a job there now would take
+    # the place of that removal on the host's subject, and the copy would live on.
+    avoid: tuple[EntityId, ...] = ()
 
 
 class EndMove(Command, tag=True, kw_only=True):
@@ -616,6 +638,15 @@ class EndMove(Command, tag=True, kw_only=True):
     ticket: Count  # only the move of that migration ends
     instance: EntityId
     moved: bool
+
+
+class Evacuate(Command, tag=True, kw_only=True):
+    """Give every instance of a down host another host (as placement does, waiting for
+    room if there is none)."""
+
+    kind = "scheduler"
+    sources = ("system",)
+    host: EntityId
 
 
 class SetMigrationLimit(Command, tag=True, kw_only=True):
@@ -681,6 +712,7 @@ AnyCommand = (
     | MigrationRefused
     | MigrationQueued
     | MigrationProgress
+    | Rehome
     | Reconcile
     | CreateNetwork
     | DeleteNetwork
@@ -700,6 +732,7 @@ AnyCommand = (
     | MemberDrained
     | ReserveVni
     | ReleaseVni
+    | EvacuateHost
     | SpanNetwork
     | UnspanNetwork
     | CreatePool
@@ -726,6 +759,7 @@ AnyCommand = (
     | ReserveMove
     | EndMove
     | SetMigrationLimit
+    | Evacuate
     | Place
     | Release
     | LbNode

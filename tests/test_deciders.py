@@ -485,6 +485,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "ReserveMove": {"instance": "i0", "ticket": 3, "source": "h0", "vcpus": 1,
                     "memory_mib": 64},
     "EndMove": {"instance": "i0", "ticket": 3, "moved": True}, "SetMigrationLimit": {"limit": 2},
+    "EvacuateHost": {}, "Evacuate": {"host": "h0"},
+    "Rehome": {"host": "h1", "reason": "its host was evacuated"},
 }
 SOURCE_OF_CLASS = {"user": "user", "admin": "admin", "system": "system", "host": "h0"}
 

@@ -185,6 +185,10 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
         optional={"to": st.sampled_from(HOSTS), "wait": st.booleans()}),
     "EndMove": fields(instance=st.sampled_from(INSTANCES), ticket=tickets, moved=st.booleans()),
     "SetMigrationLimit": fields(limit=st.integers(1, 3)),
+    "EvacuateHost": fields(),
+    "Evacuate": fields(host=st.sampled_from(HOSTS)),
+    "Rehome": fields(host=st.one_of(st.none(), st.sampled_from(HOSTS)),
+                     reason=st.just("its host was evacuated")),
     "Reconcile": fields(generation=generation, max_attempts=st.integers(0, 3)),
     "Failed": st.fixed_dictionaries(
         {"generation": generation, "error": st.just("qemu exited")},
@@ -408,6 +412,7 @@ POKES = {
     "ScalePool": "pool", "DeletePool": "pool", "DeleteNetwork": "network",
     "DeleteLoadBalancer": "lb", "SetHostCondition": "host", "HostDown": "host",
     "HostUp": "host", "MigrateInstance": "instance", "AbortMigration": "instance",
+    "EvacuateHost": "host",
 }
 REPORTS = ("Applied", "Failed", "Reconcile")
 

@@ -132,15 +132,16 @@ def test_a_live_migration_prepares_the_destination_migrates_switches_and_cleans_
     segments = jobs(arrived, "network")
     assert segments["h1"].ports == (port("a", "10.9.0.2", "h2"),), "forwarding follows"
     assert segments["h0"] is None, "its last port gone, the source leaves the segment"
-    assert w.used()["h0"] == used["h0"], "the source's capacity is kept until it is clean"
-    # 4. Clean: the source applied its removal; the move ends and its capacity goes.
-    cleaned = w.report("h0", "a", "absent")
-    assert events(cleaned) == ["CleanedUp", "MigrationEnded", "MoveEnded"]
-    a = w.instance("a")
-    assert a.migration is None and a.cleanup == {}
+    # The guest left the source: the move ends for the scheduler, the source's capacity goes.
+    assert "MoveEnded" in events(arrived)
     assert w.scheduler.allocations["a"].host == "h2" and w.scheduler.moves == []
     assert w.used()["h0"] == (used["h0"][0] - 2, used["h0"][1] - 1024)
     assert w.used()["h2"] == (used["h2"][0] + 2, used["h2"][1] + 1024)
+    # 4. Clean: the source applied its removal; the migration is over.
+    cleaned = w.report("h0", "a", "absent")
+    assert events(cleaned) == ["CleanedUp", "MigrationEnded"]
+    a = w.instance("a")
+    assert a.migration is None and a.cleanup == {}
     # The whole story, in the instance's timeline.
     story = w.timeline("instance", "a")
     assert story[-5:] == ["MigrateInstance", "MigrationReserved", "Applied", "Applied",
@@ -331,9 +332,8 @@ def test_at_most_k_migrations_at_once_per_host_the_rest_queue_visibly() -> None:
     assert "1 migrations into h2 already" in (
         only(into, "MigrationQueued").outcome.reason or "")  # type: ignore[union-attr]
     w.report("h2", "a", "incoming")
-    w.report("h2", "a", "running")
-    # a's move ends: c may go into h2 now; d still waits, b moving into h1.
-    ended = w.report("h0", "a", "absent")
+    # a's move ends with the switch: c may go into h2 now; d still waits, b moving into h1.
+    ended = w.report("h2", "a", "running")
     assert [f.outcome.id for f in ended if f.outcome and f.outcome.type == "MigrationReserved"
             ] == ["c"]
     assert w.phase("c") == "preparing" and w.phase("d") == "queued"
@@ -386,3 +386,49 @@ def test_an_empty_host_set_draining_is_in_maintenance_at_once() -> None:
     w.send("admin", "SetHostCondition", "h2", condition="draining")
     w.settle()
     assert w.states[("host", "h2")].condition == "maintenance"
+
+
+def test_a_down_host_is_evacuated_cold_and_its_own_jobs_say_removal() -> None:
+    w = Moves()
+    assert "is up: only a host that is down" in reason(w.send("admin", "EvacuateHost", "h0"))
+    w.send("system", "HostDown", "h0")
+    w.settle()
+    gone = [w.send("admin", "EvacuateHost", "h0"), *w.settle()]
+    assert "Evacuated" in events(gone) and "Rehomed" in events(gone)
+    a = w.instance("a")
+    assert a.host == "h2" and a.cleanup == {"h0": a.generation}
+    sent = jobs(gone)
+    assert sent["h0"] is None and sent["h2"].power == "running" and not sent["h2"].incoming
+    assert jobs(gone, "network")["h1"].ports == (port("a", "10.9.0.2", "h2"),)
+    assert w.scheduler.allocations["a"].host == "h2"
+    assert accepted(w.send("admin", "EvacuateHost", "h0"))  # once per outage
+    assert "Evacuated" not in events(w.settle())
+    # The host returns: its agent applies the removal, and it is clean.
+    w.send("system", "HostUp", "h0", boot_id="b2", underlay=VTEPS["h0"])
+    w.settle()
+    assert events(w.report("h0", "a", "absent")) == ["CleanedUp"]
+
+
+def test_an_evacuation_with_no_room_waits_with_the_reason_and_places_when_room_comes() -> None:
+    w = Moves()
+    w.host("h1", vcpus=2, memory_mib=1024)  # full with c
+    w.host("h2", vcpus=1, memory_mib=256)
+    w.send("system", "HostDown", "h0")
+    w.send("admin", "EvacuateHost", "h0")
+    w.settle()
+    a = w.instance("a")
+    assert a.host == "h0" and "no host has 2 vCPUs and 1024 MiB free" in (a.error or "")
+    w.up("h3")
+    assert w.instance("a").host == "h3" and w.instance("a").error is None
+
+
+def test_an_evacuation_ends_a_migration_and_removes_what_its_destination_may_hold() -> None:
+    w = Moves()
+    w.migrate("a", to="h2")
+    w.report("h2", "a", "incoming")
+    w.send("system", "HostDown", "h0")
+    moved = [w.send("admin", "EvacuateHost", "h0"), *w.settle()]
+    a = w.instance("a")
+    assert a.migration is None and a.host not in ("h0", None)
+    assert set(a.cleanup) >= {"h0"} and (a.host == "h2" or "h2" in a.cleanup)
+    assert w.scheduler.moves == [] and jobs(moved)["h0"] is None

@@ -38,6 +38,7 @@ class Hosts:
     applied: dict[tuple[str, str], int] = field(default_factory=dict)
     runs: dict[str, set[str]] = field(default_factory=dict)  # id -> hosts running it
     arrivals: deque[tuple[str, str]] = field(default_factory=deque)  # (host, id) to report
+    frozen: set[str] = field(default_factory=set)  # hosts down: nothing runs or acts there
 
     def saw(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -88,7 +89,7 @@ class Cloud(World):
         """``host``'s agent applies its newest job for ``x``, if it has not yet."""
         m = self.hosts
         job = m.newest.get((host, x))
-        if job is None or job.generation <= m.applied.get((host, x), -1):
+        if host in m.frozen or job is None or job.generation <= m.applied.get((host, x), -1):
             return
         m.applied[(host, x)] = job.generation
         runs = m.runs.setdefault(x, set())
@@ -128,16 +129,35 @@ class Cloud(World):
             if host in self.hosts.runs.get(x, set()):
                 self.report(host, x, self.hosts.applied.get((host, x), 0), "running")
 
+    def freeze(self, host: str) -> None:
+        self.hosts.frozen.add(host)
+        self.send("system", "HostDown", host)
+
+    def thaw(self, host: str, boot: int) -> None:
+        """The host returns: its agent removes what its newest jobs say to remove first,
+        then says it is up."""
+        if host not in self.hosts.frozen:
+            return
+        self.hosts.frozen.discard(host)
+        for x in INSTANCES:
+            job = self.hosts.newest.get((host, x))
+            if job is not None and job.spec is None:
+                self.agent(host, x, ok=True)
+        self.send("system", "HostUp", host, boot_id=f"b{boot}",
+                  underlay=f"192.0.2.{10 + HOSTS.index(host)}")
+
     def check(self) -> None:
         for x, hosts in self.hosts.runs.items():
-            assert len(hosts) <= 1, f"{x} runs on {sorted(hosts)}"
+            live = hosts - self.hosts.frozen  # a frozen host's copy is stale, not running
+            assert len(live) <= 1, f"{x} runs on {sorted(live)}"
 
 
 Step = tuple[str, int, int]  # (what, which, extra)
 steps = st.tuples(
-    st.sampled_from(["migrate", "migrate", "migrate_to", "abort", "agent", "agent", "agent",
-                     "agent", "agent_fail", "arrive", "arrive", "relay", "relay", "relay",
-                     "relay", "down", "up", "drain", "limit", "delete", "stop", "start"]),
+    st.sampled_from(["migrate", "migrate", "migrate_to", "abort", "abort", "agent", "agent",
+                     "agent", "agent", "agent_fail", "arrive", "arrive", "relay", "relay",
+                     "relay", "relay", "down", "down", "up", "drain", "limit", "delete", "stop",
+                     "start", "evacuate", "evacuate"]),
     st.integers(0, 3), st.integers(0, 3))
 
 
@@ -158,9 +178,11 @@ def run(cloud: Cloud, step: Step) -> None:
         case "relay":
             cloud.relay_one()
         case "down":
-            cloud.send("system", "HostDown", host)
+            cloud.freeze(host)
         case "up":
-            cloud.send("system", "HostUp", host, boot_id=f"b{i}", underlay=f"192.0.2.{10 + j}")
+            cloud.thaw(host, i)
+        case "evacuate":
+            cloud.send("admin", "EvacuateHost", host)
         case "drain":
             cloud.send("admin", "SetHostCondition", host, condition="draining")
         case "limit":
@@ -174,7 +196,10 @@ def run(cloud: Cloud, step: Step) -> None:
 
 
 def quiesce(cloud: Cloud) -> None:
-    """Deliver everything, every agent answering and every migration succeeding."""
+    """Every host back, everything delivered, every agent answering and every migration
+    succeeding."""
+    for n, host in enumerate(sorted(cloud.hosts.frozen)):
+        cloud.thaw(host, 10 + n)
     for _ in range(200):
         cloud.settle()
         while cloud.hosts.arrivals:

@@ -9,16 +9,17 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from agents.net import names
+from orchestrator.embedded import PostgresServer
 from orchestrator.queries import decode_outcome
-from tests.fabric import unavailable
-from tests.test_networks import Cloud, Guest, cloud, fabric, tcp
-
-FIXTURES = (cloud, fabric)  # test_networks' cloud of 3 hosts, one of its own for this module
+from tests.conftest import eventually
+from tests.fabric import Fabric, unavailable
+from tests.test_networks import Cloud, Guest, open_cloud, tcp
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
@@ -26,7 +27,22 @@ CIDR = "10.60.0.0/24"
 VNI = 300
 RULES = [{"protocol": "tcp", "port": 8080, "source": CIDR}]
 DRAINED = 8  # guests on h1 besides the one migrated by hand
+EVACUATE_AFTER_S = 3.0
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
+
+
+@pytest.fixture(scope="module")
+def fabric() -> Iterator[Fabric]:
+    with Fabric(3) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+async def cloud(postgres: PostgresServer, fabric: Fabric,
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cloud]:
+    async with open_cloud(postgres, fabric, tmp_path_factory.mktemp("moves"),
+                          "--evacuate-after", str(EVACUATE_AFTER_S)) as world:
+        yield world
 
 
 def orch(cloud: Cloud, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -146,6 +162,65 @@ async def test_a_drain_moves_every_guest_off_within_the_limit_then_maintenance(
             running += {"MoveStarted": 1, "MoveEnded": -1}.get(event, 0)
             most = max(most, running)
     assert most == 2 and running == 0
+
+
+def underlay(cloud: Cloud, host: str, up: bool) -> None:
+    """Cut a host off the underlay, or plug it back: frozen, it reaches nobody."""
+    subprocess.run(["ip", "-n", cloud.fabric.fabric_netns, "link", "set",
+                    f"ul{cloud.fabric[host].index}", "up" if up else "down"], check=True)
+
+
+async def test_a_dead_host_is_evacuated_and_destroys_its_stale_copies_when_it_returns(
+        cloud: Cloud, placed: dict[str, Any]) -> None:
+    probe: Guest = placed["probe"]
+    await cloud.send("admin", type="SetHostCondition", id="h1", condition="up")
+    await cloud.settle()
+    for k in range(3):
+        await create(cloud, f"e{k}")  # h1 is the emptiest now
+    await cloud.settle()
+    dying = [await cloud.guest(f"e{k}") for k in range(3)]
+    assert {g.host for g in dying} == {"h1"}
+    # The host dies: its agent SIGKILLed, its underlay cut; its guests stay as they were.
+    cloud.kill_agent("h1")
+    underlay(cloud, "h1", up=False)
+    try:
+        async def rebuilt() -> bool:
+            states = [await cloud.state("instance", g.id) for g in dying]
+            return all(s and s["host"] != "h1" and s["observed"] == "running"
+                       and s["observed_generation"] == s["generation"] for s in states)
+
+        await eventually(rebuilt, timeout=60, interval=0.2)
+        for g in dying:
+            moved = await cloud.guest(g.id)
+            assert tcp(probe, moved.ip) == g.id, moved
+        stale = {g.netns for g in dying}
+        assert stale <= netns_names(), "the dead host's guests are frozen, not removed"
+    finally:
+        underlay(cloud, "h1", up=True)
+    cloud.agent("h1")
+
+    async def cleaned() -> bool:
+        return not stale & netns_names()
+
+    async def back_up() -> bool:
+        host = await cloud.state("host", "h1")
+        return host is not None and host["condition"] == "up"
+
+    await eventually(cleaned, timeout=60, interval=0.2)
+    await eventually(back_up, timeout=60, interval=0.2)
+    await cloud.settle()
+    # One copy each, on the new host; and the returning agent removed before it started.
+    for g in dying:
+        moved = await cloud.guest(g.id)
+        assert moved.host != "h1" and tcp(probe, moved.ip) == g.id
+    # Its agent removed them before it even said it was back: before its HostUp.
+    rows = await cloud.pg.fetch("SELECT outcome FROM history WHERE (kind = 'host' AND id = 'h1')"
+                                " OR outcome->>'source' = 'h1' ORDER BY seq")
+    log = [decode_outcome(r["outcome"]) for r in rows]
+    evacuated = max(o.seq for o in log if "Evacuated" in o.events)
+    back = min(o.seq for o in log if o.type == "HostUp" and o.seq > evacuated)
+    removed = [o.seq for o in log if o.seq > evacuated and o.type == "Applied"]
+    assert len(removed) == len(dying) and max(removed) < back, (removed, back)
 
 
 async def test_replay_reproduces_the_projection_after_the_moves(

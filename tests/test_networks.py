@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -164,7 +165,15 @@ def fabric() -> Iterator[Fabric]:
 @pytest.fixture(scope="module")
 async def cloud(postgres: PostgresServer, fabric: Fabric,
                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cloud]:
-    root = tmp_path_factory.mktemp("networks")
+    async with open_cloud(postgres, fabric, tmp_path_factory.mktemp("networks")) as world:
+        yield world
+
+
+@contextlib.asynccontextmanager
+async def open_cloud(postgres: PostgresServer, fabric: Fabric, root: Path,
+                     *replica_args: str) -> AsyncIterator[Cloud]:
+    """nats-server, PostgreSQL, a replica (with ``replica_args``) and an agent per host of
+    ``fabric``, every host registered and its underlay known; all stopped on exit."""
     async with isolated(postgres, NatsServer(root / "nats"), root) as env:
         processes = Processes(root, dict(os.environ))
         nc = await connect(env.nats_url, "test")
@@ -172,7 +181,7 @@ async def cloud(postgres: PostgresServer, fabric: Fabric,
         try:
             js = nc.jetstream()
             await ensure_topology(js, PARTITIONS)
-            processes.orch("orchestrator", "--id", "r1", "--deadline", "3600",
+            processes.orch("orchestrator", "--id", "r1", "--deadline", "3600", *replica_args,
                            env=env.environ(), name="r1")
             pg = await eventually(lambda: _connect(env.pg_dsn))
             world = Cloud(fabric, env, processes, js, pg, Publisher(js), itertools.count())

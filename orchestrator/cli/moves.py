@@ -1,5 +1,6 @@
 """Moving instances between hosts: `orch migrate` (live), `orch drain` (a host emptied by
-migrations, then in maintenance); with --wait each follows what the log records."""
+migrations, then in maintenance), `orch evacuate` (a down host's instances rebuilt
+elsewhere); with --wait each follows what the log records."""
 
 from __future__ import annotations
 
@@ -213,3 +214,47 @@ async def _drained(opts: Options, host: str, timeout: float | None, lines: Lines
     finally:
         await conn.close()
 
+
+@app.command()
+def evacuate(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Argument(metavar="HOST")],
+) -> None:
+    """Rebuild every instance of HOST, which must be down, on other hosts (cold); its agent
+    destroys the stale copies when it returns."""
+    from orchestrator.cli.output import console
+
+    opts: Options = ctx.obj
+
+    async def main() -> int:
+        from orchestrator import render
+
+        seq = await _publish(opts, {"type": "EvacuateHost", "id": host})
+        outcome = await _outcome(opts, seq)
+        console().print(render.outcome_line(outcome))
+        if not outcome.accepted:
+            raise CliError(f"rejected: {outcome.reason}")
+        return EXIT_OK
+
+    run(main)
+
+
+async def _outcome(opts: Options, seq: int, timeout_s: float = 30.0) -> Outcome:
+    """The outcome of the command at ``seq``, once a replica has folded it."""
+    import asyncio
+    import time
+
+    from orchestrator import queries
+    from orchestrator.cli.connect import open_pg
+
+    until = time.monotonic() + timeout_s
+    conn = await open_pg(opts.pg_dsn())
+    try:
+        while (found := await queries.outcome_at(conn, seq)) is None:
+            if time.monotonic() >= until:
+                raise CliError(f"seq {seq} not folded after {timeout_s:g} s: is a replica"
+                               " running?", EXIT_TIMEOUT)
+            await asyncio.sleep(POLL_S)
+        return found
+    finally:
+        await conn.close()

@@ -129,6 +129,9 @@ def orchestrator(
         help="Time an agent gets to apply a job before it is re-issued, seconds")] = 10.0,
     max_attempts: Annotated[int, typer.Option(
         min=0, help="Re-issues of a job before its entity is degraded and alerted")] = 5,
+    evacuate_after: Annotated[float | None, typer.Option(
+        min=0, metavar="SECONDS", help="Rebuild the instances of a host down this long"
+        " elsewhere [default: never by itself]")] = None,
     metrics_port: Annotated[int | None, typer.Option(
         help="Serve Prometheus metrics on 127.0.0.1:PORT")] = None,
     log_level: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.info,
@@ -154,7 +157,8 @@ def orchestrator(
         config = ReplicaConfig(
             opts.nats_url(), opts.pg_dsn(), partitions=partitions, lease_s=lease, tick_s=tick,
             batch=batch, cached=cached, down_after_s=down_after,
-            reconcile=ReconcilerConfig(deadline_s=deadline, max_attempts=max_attempts),
+            reconcile=ReconcilerConfig(deadline_s=deadline, max_attempts=max_attempts,
+                                       evacuate_after_s=evacuate_after),
             **extra)
         task = asyncio.create_task(Replica(config).run(stop))
         stopped = asyncio.create_task(stop.wait())

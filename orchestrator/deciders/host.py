@@ -16,6 +16,7 @@ class Host(msgspec.Struct, kw_only=True):
     boot_id: str = ""
     underlay: str | None = None  # the VTEP address its agent reports
     networks: list[str] = []  # networks with a port here: told when the VTEP changes
+    evacuated_at: int = 0  # its instances were rebuilt elsewhere since it went down
     registered_at: int = 0
     updated_at: int = 0
 
@@ -35,6 +36,10 @@ class ConditionSet(Event):
 
 class UnderlaySet(Event):
     underlay: str
+    at: int
+
+
+class Evacuated(Event):
     at: int
 
 
@@ -89,6 +94,16 @@ def decide(state: Host | None, cmd: c.Command, ctx: Ctx) -> Decision:
             if cmd.network not in state.networks:
                 return accept()
             return accept(NetworkUnspanned(cmd.network))
+        case c.EvacuateHost():
+            if state.role == "lb":
+                return reject(f"host {cmd.id} is an LB node: its balancers move by themselves")
+            if state.condition != "down":
+                return reject(f"host {cmd.id} is {state.condition}: only a host that is down"
+                              " is evacuated (drain one that is up)")
+            if state.evacuated_at:
+                return accept()  # evacuated already since it went down
+            return accept(Evacuated(at=ctx.at), commands=follow_ups(
+                ctx, (c.Evacuate, dict(id=SCHEDULER_ID, host=cmd.id))))
         case c.HostUp() if cmd.underlay is not None and cmd.underlay != state.underlay:
             moved = UnderlaySet(underlay=cmd.underlay, at=ctx.at)
             rest = decide_condition(state, cmd, ctx, underlay=cmd.underlay)
@@ -138,6 +153,11 @@ def evolve(state: Host | None, event: Event) -> Host:
         case ConditionSet():
             assert state is not None
             state.condition, state.boot_id = event.condition, event.boot_id
+            if event.condition != "down":
+                state.evacuated_at = 0
+        case Evacuated():
+            assert state is not None
+            state.evacuated_at = event.at
         case UnderlaySet():
             assert state is not None
             state.underlay = event.underlay

@@ -194,6 +194,8 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
             return migration.refused(state, cmd, ctx)
         case c.AbortMigration():
             return migration.abort(state, cmd, ctx)
+        case c.Rehome():
+            return migration.rehome(state, cmd, ctx)
         case c.MigrationProgress():
             m = state.migration
             if m is None or m.phase != "migrating" or ctx.source != m.source:

@@ -12,8 +12,9 @@ Every step is a command, an event and a line of the instance's timeline:
   migration, peer to peer, with the deadline.
 - ``cleaning``: the destination reported the guest running there (or the source, that it
   left): the instance lives on the destination, its ports are bound there (every member
-  host's forwarding entries follow), and the source is sent a removal.
-- done: the source applied its removal; the scheduler releases the source's capacity.
+  host's forwarding entries follow), the source is sent a removal, and the move ends for
+  the scheduler (the guest left the source: its capacity goes, and its slot in the limit).
+- done: the source applied its removal.
 
 A rollback before the switch (the destination could not prepare, libvirt failed, an abort,
 the deadline) sends the source the instance again and the destination a removal, binds the
@@ -27,6 +28,11 @@ away cleans up when it returns, since the newest job on its subject says removal
 
 A stopped instance moves cold: once the destination is reserved it is defined there and
 removed from the source, with nothing to copy (its disks are the image).
+
+Evacuation (`Rehome`, from the scheduler, for an instance of a host that is down) is a
+cold rebuild: a new generation on the new host, and a removal on the old one, which its
+agent applies before anything else when it returns. A migration under way ends, and its
+destination, which may hold the guest already, is sent a removal too.
 """
 
 from __future__ import annotations
@@ -127,6 +133,21 @@ class CleanedUp(Event):
     at: int
 
 
+class Rehomed(Event):
+    """Rebuilt on ``host``: the old one is down."""
+
+    host: str
+    reason: str
+    at: int
+
+
+class Stranded(Event):
+    """Its host is down and no other has room yet."""
+
+    reason: str
+    at: int
+
+
 def networks(state: Instance) -> list[str]:
     return sorted({nic.network for nic in state.template.nics})
 
@@ -169,7 +190,8 @@ def ask(state: Instance, cmd: c.MigrateInstance, ctx: Ctx) -> Decision:
                        deadline_ms=cmd.deadline_ms, at=ctx.at, cold=cold),
         commands=follow_ups(ctx, (c.ReserveMove, dict(
             id=SCHEDULER_ID, instance=cmd.id, ticket=ctx.seq, source=state.host, to=cmd.to,
-            vcpus=t.vcpus, memory_mib=t.memory_mib, wait=drain))))
+            vcpus=t.vcpus, memory_mib=t.memory_mib, wait=drain,
+            avoid=tuple(sorted(state.cleanup))))))
 
 
 def _stopped(state: Instance) -> bool:
@@ -257,7 +279,9 @@ def rollback(state: Instance, instance_id: str, ctx: Ctx, reason: str) -> Decisi
 def _switch(state: Instance, instance_id: str, ctx: Ctx, note: str) -> Decision:
     m = state.migration
     assert m is not None and m.dest is not None
-    return accept(Switched(at=ctx.at), note=note, commands=_bind(ctx, instance_id, state, m.dest))
+    binds = _bind(ctx, instance_id, state, m.dest)
+    return accept(Switched(at=ctx.at), note=note, commands=[
+        *binds, *_end_move(ctx, instance_id, m.ticket, moved=True, start=len(binds))])
 
 
 def report(state: Instance, cmd: c.Applied | c.Failed, ctx: Ctx) -> Decision | None:
@@ -271,8 +295,7 @@ def report(state: Instance, cmd: c.Applied | c.Failed, ctx: Ctx) -> Decision | N
             return accept(CleanedUp(host=host, at=ctx.at))
         moved = f"moved to {state.host}"
         return accept(CleanedUp(host=host, at=ctx.at),
-                      MigrationEnded(outcome=moved, at=ctx.at), note=moved,
-                      commands=_end_move(ctx, cmd.id, m.ticket, moved=True))
+                      MigrationEnded(outcome=moved, at=ctx.at), note=moved)
     if m is None or m.phase not in MOVING or cmd.generation < m.generation:
         return None
     if cmd.generation > state.generation:
@@ -299,6 +322,26 @@ def report(state: Instance, cmd: c.Applied | c.Failed, ctx: Ctx) -> Decision | N
     if cmd.observed == "migrated":
         return _switch(state, cmd.id, ctx, f"{host} says the guest left for {m.dest}")
     return None
+
+
+def rehome(state: Instance, cmd: c.Rehome, ctx: Ctx) -> Decision:
+    """The scheduler ended any move of it (its host is down): a migration under way ends
+    here too, its destination sent a removal if memory may have moved."""
+    if state.host is None or state.status not in ("placed", "degraded"):
+        return accept()
+    m = state.migration
+    ended: list[Event] = []
+    if m is not None and m.phase in MOVING:
+        ended = [RolledBack(reason=f"its host {state.host} is down", at=ctx.at)]
+    elif m is not None and m.phase != "cleaning":
+        ended = [MigrationEnded(outcome=f"its host {state.host} is down", at=ctx.at)]
+    if cmd.host == state.host:  # back up before another host had room: it stays
+        return accept(*ended)
+    if cmd.host is None:
+        return accept(*ended, Stranded(reason=cmd.reason, at=ctx.at), note=cmd.reason)
+    note = f"rebuilt on {cmd.host}: {cmd.reason} ({state.host})"
+    return accept(*ended, Rehomed(host=cmd.host, reason=cmd.reason, at=ctx.at), note=note,
+                  commands=_bind(ctx, cmd.id, state, cmd.host))
 
 
 def busy(state: Instance, what: str) -> Decision | None:
@@ -333,7 +376,6 @@ def evolve(state: Instance, event: Event) -> bool:
             assert m is not None
             m.phase, m.dest, m.address, m.reason = "preparing", event.dest, event.address, None
             m.generation = state.generation
-            state.cleanup.pop(event.dest, None)  # involved again: its removal is superseded
         case MigrationStarted():
             assert m is not None
             m.phase, m.generation = "migrating", state.generation
@@ -355,11 +397,22 @@ def evolve(state: Instance, event: Event) -> bool:
             assert state.host is not None
             state.cleanup[state.host] = state.generation
             state.host, state.observed_generation = event.dest, 0
-            state.cleanup.pop(event.dest, None)
+        case Rehomed():
+            assert state.host is not None
+            for gone in (state.host, m.dest if m is not None else None):
+                if gone is not None and gone != event.host:
+                    state.cleanup[gone] = state.generation
+            state.host, state.observed_generation, state.observed = event.host, 0, None
+            state.cleanup.pop(event.host, None)
+            state.migration, state.error = None, None
+            if state.status == "degraded":
+                state.status = "placed"
+        case Stranded():
+            state.error = event.reason
         case _:
             return False
     return True
 
 
 NEW_GENERATION = (MigrationPreparing, MigrationStarted, AbortAsked, Switched, RolledBack,
-                  MovedCold)
+                  MovedCold, Rehomed)

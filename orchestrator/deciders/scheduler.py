@@ -42,6 +42,7 @@ class Request(msgspec.Struct, array_like=True):
     instance: str
     vcpus: int
     memory_mib: int
+    rehome: bool = False  # an evacuated instance's: answered with Rehome, not Placed
 
 
 class Move(msgspec.Struct, array_like=True):
@@ -55,6 +56,7 @@ class Move(msgspec.Struct, array_like=True):
     memory_mib: int
     wait: bool
     dest: str | None = None
+    avoid: tuple[str, ...] = ()  # hosts that still hold a copy of it to remove
 
 
 DEFAULT_MIGRATION_LIMIT = 2
@@ -85,6 +87,7 @@ class Allocated(Event):
     host: str
     vcpus: int
     memory_mib: int
+    rehome: bool = False
 
 
 class Queued(Event):
@@ -155,12 +158,13 @@ def _place(free: Free, requests: list[Request]) -> list[Allocated]:
             free[host][0] -= req.memory_mib
             free[host][1] -= req.vcpus
             placed.append(Allocated(instance=req.instance, host=host, vcpus=req.vcpus,
-                                    memory_mib=req.memory_mib))
+                                    memory_mib=req.memory_mib, rehome=req.rehome))
     return placed
 
 
 def _answer(ctx: Ctx, *events: Event, refused: tuple[Request, str] | None = None) -> Decision:
-    placed = [(c.Placed, dict(id=e.instance, host=e.host))
+    placed = [(c.Rehome, dict(id=e.instance, host=e.host, reason="its host was evacuated"))
+              if e.rehome else (c.Placed, dict(id=e.instance, host=e.host))
               for e in events if isinstance(e, Allocated)]
     failed = [(c.PlacementFailed, dict(id=refused[0].instance, reason=refused[1]))] \
         if refused else []
@@ -236,7 +240,8 @@ def _destination(state: Scheduler, free: Free, out: dict[str, int], into: dict[s
     limit = state.migration_limit
     if out.get(move.source, 0) >= limit:
         return None, f"{limit} migrations out of {move.source} already (the limit)"
-    names = [move.to] if move.to else [h for h in free if h != move.source]
+    names = [move.to] if move.to else [h for h in free
+                                        if h != move.source and h not in move.avoid]
     fits = [(-free[h][0], -free[h][1], h) for h in names
             if _fits(free, h, move.vcpus, move.memory_mib) and state.hosts[h].underlay]
     if not fits:
@@ -273,6 +278,8 @@ def _refusal(state: Scheduler, cmd: c.ReserveMove, free: Free) -> str | None:
         return None
     if cmd.to == cmd.source:
         return f"instance {cmd.instance} is on {cmd.to} already"
+    if cmd.to in cmd.avoid:
+        return f"host {cmd.to} has not removed an earlier copy of {cmd.instance} yet"
     if cmd.to in state.lb_nodes:
         return f"host {cmd.to} is an LB node: instances do not run there"
     slot = state.hosts.get(cmd.to)
@@ -305,14 +312,15 @@ def _reserve(state: Scheduler, cmd: c.ReserveMove, ctx: Ctx) -> Decision:
         return reject(reason, commands=follow_ups(ctx, (c.MigrationRefused, dict(
             id=cmd.instance, ticket=cmd.ticket, reason=reason))))
     move = Move(cmd.instance, cmd.ticket, cmd.source, cmd.to, cmd.vcpus, cmd.memory_mib,
-                cmd.wait)
+                cmd.wait, avoid=cmd.avoid)
     out, into = _counts(state.moves)
     dest, why = _destination(state, free, out, into, move)
     if dest is not None:
         started = MoveStarted(move=msgspec.structs.replace(move, dest=dest))
         return accept(started, commands=_move_answers(ctx, state, [started]))
     no_room = not any(_fits(free, h, cmd.vcpus, cmd.memory_mib)
-                      for h in ([cmd.to] if cmd.to else free) if h != cmd.source)
+                      for h in ([cmd.to] if cmd.to else free)
+                      if h != cmd.source and h not in cmd.avoid)
     if no_room and not cmd.wait:
         return reject(why, commands=follow_ups(ctx, (c.MigrationRefused, dict(
             id=cmd.instance, ticket=cmd.ticket, reason=why))))
@@ -423,6 +431,38 @@ def _release(state: Scheduler, cmd: c.Release, ctx: Ctx) -> Decision:
                           ended={cmd.instance}, gone={cmd.instance}, hosts={alloc.host})
 
 
+def _evacuate(state: Scheduler, cmd: c.Evacuate, ctx: Ctx) -> Decision:
+    """Every instance of the down host gets another, as placement chooses; those that find
+    no room wait for it, first in line. Their moves end: the host they left is gone."""
+    here = sorted((i, a) for i, a in state.allocations.items() if a.host == cmd.host)
+    if not here:
+        return accept()
+    free = _free(state.hosts)
+    moving = {m.instance: m for m in state.moves}
+    events: list[Event] = []
+    stranded: list[Request] = []
+    for instance, alloc in here:
+        if instance in moving:
+            events.append(MoveEnded(instance=instance, moved=False))
+            move = moving[instance]
+            if move.dest in free:
+                free[move.dest][0] += move.memory_mib
+                free[move.dest][1] += move.vcpus
+        events.append(Freed(instance))
+        req = Request(instance, alloc.vcpus, alloc.memory_mib, rehome=True)
+        placed = _place(free, [req])
+        events.extend(placed)
+        if not placed:
+            events.append(Queued(req))
+            stranded.append(req)
+    decision = _answer(ctx, *events)
+    waits = follow_ups(ctx, *[(c.Rehome, dict(
+        id=r.instance, host=None, reason=f"its host {cmd.host} is down and no host has"
+        f" {r.vcpus} vCPUs and {r.memory_mib} MiB free (waiting)")) for r in stranded],
+        start=len(decision.commands))
+    return accept(*decision.events, commands=[*decision.commands, *waits])
+
+
 def decide(state: Scheduler | None, cmd: c.Command, ctx: Ctx) -> Decision:
     if cmd.id != SCHEDULER_ID:
         return reject(f"the scheduler is {SCHEDULER_ID!r}, not {cmd.id!r}")
@@ -469,6 +509,8 @@ def decide(state: Scheduler | None, cmd: c.Command, ctx: Ctx) -> Decision:
             return _reserve(state, cmd, ctx)
         case c.EndMove():
             return _end_move(state, cmd, ctx)
+        case c.Evacuate():
+            return _evacuate(state, cmd, ctx)
         case c.SetMigrationLimit():
             if cmd.limit == state.migration_limit:
                 return accept()
