@@ -127,7 +127,8 @@ class AlertRow:
 
 async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
     """Entities degraded after their retries ran out, hosts down, commands a bug of the fold
-    refused (internal errors), balancers failed or without a healthy backend; newest first."""
+    refused (internal errors), balancers failed or without a healthy backend, instances that
+    cannot leave a draining host or are stranded on a down one; newest first."""
     rows = await conn.fetch(
         """
         SELECT kind, id, coalesce(state->>'error', '') AS reason,
@@ -150,6 +151,20 @@ async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
         SELECT kind, id, state->>'stalled', (state->>'attempts')::int,
                (state->>'updated_at')::bigint
         FROM entities WHERE kind = 'lb' AND state->>'stalled' IS NOT NULL
+        UNION ALL
+        SELECT kind, id, 'cannot leave draining host ' || (state->'migration'->>'source')
+               || ': ' || coalesce(state->'migration'->>'reason', ''), NULL,
+               (state->>'updated_at')::bigint
+        FROM entities WHERE kind = 'instance' AND (state->'migration'->>'drain')::boolean
+          AND state->'migration'->>'phase' = 'queued'
+          AND state->'migration'->>'reason' LIKE '%free%'
+        UNION ALL
+        SELECT i.kind, i.id, 'stranded: ' || (i.state->>'error'), NULL,
+               (i.state->>'updated_at')::bigint
+        FROM entities i JOIN entities h ON h.kind = 'host' AND h.id = i.state->>'host'
+        WHERE i.kind = 'instance' AND i.state->>'status' = 'placed'
+          AND h.state->>'condition' = 'down' AND (h.state->>'evacuated_at')::bigint > 0
+          AND i.state->>'error' IS NOT NULL
         ORDER BY since_ms DESC, kind, id
         """
     )

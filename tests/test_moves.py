@@ -223,6 +223,39 @@ async def test_a_dead_host_is_evacuated_and_destroys_its_stale_copies_when_it_re
     assert len(removed) == len(dying) and max(removed) < back, (removed, back)
 
 
+async def test_a_drain_with_no_room_anywhere_waits_as_an_alert_until_room_comes(
+        cloud: Cloud, placed: dict[str, Any]) -> None:
+    await condition(cloud, "h1", "maintenance")
+    await condition(cloud, "h3", "maintenance")
+    await cloud.settle()
+    on_h2 = [r["id"] for r in await cloud.pg.fetch(
+        "SELECT id FROM entities WHERE kind = 'instance' AND state->>'host' = 'h2'"
+        " AND state->>'status' = 'placed'")]
+    assert on_h2
+    await condition(cloud, "h2", "draining")
+
+    async def alerted() -> str | None:
+        done = await asyncio.to_thread(orch, cloud, "alerts")
+        return done.stdout if "cannot leave draining host h2" in done.stdout else None
+
+    shown = await eventually(alerted, timeout=30, interval=0.5)
+    assert "no other host has" in shown
+    await condition(cloud, "h1", "up")  # room: the drain goes on
+
+    async def drained() -> bool:
+        host = await cloud.state("host", "h2")
+        return host is not None and host["condition"] == "maintenance"
+
+    await eventually(drained, timeout=60, interval=0.2)
+    await cloud.settle()
+    for id_ in on_h2:
+        assert (await cloud.guest(id_)).host == "h1"
+    done = await asyncio.to_thread(orch, cloud, "alerts")
+    assert "cannot leave" not in done.stdout, done.stdout
+    await condition(cloud, "h2", "up")
+    await condition(cloud, "h3", "up")
+
+
 async def test_replay_reproduces_the_projection_after_the_moves(
         cloud: Cloud, placed: dict[str, Any]) -> None:
     await cloud.settle()
