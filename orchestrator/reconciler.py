@@ -58,7 +58,9 @@ class Reconciler:
             LEFT JOIN entities h ON h.kind = 'host' AND h.id = i.state->>'host'
             WHERE i.kind = 'instance' AND i.state->>'host' IS NOT NULL
               AND i.state->>'status' IN ('placed', 'deleted')
-              AND (i.state->>'observed_generation')::int < (i.state->>'generation')::int
+              AND ((i.state->>'observed_generation')::int < (i.state->>'generation')::int
+                   -- or a host it left has not applied its removal (a lost report, say)
+                   OR i.state->'cleanup' <> '{}'::jsonb)
               -- memory moving: its deadline bounds it, and the source's report ends it
               AND i.state->'migration'->>'phase' IS DISTINCT FROM 'migrating'
               AND h.state->>'condition' IS DISTINCT FROM 'down'

@@ -115,6 +115,14 @@ def _life(s: dict[str, Any]) -> str:
 
 
 # The few fields worth a column when listing a kind; anything else is one `orch get` away.
+def _migration(m: Mapping[str, Any] | None) -> str | None:
+    """A migration under way, in a few words: "migrating h1 -> h2", "queued (reason)"."""
+    if not m:
+        return None
+    where = f"{m.get('source')} -> {m.get('dest') or m.get('to') or '?'}"
+    return f"{m.get('phase')} {where}" + (f" ({m['reason']})" if m.get("reason") else "")
+
+
 KIND_COLUMNS: dict[str, list[Column]] = {
     "host": [
         ("condition", lambda s: s.get("condition")),
@@ -128,6 +136,7 @@ KIND_COLUMNS: dict[str, list[Column]] = {
         ("observed", lambda s: s.get("observed")),
         ("gen", lambda s: s.get("generation")),
         ("pool", lambda s: s.get("pool")),
+        ("migration", lambda s: _migration(s.get("migration"))),
         ("error", lambda s: s.get("error")),
     ],
     "network": [

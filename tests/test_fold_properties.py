@@ -643,8 +643,9 @@ def check_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
     m = state.migration
     for other in others:  # a migration's destination, or a removal from a host it left
         assert other.generation == state.generation
-        if other.spec is None:
-            assert state.cleanup.get(other.host, -1) > old_generation, (other, state.cleanup)
+        if other.spec is None:  # new in cleanup, or re-issued to a host in it
+            assert other.host in state.cleanup, (other, state.cleanup)
+            assert reissued or state.cleanup[other.host] > old_generation, (other, state.cleanup)
         else:
             assert m is not None and other.host == m.dest and other.spec.incoming
             assert (other.spec.template, other.spec.power) == (state.template, state.power)

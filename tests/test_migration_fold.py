@@ -432,3 +432,27 @@ def test_an_evacuation_ends_a_migration_and_removes_what_its_destination_may_hol
     assert a.migration is None and a.host not in ("h0", None)
     assert set(a.cleanup) >= {"h0"} and (a.host == "h2" or "h2" in a.cleanup)
     assert w.scheduler.moves == [] and jobs(moved)["h0"] is None
+
+
+def test_a_source_that_never_confirms_its_removal_is_reissued_it_and_blocks_nothing() -> None:
+    w = Moves()
+    w.migrate("a", to="h2")
+    w.report("h2", "a", "incoming")
+    w.report("h2", "a", "running")
+    w.report("h2", "a", "running")  # the destination applied the switch's job
+    a = w.instance("a")
+    assert a.cleanup == {"h0": a.generation} and a.observed_generation == a.generation
+    # Its report lost: the reconciler's tick re-issues the removal to the host left.
+    again = w.send("system", "Reconcile", "a", generation=a.generation, max_attempts=2)
+    assert again.outcome is not None and again.outcome.events == ("Reissued",)
+    assert {j.host: j.spec is None for j in again.jobs} == {"h2": False, "h0": True}
+    # Out of re-issues: no alert (the host applies it when it returns).
+    for _ in range(2):
+        w.send("system", "Reconcile", "a", generation=a.generation, max_attempts=2)
+    assert w.instance("a").status == "placed"
+    # It can migrate again meanwhile, never back to the host that holds the stale copy.
+    assert "has not removed an earlier copy" in reason(
+        only(w.migrate("a", to="h0"), "ReserveMove"))
+    w.migrate("a")
+    m = w.instance("a").migration
+    assert m is not None and m.phase == "preparing" and m.dest == "h1"

@@ -251,15 +251,18 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
                             at=ctx.at)
             )
         case c.Reconcile():
-            if (cmd.generation != state.generation or state.host is None
-                    or state.observed_generation >= state.generation):
+            late = state.observed_generation < state.generation
+            if cmd.generation != state.generation or state.host is None or not (
+                    late or state.cleanup):
                 return accept()  # converged meanwhile, or a newer generation is on its way
             if state.status == "degraded" or (
                     state.migration is not None and state.migration.phase == "migrating"):
                 return accept()  # alerted; or migrating, which its deadline bounds
             if state.attempts >= cmd.max_attempts:
-                if state.status == "deleted":
-                    return accept()  # a removal that keeps failing degrades nothing wanted
+                if state.status == "deleted" or not late:
+                    # A removal that keeps failing degrades nothing wanted; one from a
+                    # host left (``cleanup``) is applied when its agent returns.
+                    return accept()
                 reason = state.error or f"generation {state.generation} not applied"
                 return accept(Degraded(attempts=state.attempts, reason=reason, at=ctx.at))
             return accept(Reissued(attempt=state.attempts + 1, at=ctx.at))
@@ -402,6 +405,8 @@ def jobs(kind: str, id: str, before_generation: int, state: Instance,
         incoming = msgspec.structs.replace(spec, host=m.dest, incoming=True, outgoing=None)
         out.append(Job(kind=kind, id=id, host=m.dest, generation=state.generation,
                        attempt=state.attempts, spec=incoming))
-    out.extend(Job(kind=kind, id=id, host=h, generation=state.generation, spec=None)
-               for h, g in sorted(state.cleanup.items()) if g > before_generation)
+    reissued = state.generation == before_generation  # a re-issue: to every host left too
+    out.extend(Job(kind=kind, id=id, host=h, generation=state.generation,
+                   attempt=state.attempts if reissued else 0, spec=None)
+               for h, g in sorted(state.cleanup.items()) if reissued or g > before_generation)
     return out

@@ -168,11 +168,14 @@ def _end_move(ctx: Ctx, instance_id: str, ticket: int, moved: bool,
 def ask(state: Instance, cmd: c.MigrateInstance, ctx: Ctx) -> Decision:
     m = state.migration
     drain = ctx.source == "system"
-    if m is not None:
+    if m is not None and m.phase != "cleaning":
         if drain:
             return accept()  # a drain asking again: this migration serves it
         return reject(f"instance {cmd.id} is already migrating ({m.phase}"
                       + (f" to {m.dest}" if m.dest else "") + ")")
+    # Moved, its source not clean yet (away, say): that removal stays pending on its own.
+    done = [] if m is None else [MigrationEnded(
+        outcome=f"moved to {state.host}; {m.source} has not removed its copy yet", at=ctx.at)]
     if state.status != "placed" or state.host is None:
         return reject(f"instance {cmd.id} is {state.status}: only a placed instance moves")
     if state.leaving is not None:
@@ -186,6 +189,7 @@ def ask(state: Instance, cmd: c.MigrateInstance, ctx: Ctx) -> Decision:
                       " stopped it")
     t = state.template
     return accept(
+        *done,
         MigrationAsked(ticket=ctx.seq, source=state.host, to=cmd.to, drain=drain,
                        deadline_ms=cmd.deadline_ms, at=ctx.at, cold=cold),
         commands=follow_ups(ctx, (c.ReserveMove, dict(
