@@ -356,11 +356,13 @@ class Agent:
 
     async def _unless_transient(self, what: str, round_: Awaitable[None]) -> None:
         """A round of a periodic duty: a bus that is busy, electing a stream leader or
-        reconnecting fails only this round, and the next one tries again."""
+        reconnecting, or a driver whose daemon does not answer for now (a libvirtd
+        restarting: a resync observes every driver), fails only this round, and the next
+        one tries again."""
         try:
             await round_
         except Exception as exc:
-            if not is_transient(exc):
+            if not (is_transient(exc) or isinstance(exc, TransientDriverError)):
                 raise
             self.log.warning(f"{what}_failed", error=repr(exc))
             ROUNDS_SKIPPED[what].inc()

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import pytest
 from nats.js import JetStreamContext
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -396,3 +397,24 @@ async def test_agents_ride_out_a_nats_server_restart(env: Env, js, pg, processes
         # The outage really failed heartbeats, which the agent skipped.
         assert (await asyncio.to_thread(scrape, ports[host], "orch_agent_rounds_skipped",
                                         "duty"))["heartbeat"] >= 1
+
+
+async def test_a_resync_while_the_hypervisor_does_not_answer_skips_that_round_only(
+        env: Env, js: JetStreamContext, tmp_path: Path) -> None:
+    """A libvirtd that is down (restarting, say) fails a resync's observe: that round is
+    skipped and the agent goes on (its process once ended there, taking the host down)."""
+    uri = f"qemu+unix:///system?socket={tmp_path / 'no-libvirtd'}"
+    driver = VmDriver(uri, "h1", console_dir=tmp_path / "consoles")
+    agent = Agent(AgentConfig(env.nats_url, "h1", uri), lambda: {"instance": driver})
+    agent.drivers = {"instance": driver}  # what Agent.run would set up, without its loops
+    agent.publisher = Publisher(js)
+    try:
+        await agent._unless_transient("resync", agent.resync(js))  # no exception
+        with pytest.raises(RuntimeError):  # anything else still ends the agent
+            await agent._unless_transient("resync", _failing())
+    finally:
+        driver.close()
+
+
+async def _failing() -> None:
+    raise RuntimeError("a bug")
