@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,9 +171,11 @@ async def cloud(postgres: PostgresServer, fabric: Fabric,
 
 @contextlib.asynccontextmanager
 async def open_cloud(postgres: PostgresServer, fabric: Fabric, root: Path,
-                     *replica_args: str) -> AsyncIterator[Cloud]:
+                     *replica_args: str,
+                     cloud_type: Callable[..., Cloud] = Cloud) -> AsyncIterator[Cloud]:
     """nats-server, PostgreSQL, a replica (with ``replica_args``) and an agent per host of
-    ``fabric``, every host registered and its underlay known; all stopped on exit."""
+    ``fabric`` (``cloud_type``'s `agent`: a subclass may start other agents), every host
+    registered and its underlay known; all stopped on exit."""
     async with isolated(postgres, NatsServer(root / "nats"), root) as env:
         processes = Processes(root, dict(os.environ))
         nc = await connect(env.nats_url, "test")
@@ -184,7 +186,8 @@ async def open_cloud(postgres: PostgresServer, fabric: Fabric, root: Path,
             processes.orch("orchestrator", "--id", "r1", "--deadline", "3600", *replica_args,
                            env=env.environ(), name="r1")
             pg = await eventually(lambda: _connect(env.pg_dsn))
-            world = Cloud(fabric, env, processes, js, pg, Publisher(js), itertools.count())
+            world = cloud_type(fabric, env, processes, js, pg, Publisher(js),
+                               itertools.count())
             for h in fabric.hosts:
                 await world.send("admin", type="RegisterHost", id=h.name, vcpus=64,
                                  memory_mib=1 << 16)
