@@ -200,6 +200,7 @@ class Speaker:
         with self._lock:
             pid = self.pid()
             if pid is not None:
+                self._withdraw()
                 self._stop(pid)
             for path in (self.conf, self.conf.with_suffix(".tmp"), self.ctl, self.pidfile,
                          self.log):
@@ -254,6 +255,17 @@ class Speaker:
                 raise TransientDriverError(
                     f"bird started but its control socket {self.ctl} does not answer")
             time.sleep(0.02)
+
+    def _withdraw(self) -> None:
+        """Close the BGP session first, with a Cease (Administrative shutdown), and wait
+        until bird says it is down: bird's own SIGTERM path may stop its BFD sessions
+        first, and a router that sees BFD go down before the Cease arrives tears the
+        session down as a failure, not as a withdrawal."""
+        with contextlib.suppress(TransientDriverError):
+            self._birdc(f"disable {BGP_PROTOCOL}")
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while self.session() == "Established" and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     def _stop(self, pid: int) -> None:
         with contextlib.suppress(ProcessLookupError):
