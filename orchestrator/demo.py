@@ -297,6 +297,11 @@ async def _scenario(info: StackInfo, agents: Children, console: Console,
         else:
             console.print("  skipped: without namespaces there are no LB nodes to serve it"
                           " (it waits for them: see its reason above)", style="yellow")
+        console.print(f"\n[bold]moving {APPS[1]} to {APPS[0]}'s host (orch migrate)[/]")
+        if fabric is not None:
+            await _move(js, publisher, conn, fabric, console, watch)
+        else:
+            console.print("  skipped: libvirt's test driver does not migrate", style="yellow")
     finally:
         stop.set()
         try:
@@ -444,6 +449,39 @@ async def _cross_hosts(nc: Client, conn: asyncpg.Connection, fabric: Fabric,
     beats = await read_heartbeats(nc.jetstream())
     console.print("\n[bold]orch hosts[/] (each host's underlay: its VTEP)")
     console.print(render.hosts_table(await queries.hosts(conn), beats, int(time.time() * 1000)))
+
+
+async def _move(js: JetStreamContext, publisher: Publisher, conn: asyncpg.Connection,
+                fabric: Fabric, console: Console, watch: Watch) -> None:
+    """Migrate app2 onto app1's host, show its timeline of the move, and that it answers
+    there (a namespace guest moves with its namespace and ports)."""
+    (a, b) = APPS
+    first = await queries.get_entity(conn, "instance", a)
+    assert first is not None
+    to = first.state["host"]
+    step = Step("admin", {"type": "MigrateInstance", "id": b, "to": to})
+    published = await publisher.publish("admin", command_from_dict(
+        {"cmd_id": "demo-migrate", **step.doc}))
+    console.print(Text("  ").append_text(render.published_line(
+        "MigrateInstance", "instance", b, published.seq, published.duplicate)))
+    while True:
+        watch.check()
+        row = await queries.get_entity(conn, "instance", b)
+        if row is not None and row.state.get("host") == to and not row.state.get("migration"):
+            break
+        if watch.expired():
+            raise DemoError(f"{b} did not move to {to} within {watch.timeout_s:.0f} s")
+        await asyncio.sleep(0.1)
+    await _converge(conn, watch)
+    for outcome in await queries.timeline(conn, "instance", b, published.seq - 1):
+        console.print(Text("  ").append_text(render.outcome_line(outcome)))
+    ns = fabric.host(first.state["host"]).guest_prefix + a
+    ip = row.state["nics"][0]["ip"]
+    try:
+        answer = await asyncio.to_thread(Fabric.tcp, ns, ip, GUEST_PORT)
+    except OSError as exc:
+        raise DemoError(f"tcp {a} -> {b} after its move: {exc}") from None
+    console.print(f"  tcp {a} -> {ip}:{GUEST_PORT} answered {answer.strip()!r}, now on {to}")
 
 
 async def _through_the_vip(conn: asyncpg.Connection, edge: Edge, console: Console,

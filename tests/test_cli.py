@@ -358,9 +358,13 @@ async def test_demo(tmp_path: Path) -> None:
         assert re.search(r"tcp app1 -> \S+:8080 answered: 'app2'", out), out
         assert re.search(r"tcp app2 -> \S+:8080 answered: 'app1'", out), out
         assert "orch get network/net2" in out and "orch hosts" in out
+        # app2 migrated onto app1's host, and answers there.
+        assert re.search(r"Applied\s+ACCEPTED Switched", out), out
+        assert re.search(r"tcp app1 -> \S+:8080 answered 'app2', now on h\d", out), out
         assert "namespaces removed" in out
     else:
         assert "skipped (no ping, no TCP: the hosts are not namespaces here)" in out
+        assert "skipped: libvirt's test driver does not migrate" in out
     assert not (tmp_path / ".orch" / "demo").exists()
 
 
