@@ -164,7 +164,7 @@ async def vm(cloud: QemuCloud, guest_id: str) -> AsyncIterator[Vm]:
                                   f"nc -ll -p {ECHO_PORT} -e /bin/cat </dev/null >/dev/null"
                                   " 2>&1 & echo started")
     assert out == "started", out
-    assert await asyncio.to_thread(cloud.fabric.ping, probe.netns, made.ip, timeout_s=2.0)
+    await asyncio.to_thread(cloud.fabric.wait_ping, probe.netns, made.ip, 10.0)
     yield made
     print("\nhops:\n  " + "\n  ".join(made.hops))
 
@@ -521,19 +521,24 @@ async def agent_killed_while_migrating(cloud: QemuCloud, vm: Vm, host: str, case
     since = await last_seq(cloud)
     proc = migrate(cloud, vm, "h2")
     try:
-        await phase_reached(cloud, vm, "migrating")
-        await asyncio.sleep(after_s)
-    finally:
-        cloud.kill_agent(host)
-    try:
-        if back_after_s is None:
+        try:
+            await phase_reached(cloud, vm, "migrating")
+            await asyncio.sleep(after_s)
+        finally:
+            cloud.kill_agent(host)
+        try:
+            if back_after_s is None:
+                code, out = await asyncio.to_thread(finished, proc)
+            else:  # libvirt goes on without the agent; the other host may report the arrival
+                await asyncio.sleep(back_after_s)
+        finally:
+            cloud.agent(host)
+        if back_after_s is not None:
             code, out = await asyncio.to_thread(finished, proc)
-        else:  # libvirt goes on without the agent; the other host may report the arrival
-            await asyncio.sleep(back_after_s)
     finally:
-        cloud.agent(host)
-    if back_after_s is not None:
-        code, out = await asyncio.to_thread(finished, proc)
+        if proc.poll() is None:  # the test failed before it ended: no orch left behind
+            proc.kill()
+            proc.wait()
     await outcome(cloud, vm, case, code, out, since, before)
     await home(cloud, vm)
 
