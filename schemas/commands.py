@@ -629,6 +629,16 @@ class ReserveMove(Command, tag=True, kw_only=True):
     avoid: tuple[EntityId, ...] = ()
 
 
+class MoveSwitched(Command, tag=True, kw_only=True):
+    """The guest runs on the destination now: its allocation is there, and the source's
+    capacity stays held until the source has cleaned up (EndMove)."""
+
+    kind = "scheduler"
+    sources = ("system",)
+    instance: EntityId
+    ticket: Count
+
+
 class EndMove(Command, tag=True, kw_only=True):
     """The move is over: ``moved``, the instance lives on the destination and the source's
     capacity goes; else the destination's reservation goes."""
@@ -757,6 +767,7 @@ AnyCommand = (
     | DrainTick
     | HostCapacity
     | ReserveMove
+    | MoveSwitched
     | EndMove
     | SetMigrationLimit
     | Evacuate

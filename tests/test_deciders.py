@@ -484,7 +484,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "MigrationProgress": {"generation": 1, "processed_mib": 10, "remaining_mib": 60},
     "ReserveMove": {"instance": "i0", "ticket": 3, "source": "h0", "vcpus": 1,
                     "memory_mib": 64},
-    "EndMove": {"instance": "i0", "ticket": 3, "moved": True}, "SetMigrationLimit": {"limit": 2},
+    "EndMove": {"instance": "i0", "ticket": 3, "moved": True},
+    "MoveSwitched": {"instance": "i0", "ticket": 3}, "SetMigrationLimit": {"limit": 2},
     "EvacuateHost": {}, "Evacuate": {"host": "h0"},
     "Rehome": {"host": "h1", "reason": "its host was evacuated"},
 }

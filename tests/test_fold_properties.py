@@ -30,7 +30,7 @@ from orchestrator.deciders import DECIDERS, STATE_TYPES
 from orchestrator.deciders.instance import Instance
 from orchestrator.deciders.lb import LoadBalancer, lagging
 from orchestrator.deciders.network import Network
-from orchestrator.deciders.scheduler import Scheduler
+from orchestrator.deciders.scheduler import Scheduler, held
 from orchestrator.fold import INTERNAL_ERROR, Folded, Key, fold_message, job_subject
 from schemas.codec import FLAVORS, MAX_COMMAND_BYTES, CommandError, decode_command, encode
 from schemas.commands import COMMAND_TYPES, REGISTRY_ID, SCHEDULER_ID, Command, SourceClass
@@ -184,6 +184,7 @@ FIELDS: dict[str, st.SearchStrategy[Doc]] = {
          "source": st.sampled_from(HOSTS), "vcpus": small_cpus, "memory_mib": small_memory},
         optional={"to": st.sampled_from(HOSTS), "wait": st.booleans()}),
     "EndMove": fields(instance=st.sampled_from(INSTANCES), ticket=tickets, moved=st.booleans()),
+    "MoveSwitched": fields(instance=st.sampled_from(INSTANCES), ticket=tickets),
     "SetMigrationLimit": fields(limit=st.integers(1, 3)),
     "EvacuateHost": fields(),
     "Evacuate": fields(host=st.sampled_from(HOSTS)),
@@ -722,9 +723,10 @@ def check_scheduler(before: Snapshot, states: dict[Key, Any], f: Folded) -> None
     raw = before.get(KEY_SCHEDULER)
     old = msgspec.json.decode(raw, type=Scheduler) if raw else Scheduler()
     for name, slot in sched.hosts.items():
-        # A running move holds its destination's capacity besides its source's.
+        # A running move holds its destination's capacity besides its source's; once it
+        # has switched, the other way round.
         mine = [a for a in sched.allocations.values() if a.host == name] + [
-            m for m in sched.moves if m.dest == name]
+            m for m in sched.moves if m.dest is not None and held(m) == name]
         assert slot.used_vcpus == sum(a.vcpus for a in mine) >= 0, (name, slot)
         assert slot.used_memory_mib == sum(a.memory_mib for a in mine) >= 0, (name, slot)
         over = slot.used_vcpus > slot.vcpus or slot.used_memory_mib > slot.memory_mib

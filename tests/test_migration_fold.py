@@ -132,16 +132,19 @@ def test_a_live_migration_prepares_the_destination_migrates_switches_and_cleans_
     segments = jobs(arrived, "network")
     assert segments["h1"].ports == (port("a", "10.9.0.2", "h2"),), "forwarding follows"
     assert segments["h0"] is None, "its last port gone, the source leaves the segment"
-    # The guest left the source: the move ends for the scheduler, the source's capacity goes.
-    assert "MoveEnded" in events(arrived)
-    assert w.scheduler.allocations["a"].host == "h2" and w.scheduler.moves == []
+    # The scheduler heard: the allocation is on the destination, its slot in the limit
+    # free, and the source's capacity kept until it is clean.
+    assert "MoveSwitchedTo" in events(arrived)
+    assert w.scheduler.allocations["a"].host == "h2"
+    assert [m.switched for m in w.scheduler.moves] == [True]
+    assert w.used()["h0"] == used["h0"]
+    # 4. Clean: the source applied its removal; the move ends and its capacity goes.
+    cleaned = w.report("h0", "a", "absent")
+    assert events(cleaned) == ["CleanedUp", "MigrationEnded", "MoveEnded"]
+    a = w.instance("a")
+    assert a.migration is None and a.cleanup == {} and w.scheduler.moves == []
     assert w.used()["h0"] == (used["h0"][0] - 2, used["h0"][1] - 1024)
     assert w.used()["h2"] == (used["h2"][0] + 2, used["h2"][1] + 1024)
-    # 4. Clean: the source applied its removal; the migration is over.
-    cleaned = w.report("h0", "a", "absent")
-    assert events(cleaned) == ["CleanedUp", "MigrationEnded"]
-    a = w.instance("a")
-    assert a.migration is None and a.cleanup == {}
     # The whole story, in the instance's timeline.
     story = w.timeline("instance", "a")
     assert story[-5:] == ["MigrateInstance", "MigrationReserved", "Applied", "Applied",
@@ -332,8 +335,9 @@ def test_at_most_k_migrations_at_once_per_host_the_rest_queue_visibly() -> None:
     assert "1 migrations into h2 already" in (
         only(into, "MigrationQueued").outcome.reason or "")  # type: ignore[union-attr]
     w.report("h2", "a", "incoming")
-    # a's move ends with the switch: c may go into h2 now; d still waits, b moving into h1.
-    ended = w.report("h2", "a", "running")
+    w.report("h2", "a", "running")
+    # a's move ends once h0 is clean: c may go into h2 now; d still waits, b moving into h1.
+    ended = w.report("h0", "a", "absent")
     assert [f.outcome.id for f in ended if f.outcome and f.outcome.type == "MigrationReserved"
             ] == ["c"]
     assert w.phase("c") == "preparing" and w.phase("d") == "queued"

@@ -12,9 +12,11 @@ Every step is a command, an event and a line of the instance's timeline:
   migration, peer to peer, with the deadline.
 - ``cleaning``: the destination reported the guest running there (or the source, that it
   left): the instance lives on the destination, its ports are bound there (every member
-  host's forwarding entries follow), the source is sent a removal, and the move ends for
-  the scheduler (the guest left the source: its capacity goes, and its slot in the limit).
-- done: the source applied its removal.
+  host's forwarding entries follow), the source is sent a removal, and the scheduler hears
+  it (``MoveSwitched``: the allocation is on the destination; the source's capacity and
+  the move's slot in the limit stay held).
+- done: the source applied its removal; the move ends (``EndMove``), and the source's
+  capacity goes.
 
 A rollback before the switch (the destination could not prepare, libvirt failed, an abort,
 the deadline) sends the source the instance again and the destination a removal, binds the
@@ -173,9 +175,11 @@ def ask(state: Instance, cmd: c.MigrateInstance, ctx: Ctx) -> Decision:
             return accept()  # a drain asking again: this migration serves it
         return reject(f"instance {cmd.id} is already migrating ({m.phase}"
                       + (f" to {m.dest}" if m.dest else "") + ")")
-    # Moved, its source not clean yet (away, say): that removal stays pending on its own.
+    # Moved, its source not clean yet (away, say): that removal stays pending on its own,
+    # and the source's capacity goes now.
     done = [] if m is None else [MigrationEnded(
         outcome=f"moved to {state.host}; {m.source} has not removed its copy yet", at=ctx.at)]
+    release = [] if m is None else _end_move(ctx, cmd.id, m.ticket, moved=True)
     if state.status != "placed" or state.host is None:
         return reject(f"instance {cmd.id} is {state.status}: only a placed instance moves")
     if state.leaving is not None:
@@ -192,10 +196,10 @@ def ask(state: Instance, cmd: c.MigrateInstance, ctx: Ctx) -> Decision:
         *done,
         MigrationAsked(ticket=ctx.seq, source=state.host, to=cmd.to, drain=drain,
                        deadline_ms=cmd.deadline_ms, at=ctx.at, cold=cold),
-        commands=follow_ups(ctx, (c.ReserveMove, dict(
+        commands=[*release, *follow_ups(ctx, (c.ReserveMove, dict(
             id=SCHEDULER_ID, instance=cmd.id, ticket=ctx.seq, source=state.host, to=cmd.to,
             vcpus=t.vcpus, memory_mib=t.memory_mib, wait=drain,
-            avoid=tuple(sorted(state.cleanup))))))
+            avoid=tuple(sorted(state.cleanup)))), start=len(release))])
 
 
 def _stopped(state: Instance) -> bool:
@@ -284,8 +288,9 @@ def _switch(state: Instance, instance_id: str, ctx: Ctx, note: str) -> Decision:
     m = state.migration
     assert m is not None and m.dest is not None
     binds = _bind(ctx, instance_id, state, m.dest)
-    return accept(Switched(at=ctx.at), note=note, commands=[
-        *binds, *_end_move(ctx, instance_id, m.ticket, moved=True, start=len(binds))])
+    return accept(Switched(at=ctx.at), note=note, commands=[*binds, *follow_ups(
+        ctx, (c.MoveSwitched, dict(id=SCHEDULER_ID, instance=instance_id, ticket=m.ticket)),
+        start=len(binds))])
 
 
 def report(state: Instance, cmd: c.Applied | c.Failed, ctx: Ctx) -> Decision | None:
@@ -299,7 +304,8 @@ def report(state: Instance, cmd: c.Applied | c.Failed, ctx: Ctx) -> Decision | N
             return accept(CleanedUp(host=host, at=ctx.at))
         moved = f"moved to {state.host}"
         return accept(CleanedUp(host=host, at=ctx.at),
-                      MigrationEnded(outcome=moved, at=ctx.at), note=moved)
+                      MigrationEnded(outcome=moved, at=ctx.at), note=moved,
+                      commands=_end_move(ctx, cmd.id, m.ticket, moved=True))
     if m is None or m.phase not in MOVING or cmd.generation < m.generation:
         return None
     if cmd.generation > state.generation:

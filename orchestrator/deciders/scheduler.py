@@ -57,6 +57,13 @@ class Move(msgspec.Struct, array_like=True):
     wait: bool
     dest: str | None = None
     avoid: tuple[str, ...] = ()  # hosts that still hold a copy of it to remove
+    switched: bool = False  # it runs on dest: its allocation is there, source held
+
+
+def held(move: Move, moved: bool = False) -> str | None:
+    """The host whose capacity the move holds besides the instance's allocation: the
+    destination's reservation, or once it has switched (or is ending moved), the source."""
+    return move.source if move.switched or moved else move.dest
 
 
 DEFAULT_MIGRATION_LIMIT = 2
@@ -124,6 +131,10 @@ class MoveStarted(Event):
     """The destination's capacity is held for the instance, besides its source's."""
 
     move: Move
+
+
+class MoveSwitchedTo(Event):
+    instance: str
 
 
 class MoveEnded(Event):
@@ -228,7 +239,7 @@ def _counts(moves: list[Move]) -> tuple[dict[str, int], dict[str, int]]:
     out: dict[str, int] = {}
     into: dict[str, int] = {}
     for m in moves:
-        if m.dest is not None:
+        if m.dest is not None:  # reserved, until the source is clean
             out[m.source] = out.get(m.source, 0) + 1
             into[m.dest] = into.get(m.dest, 0) + 1
     return out, into
@@ -336,13 +347,14 @@ def _move_answers(ctx: Ctx, state: Scheduler, started: list[MoveStarted],
         address=state.hosts[e.move.dest or ""].underlay)) for e in started], start=start)
 
 
-def _drained(state: Scheduler, gone: set[str]) -> list[str]:
-    """Draining hosts left with nothing on them (``gone``: instances leaving now)."""
+def _drained(state: Scheduler, gone: set[str], ended: set[str]) -> list[str]:
+    """Draining hosts left with nothing on them (``gone``: instances leaving now;
+    ``ended``: moves ending now)."""
     draining = {h for h, s in state.hosts.items() if s.condition == "draining"}
     if not draining:
         return []
     busy = {a.host for i, a in state.allocations.items() if i not in gone}
-    busy |= {m.dest for m in state.moves if m.dest and m.instance not in gone}
+    busy |= {held(m) for m in state.moves if m.dest and m.instance not in ended}
     return sorted(draining - busy)
 
 
@@ -353,7 +365,7 @@ def _after_freeing(state: Scheduler, ctx: Ctx, events: list[Event], free: Free, 
     instances that leave it now) goes into maintenance."""
     placed = _place(free, state.waiting)
     started = _start(state, free, ended=ended)
-    done = [h for h in _drained(state, gone) if h in hosts]
+    done = [h for h in _drained(state, gone, ended) if h in hosts]
     decision = _answer(ctx, *events, *placed)
     moves = _move_answers(ctx, state, started, start=len(decision.commands))
     maintenance = follow_ups(ctx, *[(c.SetHostCondition, dict(id=h, condition="maintenance"))
@@ -362,21 +374,35 @@ def _after_freeing(state: Scheduler, ctx: Ctx, events: list[Event], free: Free, 
                                                          *maintenance])
 
 
+def _switched(state: Scheduler, cmd: c.MoveSwitched, ctx: Ctx) -> Decision:
+    """It runs on the destination: its allocation is there (an evacuation of the source
+    leaves it alone); the source's capacity, and the move's slot in the limit, stay held
+    until the source is clean."""
+    move = next((m for m in state.moves if m.instance == cmd.instance), None)
+    if move is None or move.ticket != cmd.ticket or move.switched or move.dest is None:
+        return accept()
+    commands: list[c.Command] = []
+    if state.hosts[move.dest].condition == "draining":  # it arrived where it cannot stay
+        commands = follow_ups(ctx, (c.MigrateInstance, dict(id=cmd.instance)))
+    return accept(MoveSwitchedTo(instance=cmd.instance), commands=commands)
+
+
 def _end_move(state: Scheduler, cmd: c.EndMove, ctx: Ctx) -> Decision:
     move = next((m for m in state.moves if m.instance == cmd.instance), None)
     if move is None or move.ticket != cmd.ticket:
         return accept()  # ended already (or never held: refused)
     ended = MoveEnded(instance=cmd.instance, moved=cmd.moved and move.dest is not None)
     free = _free(state.hosts)
-    freed = move.source if ended.moved else move.dest
+    freed = held(move, ended.moved)
     if freed in free:
         free[freed][0] += move.memory_mib
         free[freed][1] += move.vcpus
-    gone = {cmd.instance} if ended.moved else set()
+    gone = {cmd.instance} if ended.moved and not move.switched else set()
     decision = _after_freeing(state, ctx, [ended], free, ended={cmd.instance}, gone=gone,
                               hosts={move.source})
     dest = state.hosts.get(move.dest or "")
-    if ended.moved and dest is not None and dest.condition == "draining":
+    if ended.moved and not move.switched and dest is not None and \
+            dest.condition == "draining":
         # It arrived on a host set draining meanwhile: it moves on.
         decision.commands.extend(follow_ups(ctx, (c.MigrateInstance, dict(id=cmd.instance)),
                                             start=len(decision.commands)))
@@ -423,7 +449,7 @@ def _release(state: Scheduler, cmd: c.Release, ctx: Ctx) -> Decision:
         waiting = any(w.instance == cmd.instance for w in state.waiting)
         return accept(*ended, Freed(cmd.instance)) if waiting or ended else accept()
     free = _free(state.hosts)
-    for host in (alloc.host, move.dest if move else None):
+    for host in (alloc.host, held(move) if move else None):
         if host in free:
             free[host][0] += alloc.memory_mib
             free[host][1] += alloc.vcpus
@@ -443,11 +469,11 @@ def _evacuate(state: Scheduler, cmd: c.Evacuate, ctx: Ctx) -> Decision:
     stranded: list[Request] = []
     for instance, alloc in here:
         if instance in moving:
-            events.append(MoveEnded(instance=instance, moved=False))
             move = moving[instance]
-            if move.dest in free:
-                free[move.dest][0] += move.memory_mib
-                free[move.dest][1] += move.vcpus
+            events.append(MoveEnded(instance=instance, moved=move.switched))
+            if (host := held(move)) in free:
+                free[host][0] += move.memory_mib
+                free[host][1] += move.vcpus
         events.append(Freed(instance))
         req = Request(instance, alloc.vcpus, alloc.memory_mib, rehome=True)
         placed = _place(free, [req])
@@ -507,6 +533,8 @@ def decide(state: Scheduler | None, cmd: c.Command, ctx: Ctx) -> Decision:
             return _release(state, cmd, ctx)
         case c.ReserveMove():
             return _reserve(state, cmd, ctx)
+        case c.MoveSwitched():
+            return _switched(state, cmd, ctx)
         case c.EndMove():
             return _end_move(state, cmd, ctx)
         case c.Evacuate():
@@ -562,23 +590,24 @@ def evolve(state: Scheduler | None, event: Event) -> Scheduler:
             dest = state.hosts[move.dest]
             dest.used_vcpus += move.vcpus
             dest.used_memory_mib += move.memory_mib
+        case MoveSwitchedTo():
+            move = next(m for m in state.moves if m.instance == event.instance)
+            assert move.dest is not None
+            move.switched = True
+            state.allocations[event.instance] = Allocation(move.dest, move.vcpus,
+                                                           move.memory_mib)
         case MoveEnded():
             at = next(i for i, m in enumerate(state.moves) if m.instance == event.instance)
             move = state.moves.pop(at)
-            alloc = state.allocations.get(event.instance)
             if move.dest is not None:
-                if event.moved and alloc is not None:
+                if event.moved and not move.switched and event.instance in state.allocations:
                     # It lives on the destination now: its reservation there is its
                     # allocation, and the source's capacity goes.
-                    source = state.hosts[alloc.host]
-                    source.used_vcpus -= alloc.vcpus
-                    source.used_memory_mib -= alloc.memory_mib
                     state.allocations[event.instance] = Allocation(move.dest, move.vcpus,
                                                                    move.memory_mib)
-                else:
-                    dest = state.hosts[move.dest]
-                    dest.used_vcpus -= move.vcpus
-                    dest.used_memory_mib -= move.memory_mib
+                slot = state.hosts[held(move, event.moved) or ""]
+                slot.used_vcpus -= move.vcpus
+                slot.used_memory_mib -= move.memory_mib
         case LimitSet():
             state.migration_limit = event.limit
         case Freed():
