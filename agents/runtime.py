@@ -50,6 +50,7 @@ Key = tuple[str, str]  # (kind, id)
 # A job's spec type follows its kind, the third token of job.<host>.<kind>.<id>.
 _DECODERS = {kind: msgspec.json.Decoder(Job[spec]) for kind, spec in SPECS.items()}  # type: ignore[valid-type]
 # What an agent reports for a job of each kind: applied, failed.
+HOST_KIND = "host"  # the host's own job (`HostSpec`): read by the runtime, no driver
 REPORTS: dict[str, tuple[type[c.Command], type[c.Command]]] = {
     "instance": (c.Applied, c.Failed),
     "network": (c.NetworkApplied, c.NetworkFailed),
@@ -150,6 +151,9 @@ class Agent:
         self.drivers: dict[str, Driver] = {}  # by the kind of job each applies
         self.applied: dict[Key, int] = {}  # entity -> newest generation applied here
         self.wanted: set[Key] = set()  # entities whose newest job wants them here
+        # The JOB stream seq of this host's newest evacuation (its own job): instance jobs
+        # older than it are removals (`_superseded`).
+        self.evacuated_seq = 0
         self.applying: dict[Key, int] = {}  # entity -> generation its driver applies now
         self.locks = KeyedLocks()
         self.slots = asyncio.Semaphore(config.concurrency)
@@ -163,6 +167,7 @@ class Agent:
         js = nc.jetstream()
         await ensure_topology(js)
         self.publisher = Publisher(js)
+        self.js = js
         loop = asyncio.get_running_loop()
         for driver in self.drivers.values():  # drivers that observe (the LB's health checks)
             set_reporter = getattr(driver, "set_reporter", None)
@@ -228,7 +233,7 @@ class Agent:
         its entity's reconciler then alerts, instead of this agent guessing."""
         kind = job_kind(subject)
         decoder = _DECODERS.get(kind)
-        if decoder is None or kind not in self.drivers:
+        if decoder is None or (kind not in self.drivers and kind != HOST_KIND):
             self.log.error("job_kind_unsupported", subject=subject, kind=kind,
                            drivers=sorted(self.drivers))
             return None
@@ -244,6 +249,14 @@ class Agent:
             if job is None:
                 await msg.term()
                 return
+            seq = msg.metadata.sequence.stream
+            if job.kind == HOST_KIND:
+                if seq > self.evacuated_seq:  # evacuated while this agent ran: drop them
+                    self.evacuated_seq = seq
+                    self._spawn(self._unless_transient("resync", self.resync(self.js)))
+                await msg.ack()
+                return
+            job = self._superseded(job, seq)
             await self._interrupt(job)
             async with self.locks(f"{job.kind}/{job.id}"):
                 await self._converge(job, msg)
@@ -367,10 +380,23 @@ class Agent:
             self.log.warning(f"{what}_failed", error=repr(exc))
             ROUNDS_SKIPPED[what].inc()
 
+    def _superseded(self, job: Job, seq: int) -> Job:
+        """An instance job older (in the JOB stream) than this host's evacuation is a
+        removal: the instance was rebuilt elsewhere, its own removal maybe not here yet."""
+        if job.kind == "instance" and job.spec is not None and seq < self.evacuated_seq:
+            self.log.info("evacuated_job", entity=f"instance/{job.id}", generation=job.generation)
+            return msgspec.structs.replace(job, spec=None)
+        return job
+
     async def _newest_jobs(self, js: JetStreamContext) -> list[Job]:
-        """Every entity's newest job for this host, removals first."""
-        jobs = [job async for batch in read_stream(js, JOB_STREAM, job_filter(self.host))
-                for m in batch if (job := self._decode(m.subject, m.data)) is not None]
+        """Every entity's newest job for this host, removals (and what an evacuation
+        superseded) first; the host's own job sets where the evacuation stands."""
+        found = [(job, m.metadata.sequence.stream)
+                 async for batch in read_stream(js, JOB_STREAM, job_filter(self.host))
+                 for m in batch if (job := self._decode(m.subject, m.data)) is not None]
+        self.evacuated_seq = max([self.evacuated_seq, *(seq for job, seq in found
+                                                        if job.kind == HOST_KIND)])
+        jobs = [self._superseded(job, seq) for job, seq in found if job.kind != HOST_KIND]
         return sorted(jobs, key=lambda job: job.spec is not None)
 
     async def _remove_stale(self, js: JetStreamContext) -> None:
@@ -420,7 +446,10 @@ class Agent:
 
     def _observed(self, cmd: c.Command) -> None:
         """Publish what a driver observed (a backend's health), from this host's source."""
-        task = asyncio.create_task(self._publish_observed(cmd))
+        self._spawn(self._publish_observed(cmd))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
         self.running.add(task)
         task.add_done_callback(self.running.discard)
 

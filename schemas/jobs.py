@@ -5,9 +5,9 @@ from typing import Generic, TypeVar
 import msgspec
 
 from schemas.ids import EntityId
-from schemas.specs import InstanceSpec, LbSpec, NetworkSpec
+from schemas.specs import HostSpec, InstanceSpec, LbSpec, NetworkSpec
 
-Spec = TypeVar("Spec", bound=InstanceSpec | NetworkSpec | LbSpec)
+Spec = TypeVar("Spec", bound=InstanceSpec | NetworkSpec | LbSpec | HostSpec)
 
 
 class Job(msgspec.Struct, Generic[Spec], frozen=True, kw_only=True):
@@ -22,4 +22,5 @@ class Job(msgspec.Struct, Generic[Spec], frozen=True, kw_only=True):
 
 
 # The spec each kind of job carries: an agent decodes a job by its subject's kind.
-SPECS: dict[str, type] = {"instance": InstanceSpec, "network": NetworkSpec, "lb": LbSpec}
+SPECS: dict[str, type] = {"instance": InstanceSpec, "network": NetworkSpec, "lb": LbSpec,
+                          "host": HostSpec}

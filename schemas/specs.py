@@ -123,6 +123,15 @@ class NetworkSpec(msgspec.Struct, frozen=True):
     ports: tuple[RemotePort, ...]  # every port on those hosts, sorted by MAC
 
 
+class HostSpec(msgspec.Struct, frozen=True):
+    """What a host's agent must know of the host itself: that it was evacuated, when its
+    instances were rebuilt elsewhere. Written in the fold's step that decides it, so an
+    agent that comes back at any moment after knows: none of its instance jobs older than
+    this one may run here any more (their removals may not be on its subjects yet)."""
+
+    evacuated_at: Annotated[int, msgspec.Meta(ge=0)]
+
+
 class Backend(msgspec.Struct, frozen=True):
     """A pool member behind a balancer, at its address on the pool's private network."""
 

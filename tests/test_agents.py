@@ -28,7 +28,7 @@ from events.subjects import CMD_STREAM, JOB_STREAM, inventory_subject
 from orchestrator.embedded import free_ports
 from schemas.codec import command_from_dict
 from schemas.jobs import Job
-from schemas.specs import InstanceSpec, InstanceTemplate, Power
+from schemas.specs import HostSpec, InstanceSpec, InstanceTemplate, Power
 from tests.conftest import Env, Processes, eventually
 
 HOSTS = ("h1", "h2", "h3")
@@ -139,6 +139,40 @@ async def test_a_resync_never_applies_an_older_job_after_a_newer_removal(
         js, CMD_STREAM, "cmd.*.h1.instance.a") for m in batch]
     assert [(r["generation"], r["observed"]) for r in reports] == [
         (1, "running"), (2, "stopped"), (3, "absent")]
+    driver.close()
+
+
+async def test_a_host_evacuated_drops_older_instance_jobs_before_it_runs_anything(
+        env: Env, js: JetStreamContext, tmp_path: Path) -> None:
+    """A host back from an evacuation whose instances' own removals are not on its subjects
+    yet (the fold's follow-ups were still on their way): the host's own job, written in
+    the step that decided the evacuation, makes every older instance job a removal, at
+    start before the agent runs anything, and for jobs delivered later; a newer job (an
+    instance placed there since) runs."""
+    uri = testnode.test_node_uri("h1", tmp_path)
+    driver = VmDriver(uri, "h1")
+    agent = Agent(AgentConfig(env.nats_url, "h1", uri), lambda: {"instance": driver})
+    agent.drivers = {"instance": driver}
+    agent.publisher = Publisher(js)
+    template = InstanceTemplate(vcpus=1, memory_mib=128, image="tiny")
+
+    def job(id_: str) -> Job:
+        return Job(kind="instance", id=id_, host="h1", generation=1, spec=InstanceSpec(
+            template=template, power="running", host="h1"))
+
+    await agent._converge(job("old"), None)  # ran before the host went away
+    assert driver.observe() == {"old": "running"}
+    agent.applied = {("instance", "old"): 1}  # as a restarted agent adopts it
+    await js.publish("job.h1.instance.old", msgspec.json.encode(job("old")), stream=JOB_STREAM)
+    await js.publish("job.h1.host.h1", msgspec.json.encode(Job(
+        kind="host", id="h1", host="h1", generation=1, spec=HostSpec(evacuated_at=1))),
+        stream=JOB_STREAM)
+    await agent._remove_stale(js)
+    assert driver.observe() == {}, "the stale copy goes first"
+    # A job placed here after the evacuation runs; the old one, delivered again, does not.
+    await js.publish("job.h1.instance.new", msgspec.json.encode(job("new")), stream=JOB_STREAM)
+    await agent.resync(js)
+    assert driver.observe() == {"new": "running"}
     driver.close()
 
 

@@ -625,6 +625,11 @@ def check_jobs(before: Snapshot, states: dict[Key, Any], f: Folded) -> None:
     if f.key[0] == "lb" and f.key in states:
         check_lb_jobs(before, states, f)
         return
+    if f.key[0] == "host" and f.jobs:  # evacuated: its own job, to its agent
+        (job,) = f.jobs
+        assert (job.kind, job.id, job.host) == ("host", f.key[1], f.key[1])
+        assert f.outcome is not None and "Evacuated" in f.outcome.events
+        return
     if f.key[0] != "instance" or f.key not in states:
         assert not f.jobs
         return

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -35,16 +36,33 @@ class Hosts:
     """The agents and libvirt, as the model plays them."""
 
     newest: dict[tuple[str, str], Job] = field(default_factory=dict)  # (host, id) -> job
-    applied: dict[tuple[str, str], int] = field(default_factory=dict)
+    applied: dict[tuple[str, str], tuple[int, bool]] = field(default_factory=dict)
     runs: dict[str, set[str]] = field(default_factory=dict)  # id -> hosts running it
     arrivals: deque[tuple[str, str]] = field(default_factory=deque)  # (host, id) to report
     frozen: set[str] = field(default_factory=set)  # hosts down: nothing runs or acts there
+    seqs: dict[tuple[str, str], int] = field(default_factory=dict)  # the JOB stream's seq
+    evacuated: dict[str, int] = field(default_factory=dict)  # host -> seq of its HostSpec
+    seq: int = 0
 
     def saw(self, jobs: list[Job]) -> None:
         for job in jobs:
+            self.seq += 1
+            if job.kind == "host":  # the host's own job: it was evacuated
+                self.evacuated[job.host] = self.seq
+                continue
             key = (job.host, job.id)
             if key not in self.newest or job.generation >= self.newest[key].generation:
                 self.newest[key] = job
+                self.seqs[key] = self.seq
+
+    def job(self, host: str, x: str) -> Job | None:
+        """The newest job, as the agent reads it: one older than the host's evacuation is
+        a removal (agents.runtime's `_superseded`)."""
+        job = self.newest.get((host, x))
+        if job is not None and job.spec is not None and \
+                self.seqs[(host, x)] < self.evacuated.get(host, 0):
+            return msgspec.structs.replace(job, spec=None)
+        return job
 
 
 class Cloud(World):
@@ -88,10 +106,12 @@ class Cloud(World):
     def agent(self, host: str, x: str, ok: bool) -> None:
         """``host``'s agent applies its newest job for ``x``, if it has not yet."""
         m = self.hosts
-        job = m.newest.get((host, x))
-        if host in m.frozen or job is None or job.generation <= m.applied.get((host, x), -1):
+        job = m.job(host, x)
+        done = m.applied.get((host, x), (-1, False))
+        # Applied already, unless it is the same generation turned into a removal.
+        if host in m.frozen or job is None or (job.generation, job.spec is None) <= done:
             return
-        m.applied[(host, x)] = job.generation
+        m.applied[(host, x)] = (job.generation, job.spec is None)
         runs = m.runs.setdefault(x, set())
         spec = job.spec
         if spec is None:
@@ -127,7 +147,8 @@ class Cloud(World):
         if self.hosts.arrivals:
             host, x = self.hosts.arrivals.popleft()
             if host in self.hosts.runs.get(x, set()):
-                self.report(host, x, self.hosts.applied.get((host, x), 0), "running")
+                self.report(host, x, self.hosts.applied.get((host, x), (0, False))[0],
+                            "running")
 
     def freeze(self, host: str) -> None:
         self.hosts.frozen.add(host)
@@ -140,7 +161,7 @@ class Cloud(World):
             return
         self.hosts.frozen.discard(host)
         for x in INSTANCES:
-            job = self.hosts.newest.get((host, x))
+            job = self.hosts.job(host, x)
             if job is not None and job.spec is None:
                 self.agent(host, x, ok=True)
         self.send("system", "HostUp", host, boot_id=f"b{boot}",

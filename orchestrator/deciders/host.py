@@ -5,7 +5,8 @@ import msgspec
 from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
 from schemas import commands as c
 from schemas.commands import SCHEDULER_ID
-from schemas.specs import HostCondition, Role
+from schemas.jobs import Job
+from schemas.specs import HostCondition, HostSpec, Role
 
 
 class Host(msgspec.Struct, kw_only=True):
@@ -17,6 +18,7 @@ class Host(msgspec.Struct, kw_only=True):
     underlay: str | None = None  # the VTEP address its agent reports
     networks: list[str] = []  # networks with a port here: told when the VTEP changes
     evacuated_at: int = 0  # its instances were rebuilt elsewhere since it went down
+    generation: int = 0  # of its own job: bumped by each evacuation
     registered_at: int = 0
     updated_at: int = 0
 
@@ -158,6 +160,7 @@ def evolve(state: Host | None, event: Event) -> Host:
         case Evacuated():
             assert state is not None
             state.evacuated_at = event.at
+            state.generation += 1
         case UnderlaySet():
             assert state is not None
             state.underlay = event.underlay
@@ -172,3 +175,12 @@ def evolve(state: Host | None, event: Event) -> Host:
     assert state is not None
     state.updated_at = event.at  # type: ignore[attr-defined]
     return state
+
+
+def jobs(kind: str, id: str, before_generation: int, state: Host,
+         events: list[Event]) -> list[Job]:
+    """The host's own job, to its agent, when it is evacuated."""
+    if state.generation == before_generation:
+        return []
+    return [Job(kind=kind, id=id, host=id, generation=state.generation,
+                spec=HostSpec(evacuated_at=state.evacuated_at))]

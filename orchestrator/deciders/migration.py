@@ -345,10 +345,10 @@ def rehome(state: Instance, cmd: c.Rehome, ctx: Ctx) -> Decision:
         ended = [RolledBack(reason=f"its host {state.host} is down", at=ctx.at)]
     elif m is not None and m.phase != "cleaning":
         ended = [MigrationEnded(outcome=f"its host {state.host} is down", at=ctx.at)]
-    if cmd.host == state.host:  # back up before another host had room: it stays
-        return accept(*ended)
     if cmd.host is None:
         return accept(*ended, Stranded(reason=cmd.reason, at=ctx.at), note=cmd.reason)
+    # Its own host, back before another had room: its agent dropped it with the others
+    # (`HostSpec`), so it starts anew there too.
     note = f"rebuilt on {cmd.host}: {cmd.reason} ({state.host})"
     return accept(*ended, Rehomed(host=cmd.host, reason=cmd.reason, at=ctx.at), note=note,
                   commands=_bind(ctx, cmd.id, state, cmd.host))
