@@ -14,7 +14,7 @@ from orchestrator.render import format_ms, outcome_line
 from orchestrator.trace import Node
 from schemas.outcomes import Outcome
 
-_STATUS_STYLE = {"applied": "green", "superseded": "green", "failed": "bold red",
+_STATUS_STYLE = {"applied": "green", "superseded": "green", "notice": "dim", "failed": "bold red",
                  "pending": "yellow"}
 
 

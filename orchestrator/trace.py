@@ -21,7 +21,9 @@ APPLIED_PREFIX = "applied-"  # the key of an agent's report that it applied a jo
 RECONCILE_PREFIX = "rc-"
 DEGRADED = "Degraded"  # the event of an entity whose retries ran out
 
-JobStatus = Literal["applied", "superseded", "failed", "pending"]
+# notice: a job no agent answers (a host's own job, which its agent only reads).
+JobStatus = Literal["applied", "superseded", "failed", "pending", "notice"]
+UNANSWERED_KINDS = ("host",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,8 @@ def job_status(node: Node) -> JobStatus:
     """Applied when its host says so; failed when a re-issue of it ended degraded; else
     whatever the re-issue's own job came to."""
     assert node.job is not None
+    if node.job.kind in UNANSWERED_KINDS:
+        return "notice"
     if node.superseded_by is not None:
         return "superseded"
     for child in node.children:

@@ -59,6 +59,10 @@ def test_keys_name_their_causes() -> None:
                        kind="instance", id="vm-1", accepted=True, events=("Degraded",))
     assert job.answers(degraded)
     assert job_status(Node(job=job, children=[Node(outcome=degraded)])) == "failed"
+    # A host's own job (an evacuation's notice) is read by its agent, never answered.
+    notice = Node(job=JobRef("h1", "host", "h1", 1, 0, removal=False))
+    notice.status = job_status(notice)
+    assert notice.status == "notice" and waiting_for(notice, applied=True) == []
 
 
 def test_wait_takes_an_optional_word() -> None:
