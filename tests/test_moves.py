@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailabl
 CIDR = "10.60.0.0/24"
 VNI = 300
 RULES = [{"protocol": "tcp", "port": 8080, "source": CIDR}]
-DRAINED = 8  # guests on h1 besides the one migrated by hand
+DRAINED = 10  # guests on h1 besides the one migrated by hand
 EVACUATE_AFTER_S = 3.0
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
