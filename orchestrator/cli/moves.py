@@ -179,6 +179,9 @@ def drain(
         lines.plain(f"SetHostCondition host/{host} draining published (seq {seq})")
         if not wait:
             return EXIT_OK
+        outcome = await _outcome(opts, seq)  # folded: from here on the host says draining
+        if not outcome.accepted:
+            raise CliError(f"rejected: {outcome.reason}")
         return await _drained(opts, host, timeout, lines)
 
     run(main)
