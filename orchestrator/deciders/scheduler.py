@@ -460,6 +460,11 @@ def _release(state: Scheduler, cmd: c.Release, ctx: Ctx) -> Decision:
 def _evacuate(state: Scheduler, cmd: c.Evacuate, ctx: Ctx) -> Decision:
     """Every instance of the down host gets another, as placement chooses; those that find
     no room wait for it, first in line. Their moves end: the host they left is gone."""
+    slot = state.hosts.get(cmd.host)
+    if slot is None or slot.condition != "down":
+        # Up again (its return folded first): its instances stay, and run there.
+        return reject(f"host {cmd.host} is {slot.condition if slot else 'unknown'} here:"
+                      " not evacuated")
     here = sorted((i, a) for i, a in state.allocations.items() if a.host == cmd.host)
     if not here:
         return accept()
