@@ -197,10 +197,7 @@ def decide(state: Instance | None, cmd: c.Command, ctx: Ctx) -> Decision:
         case c.Rehome():
             return migration.rehome(state, cmd, ctx)
         case c.MigrationProgress():
-            m = state.migration
-            if m is None or m.phase != "migrating" or ctx.source != m.source:
-                return accept()
-            return accept(note=f"{cmd.processed_mib} MiB sent, {cmd.remaining_mib} MiB left")
+            return migration.progress(state, cmd, ctx)
         case c.SetRules() | c.StartInstance() | c.StopInstance() if (
                 busy := migration.busy(state, type(cmd).__name__)):
             return busy

@@ -275,6 +275,14 @@ def abort(state: Instance, cmd: c.AbortMigration, ctx: Ctx) -> Decision:
     return accept(AbortAsked(reason=reason, at=ctx.at), note=reason)
 
 
+def progress(state: Instance, cmd: c.MigrationProgress, ctx: Ctx) -> Decision:
+    """The source's word on a running migration: a line of the timeline, nothing more."""
+    m = state.migration
+    if m is None or m.phase != "migrating" or ctx.source != m.source:
+        return accept()
+    return accept(note=f"{cmd.processed_mib} MiB sent, {cmd.remaining_mib} MiB left")
+
+
 def rollback(state: Instance, instance_id: str, ctx: Ctx, reason: str) -> Decision:
     m = state.migration
     assert m is not None and state.host is not None
