@@ -106,7 +106,8 @@ class Store:
         self._committing: asyncio.Task[None] | None = None
 
     async def migrate(self, partitions: int) -> None:
-        ddl = resources.files("orchestrator").joinpath("schema.sql").read_text()
+        ddl = "\n".join(resources.files("orchestrator").joinpath(name).read_text()
+                        for name in ("schema.sql", "snapshots.sql"))
         async with self.pool.acquire() as conn, conn.transaction():
             # Replicas start together: serialise their DDL.
             await conn.execute("SELECT pg_advisory_xact_lock(7316)")
