@@ -19,6 +19,7 @@ from schemas.outcomes import Outcome
 
 if TYPE_CHECKING:  # replay's imports (a process pool, asyncpg) would cost every `orch` verb
     from orchestrator.replay import ReplayReport
+    from orchestrator.snapshots import Snapshot
 
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
 
@@ -297,6 +298,10 @@ def replay_lines(report: "ReplayReport", verify: bool) -> list[Text]:
              f"({report.rate:,.0f} commands/s)"),
         Text(f"entities: {report.entities}, dead letters: {report.dead_letters}"),
     ]
+    if report.snapshot is not None:
+        s = report.snapshot
+        lines.insert(1, Text(f"from snapshot {s.id} (up to seq {s.upto}, {s.entities} entities,"
+                             f" taken {s.taken_at.strftime('%Y-%m-%dT%H:%M:%SZ')})"))
     if verify:
         if report.differs:
             lines.append(Text(f"verify: FAILED, {len(report.differs)} entities differ:",
@@ -313,11 +318,43 @@ def replay_json(report: "ReplayReport", verify: bool) -> dict[str, Any]:
         "dead_letters": report.dead_letters, "last_seq": report.last_seq,
         "seconds": round(report.seconds, 6), "rate": round(report.rate, 1),
         "entities": report.entities,
+        "snapshot": None if report.snapshot is None else snapshot_json(report.snapshot),
     }
     if verify:
-        doc["verified"] = not report.differs
+        doc["verified"] = not report.differs and not any(report.snapshots.values())
         doc["differs"] = [f"{kind}/{id_}" for kind, id_ in report.differs]
+        doc["snapshots"] = {str(id_): [f"{kind}/{i}" for kind, i in keys]
+                            for id_, keys in report.snapshots.items()}
     return doc
+
+
+def snapshot_json(s: "Snapshot") -> dict[str, Any]:
+    return {"id": s.id, "taken_at": s.taken_at.isoformat(), "code": s.code,
+            "current_code": s.current, "upto": s.upto, "checkpoints": list(s.checkpoints),
+            "entities": s.entities, "seconds": round(s.seconds, 3)}
+
+
+def snapshot_table(snapshots: Iterable["Snapshot"]) -> Table:
+    table = Table("snapshot", "taken at", "up to seq", "entities", "took", "code")
+    for s in snapshots:
+        code = s.code if s.current else f"{s.code} (not this code's)"
+        table.add_row(str(s.id), s.taken_at.strftime("%Y-%m-%dT%H:%M:%SZ"), str(s.upto),
+                      str(s.entities), f"{s.seconds:.2f}s", code)
+    return table
+
+
+def snapshot_check_lines(checked: Mapping[int, list[tuple[str, str]]]) -> list[Text]:
+    """Each snapshot, and whether the fold reproduces it at its checkpoints."""
+    lines = []
+    for id_, keys in sorted(checked.items()):
+        if not keys:
+            lines.append(Text(f"snapshot {id_}: reproduced", style="green"))
+            continue
+        shown = ", ".join(f"{kind}/{i}" for kind, i in keys[:10])
+        more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+        lines.append(Text(f"snapshot {id_}: NOT reproduced by this code, {len(keys)} entities"
+                          f" differ: {shown}{more}", style="bold red"))
+    return lines
 
 
 def hosts_table(rows: Iterable[HostRow], beats: Mapping[str, Heartbeat], now_ms: int) -> Table:

@@ -34,6 +34,7 @@ from orchestrator.leader import Leadership
 from orchestrator.liveness import Liveness
 from orchestrator.partition import PartitionWorker, WorkerConfig
 from orchestrator.reconciler import Reconciler, ReconcilerConfig
+from orchestrator.snapshots import Schedule
 from orchestrator.store import Lease, Store, create_pool
 from orchestrator.strays import Strays
 
@@ -53,6 +54,8 @@ class ReplicaConfig:
     cached: int = 50_000  # entity states per partition, see WorkerConfig
     down_after_s: float = 5.0  # silence after which a host is declared down
     reconcile: ReconcilerConfig = field(default_factory=ReconcilerConfig)
+    snapshot_every_s: float | None = 3600.0  # the leader's; None: never by itself
+    snapshot_keep: int = 2
 
 
 async def _same_history(js: JetStreamContext, store: Store) -> None:
@@ -85,6 +88,7 @@ class Replica:
         pool = await create_pool(cfg.pg_dsn, size=4)
         store = Store(pool)
         leadership = Leadership(cfg.pg_dsn, self.id, timeout_s=cfg.lease_s)
+        schedule = Schedule(cfg.pg_dsn, cfg.snapshot_every_s, cfg.snapshot_keep)
         try:
             js = nc.jetstream()
             topology = await ensure_topology(js, cfg.partitions)
@@ -100,13 +104,14 @@ class Replica:
             while not stop.is_set():
                 await self._tick_or_log(store, js, worker_cfg, topology.partitions)
                 if await leadership.held():
-                    await self._lead(leadership, liveness, reconciler, strays)
+                    await self._lead(leadership, liveness, reconciler, strays, schedule)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), cfg.tick_s)
         finally:
             if self._unproven_at is not None:
                 self._unproven_at.cancel()
             await self._stop_workers(list(self.workers))
+            await _stop_step("snapshot", schedule.close())
             # PostgreSQL may be down: the leases then run out by themselves.
             await _stop_step("leave", store.leave(self.id))
             await leadership.close()
@@ -186,7 +191,7 @@ class Replica:
                 self.workers[lease.partition] = (lease, asyncio.create_task(worker.run()))
 
     async def _lead(self, leadership: Leadership, liveness: Liveness,
-                    reconciler: Reconciler, strays: Strays) -> None:
+                    reconciler: Reconciler, strays: Strays, schedule: Schedule) -> None:
         """The leader's duties; a failure here is logged and retried on the next tick."""
         assert leadership.conn is not None
         now_ms = int(time.time() * 1000)  # the shell may read the clock; the fold may not
@@ -198,6 +203,7 @@ class Replica:
                          generation=cmd.generation)
             if count := await strays.tick(leadership.conn):
                 log.warning("dead_letters_unpartitioned", count=count)
+            await schedule.tick(leadership.conn)
         except Exception as exc:
             log.exception("leader_duties_failed", replica=self.id, error=repr(exc))
 

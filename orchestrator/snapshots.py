@@ -10,6 +10,7 @@ so `orch replay --from-snapshot` takes the newest of the current code, and
 reproduce.
 """
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import asyncpg
 import structlog
+
+from orchestrator.store import connect_pg
 
 log = structlog.get_logger()
 _ROOT = Path(__file__).resolve().parents[1]
@@ -109,24 +112,48 @@ async def newest(conn: asyncpg.Connection, upto: int | None = None) -> Snapshot 
 
 
 class Schedule:
-    """The leader's duty: a snapshot every ``every_s``, when anything was folded since."""
+    """The leader's duty: a snapshot every ``every_s``, when anything was folded since.
 
-    def __init__(self, every_s: float | None, keep: int) -> None:
-        self.every_s, self.keep = every_s, keep
+    Asked every tick on the leader's connection, which must stay free for the other
+    duties; the copy itself runs on a connection of its own, in the background.
+    """
 
-    async def tick(self, conn: asyncpg.Connection) -> Snapshot | None:
-        if self.every_s is None:
+    def __init__(self, dsn: str, every_s: float | None, keep: int) -> None:
+        self.dsn, self.every_s, self.keep = dsn, every_s, keep
+        self.taking: asyncio.Task[Snapshot | None] | None = None
+
+    async def tick(self, conn: asyncpg.Connection) -> None:
+        if self.every_s is None or (self.taking is not None and not self.taking.done()):
+            return
+        if await conn.fetchval(_DUE, self.every_s):
+            self.taking = asyncio.create_task(self._take())
+
+    async def _take(self) -> Snapshot | None:
+        """A failure is only logged: the next tick that finds one due tries again."""
+        try:
+            conn = await connect_pg(self.dsn)
+            try:
+                snapshot = await take(conn, self.keep)
+            finally:
+                await conn.close()
+        except Exception as exc:
+            log.warning("snapshot_failed", error=repr(exc))
             return None
-        last = await conn.fetchrow(
-            "SELECT checkpoints, now() - taken_at < make_interval(secs => $1) AS recent"
-            " FROM snapshots ORDER BY id DESC LIMIT 1", self.every_s)
-        if last is not None and last["recent"]:
-            return None
-        folded = [r["checkpoint"] for r in await conn.fetch(
-            "SELECT checkpoint FROM partitions ORDER BY partition")]
-        if not any(folded) or (last is not None and list(last["checkpoints"]) == folded):
-            return None
-        snapshot = await take(conn, self.keep)
         log.info("snapshot_taken", snapshot=snapshot.id, entities=snapshot.entities,
                  upto=snapshot.upto, seconds=round(snapshot.seconds, 3))
         return snapshot
+
+    async def close(self) -> None:
+        if self.taking is not None:
+            self.taking.cancel()
+            await asyncio.gather(self.taking, return_exceptions=True)
+
+
+# Due when the newest snapshot is older than the period and something was folded since.
+_DUE = """
+SELECT coalesce(
+    (SELECT taken_at < now() - make_interval(secs => $1)
+            AND checkpoints <> (SELECT array_agg(checkpoint ORDER BY partition) FROM partitions)
+     FROM snapshots ORDER BY id DESC LIMIT 1),
+    (SELECT max(checkpoint) > 0 FROM partitions))
+"""

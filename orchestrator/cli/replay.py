@@ -1,4 +1,5 @@
-"""`orch replay`: fold the CMD log again into a scratch schema, to a point or to verify."""
+"""`orch replay`: fold the CMD log again into a scratch schema, to a point, from a snapshot
+or to verify; `orch snapshot` and `orch snapshots`: the snapshots replays start from."""
 
 import contextlib
 import re
@@ -65,7 +66,11 @@ def replay(
         " command stored at or before this ISO-8601 time (UTC unless it names a zone)",
     )] = None,
     verify: Annotated[bool, typer.Option(
-        "--verify", help="Compare with the live projection; exit 1 if they differ")] = False,
+        "--verify", help="Compare with the live projection, and each snapshot with the fold"
+        " at its checkpoints; exit 1 if any differ")] = False,
+    from_snapshot: Annotated[bool, typer.Option(
+        "--from-snapshot", help="Start from the newest snapshot of this code (before --to),"
+        " folding only what came after it")] = False,
     schema: Annotated[str, typer.Option(help="Scratch schema, dropped and recreated")] = "replay",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -83,9 +88,9 @@ def replay(
     async def main() -> int:
         if not _SCRATCH_SCHEMA_RE.match(schema) or schema == "public":
             raise CliError(f"invalid scratch schema name {schema!r}", EXIT_USAGE)
-        if verify and to is not None:
-            raise CliError("--verify compares with the live projection: not with --to",
-                           EXIT_USAGE)
+        if verify and (to is not None or from_snapshot):
+            raise CliError("--verify folds the whole log to compare with the live projection:"
+                           " not with --to or --from-snapshot", EXIT_USAGE)
         target = None if to is None else parse_point(to, "--to")
         nc = await open_nats(opts.nats_url(), "orch-replay")
         try:
@@ -98,9 +103,12 @@ def replay(
             await nc.close()
         await (await open_pg(opts.pg_dsn())).close()  # a clear error if it is unreachable
         with shown(not as_json, to_seq or last) as progress:
-            report = await run_replay(opts.nats_url(), opts.pg_dsn(), topology.partitions,
-                                      schema=schema, to_seq=to_seq, verify=verify,
-                                      progress=progress)
+            try:
+                report = await run_replay(opts.nats_url(), opts.pg_dsn(), topology.partitions,
+                                          schema=schema, to_seq=to_seq, verify=verify,
+                                          from_snapshot=from_snapshot, progress=progress)
+            except ValueError as exc:  # no snapshot to start from
+                raise CliError(str(exc), EXIT_FAILURE) from None
         if as_json:
             doc = render.replay_json(report, verify)
             if verify:
@@ -112,6 +120,58 @@ def replay(
                 out.print(line)
             for line in verify_lines(report.differences) if verify else ():
                 out.print(line)
-        return EXIT_FAILURE if verify and report.differs else EXIT_OK
+            for line in render.snapshot_check_lines(report.snapshots) if verify else ():
+                out.print(line)
+        unreproduced = any(report.snapshots.values())
+        return EXIT_FAILURE if verify and (report.differs or unreproduced) else EXIT_OK
+
+    run(main)
+
+
+@app.command()
+def snapshot(
+    ctx: typer.Context,
+    keep: Annotated[int, typer.Option(min=1, help="Snapshots kept, the newest")] = 2,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Snapshot the projection now (the leader also does, on `orch orchestrator`'s schedule)."""
+    from orchestrator import render, snapshots
+    from orchestrator.cli.connect import open_pg
+
+    opts: Options = ctx.obj
+
+    async def main() -> int:
+        conn = await open_pg(opts.pg_dsn())
+        try:
+            taken = await snapshots.take(conn, keep)
+        finally:
+            await conn.close()
+        if as_json:
+            print_json(render.snapshot_json(taken))
+        else:
+            console().print(render.snapshot_table([taken]))
+        return EXIT_OK
+
+    run(main)
+
+
+@app.command("snapshots")
+def list_snapshots(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The snapshots a replay can start from, oldest first."""
+    from orchestrator import render, snapshots
+    from orchestrator.cli.connect import query
+
+    opts: Options = ctx.obj
+
+    async def main() -> int:
+        taken = await query(opts.pg_dsn(), snapshots.listed)
+        if as_json:
+            print_json([render.snapshot_json(s) for s in taken])
+        else:
+            console().print(render.snapshot_table(taken))
+        return EXIT_OK
 
     run(main)

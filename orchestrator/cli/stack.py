@@ -132,6 +132,10 @@ def orchestrator(
     evacuate_after: Annotated[float | None, typer.Option(
         min=0, metavar="SECONDS", help="Rebuild the instances of a host down this long"
         " elsewhere [default: never by itself]")] = None,
+    snapshot_every: Annotated[float, typer.Option(
+        min=0, metavar="SECONDS", help="The leader snapshots the projection this often, when"
+        " anything was folded since; 0: never by itself")] = 3600.0,
+    snapshot_keep: Annotated[int, typer.Option(min=1, help="Snapshots kept, the newest")] = 2,
     metrics_port: Annotated[int | None, typer.Option(
         help="Serve Prometheus metrics on 127.0.0.1:PORT")] = None,
     log_level: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.info,
@@ -159,6 +163,7 @@ def orchestrator(
             batch=batch, cached=cached, down_after_s=down_after,
             reconcile=ReconcilerConfig(deadline_s=deadline, max_attempts=max_attempts,
                                        evacuate_after_s=evacuate_after),
+            snapshot_every_s=snapshot_every or None, snapshot_keep=snapshot_keep,
             **extra)
         task = asyncio.create_task(Replica(config).run(stop))
         stopped = asyncio.create_task(stop.wait())
