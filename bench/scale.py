@@ -28,7 +28,6 @@ all are stopped and the directory removed at exit, on failure and on Ctrl-C or S
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import random
 import shutil
@@ -52,6 +51,7 @@ from fold import (
     last_seq,
     outbox_empty,
     publish_frames,
+    wait_replica_ready,
     wait_until,
 )
 from nats.js import JetStreamContext
@@ -62,7 +62,6 @@ from events.subjects import CMD_STREAM, partition_filter
 from events.topology import ensure_topology
 from orchestrator import queries
 from orchestrator.embedded import Stack, StackInfo
-from orchestrator.store import connect_pg
 from schemas.commands import (
     Command,
     CreateInstance,
@@ -252,27 +251,18 @@ async def bench(args: argparse.Namespace, info: StackInfo, replica: ReplicaProce
         js = nc.jetstream()
         await ensure_topology(js, PARTITIONS)
         replica.start()
-        conn = None
-        deadline = time.perf_counter() + 60
-        while conn is None:
-            try:
-                conn = await connect_pg(info.pg_dsn)
-                await conn.fetchval("SELECT count(*) FROM partitions")
-            except Exception:
-                conn = None
-                replica.check()
-                if time.perf_counter() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-        print(await harness.environment(nc, conn, False))
-        grower = Grower()
-        first: dict[str, float] | None = None
-        for size in args.sizes.split(","):
-            commands, instances = (int(x) for x in size.split(":"))
-            fig = await step(js, conn, info, replica, grower, commands, instances, args)
-            first = first or fig
-            report(f"{commands:,} commands / {instances:,} instances", fig, first)
-        await conn.close()
+        conn = await wait_replica_ready(info.pg_dsn, replica)
+        try:
+            print(await harness.environment(nc, conn, False))
+            grower = Grower()
+            first: dict[str, float] | None = None
+            for size in args.sizes.split(","):
+                commands, instances = (int(x) for x in size.split(":"))
+                fig = await step(js, conn, info, replica, grower, commands, instances, args)
+                first = first or fig
+                report(f"{commands:,} commands / {instances:,} instances", fig, first)
+        finally:
+            await conn.close()
     finally:
         await nc.close()
 

@@ -79,7 +79,6 @@ class _Done:
     commands: int = 0
     dead_letters: int = 0
     last_seq: int = 0
-    entities: int = 0
 
 
 @dataclass(frozen=True, slots=True)
