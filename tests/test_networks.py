@@ -75,6 +75,17 @@ class Cloud:
         os.killpg(agent.pid, signal.SIGKILL)
         agent.wait()
 
+    @contextlib.contextmanager
+    def paused_agent(self, host: str) -> Iterator[None]:
+        """SIGSTOP the host's agent for the block: drift made in it stays until it resumes,
+        so that a test can see its own change before the agent repairs it."""
+        (agent,) = [p for n, p in self.processes.procs.items() if n.startswith(f"agent-{host}-")]
+        os.killpg(agent.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(agent.pid, signal.SIGCONT)
+
     async def state(self, kind: str, id_: str) -> dict[str, Any] | None:
         raw = await self.pg.fetchval(
             "SELECT state FROM entities WHERE kind = $1 AND id = $2", kind, id_)
@@ -455,9 +466,10 @@ async def test_drift_is_repaired_within_the_resync_interval(
                    for line in out.splitlines())
 
     assert fdb_has_remote()
-    subprocess.run(["bridge", "-n", host.netns, "fdb", "del", remote.mac, "dev", vxlan,
-                    "dst", vtep], check=True)
-    assert not fdb_has_remote()
+    with cloud.paused_agent("h1"):  # a resync in between would repair it before we look
+        subprocess.run(["bridge", "-n", host.netns, "fdb", "del", remote.mac, "dev", vxlan,
+                        "dst", vtep], check=True)
+        assert not fdb_has_remote()
     await eventually(lambda: asyncio.to_thread(fdb_has_remote), timeout=RESYNC_S * 4)
 
     def rules_of(table: str) -> str:
@@ -465,9 +477,10 @@ async def test_drift_is_repaired_within_the_resync_interval(
                                *table.split()], capture_output=True, text=True).stdout
 
     whole = rules_of(f"bridge {names.PORTS_TABLE}")
-    subprocess.run(["ip", "netns", "exec", host.netns, "nft", "flush", "table", "bridge",
-                    names.PORTS_TABLE], check=True)
-    assert rules_of(f"bridge {names.PORTS_TABLE}").count("ether saddr") == 0
+    with cloud.paused_agent("h1"):
+        subprocess.run(["ip", "netns", "exec", host.netns, "nft", "flush", "table", "bridge",
+                        names.PORTS_TABLE], check=True)
+        assert rules_of(f"bridge {names.PORTS_TABLE}").count("ether saddr") == 0
     await eventually(lambda: asyncio.to_thread(
         lambda: rules_of(f"bridge {names.PORTS_TABLE}").count("ether saddr")
         == whole.count("ether saddr")), timeout=RESYNC_S * 4)
