@@ -20,15 +20,14 @@ confirms it. A peer without an entry ignores it.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 from collections.abc import Iterable
+from typing import NamedTuple
 
-from agents.guest_service import netns_socket
 from agents.net import names
-from agents.net.errors import TransientNetError
+from agents.net.errors import NetlinkError, classify
 from agents.net.host import HostNet
-from agents.net.rtnl import Link, mac_bytes
+from agents.net.rtnl import mac_bytes
 
 ETH_P_ARP, ETH_P_IP = 0x0806, 0x0800
 ARPOP_REQUEST = 1
@@ -50,32 +49,43 @@ def garp_frame(ip: str, mac: str) -> bytes:
     return (BROADCAST + sender + struct.pack("!H", ETH_P_ARP) + arp).ljust(MIN_FRAME, b"\0")
 
 
-def announce(host: HostNet, ports: Iterable[Link], bindings: Iterable[tuple[str, str]]
-             ) -> int:
-    """Send the GARP of every (ip, mac) out of every guest port that is up; frames sent
-    (also added to ``host.announced``, which the drivers count with their writes)."""
-    targets = [p.name for p in ports if p.up and names.is_port_name(p.name)]
-    frames = [garp_frame(ip, mac) for ip, mac in bindings]
+class Binding(NamedTuple):
+    """An address at its MAC, and the local port it lives behind (never told of itself)."""
+
+    ip: str
+    mac: str
+    port: str | None = None
+
+
+def port_names(host: HostNet, bridge: int) -> list[str]:
+    """The guest ports of a segment's bridge that are up: where announcements go."""
+    try:
+        return [name for name, up in host.rtnl.port_names(bridge)
+                if up and names.is_port_name(name)]
+    except NetlinkError as exc:
+        raise classify(exc) from exc
+
+
+def announce(host: HostNet, ports: Iterable[str], bindings: Iterable[Binding]) -> int:
+    """Send the GARP of every binding out of every port in ``ports`` but its own; frames
+    sent (also added to ``host.announced``, which the drivers count with their writes)."""
+    targets = list(ports)
+    frames = [(garp_frame(b.ip, b.mac), b.port) for b in bindings]
     if not targets or not frames:
         return 0
+    sock = host.packet_socket()
     sent = 0
-    # Made in the host's namespace (setns around socket(), no fork): the socket stays
-    # there, so a port's name is looked up there. Protocol 0: it receives nothing.
-    try:
-        sock = netns_socket(host.netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
-    except OSError as exc:
-        raise TransientNetError(f"announce {len(frames)} addresses: no packet socket in "
-                                f"network namespace {host.netns or '(own)'}: {exc}") from exc
-    with sock:
-        for port in targets:
-            for frame in frames:
-                try:
-                    sock.sendto(frame, (port, ETH_P_ARP))
-                except OSError:
-                    # Best effort (a port that just went down or away, a tap whose QEMU
-                    # is not reading yet): such a peer re-probes on its own, as before.
-                    break
-                sent += 1
+    for port in targets:
+        for frame, own in frames:
+            if port == own:
+                continue
+            try:
+                sock.sendto(frame, (port, ETH_P_ARP))
+            except OSError:
+                # Best effort (a port that just went down or away, a tap whose QEMU
+                # is not reading yet): such a peer re-probes on its own, as before.
+                break
+            sent += 1
     with host.lock("announced"):
         host.announced += sent
     return sent

@@ -148,6 +148,7 @@ class HostNet:
         self._nft: nftables.Nftables | None = None  # created and used in the thread only
         self._locks: dict[object, threading.RLock] = {}
         self._locks_lock = threading.Lock()
+        self._packet: socket.socket | None = None
 
     @classmethod
     def open(cls, netns: str | None, timeout: float = DEFAULT_TIMEOUT) -> HostNet:
@@ -168,6 +169,8 @@ class HostNet:
                 del self._shared[self.netns]
         self.rtnl.close()
         self.nfnl.close()
+        if self._packet is not None:
+            self._packet.close()
         self.thread.close()
         self.sysctl_thread.close()
 
@@ -184,6 +187,21 @@ class HostNet:
             if lock is None:
                 lock = self._locks[key] = threading.RLock()
             return lock
+
+    def packet_socket(self) -> socket.socket:
+        """The namespace's AF_PACKET socket for sending frames out of a named device (it
+        receives nothing: protocol 0). Kept open: closing one waits for an RCU grace period,
+        which per plugged port cost more than the frames it sent."""
+        with self.lock("packet"):
+            if self._packet is None:
+                try:
+                    self._packet = self.inside(
+                        lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0),
+                        "open a packet socket")
+                except OSError as exc:
+                    raise TransientNetError(f"no packet socket in network namespace "
+                                            f"{self.netns or '(own)'}: {exc}") from exc
+            return self._packet
 
     def inside(self, call: Callable[[], T], what: str, timeout: float | None = None) -> T:
         """Run ``call`` in the namespace thread (nft, sysctl); directly if already there."""

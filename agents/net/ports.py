@@ -20,9 +20,10 @@ Everything is read from the kernel first and only what differs is written.
 from __future__ import annotations
 
 import ipaddress
+import threading
 
 from agents.net import names
-from agents.net.announce import announce
+from agents.net.announce import Binding, announce, port_names
 from agents.net.errors import NetlinkError, PermanentNetError, TransientNetError, classify
 from agents.net.firewall import Firewall, PortPolicy
 from agents.net.host import DEFAULT_TIMEOUT, HostNet
@@ -47,6 +48,8 @@ class PortPlumbing:
     def __init__(self, netns: str | None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.host = HostNet.open(netns, timeout)
         self.firewall = Firewall(self.host)
+        self._unannounced: dict[int, list[Binding]] = {}  # bridge -> plugged, not announced
+        self._unannounced_lock = threading.Lock()
 
     def close(self) -> None:
         self.host.close()
@@ -97,8 +100,12 @@ class PortPlumbing:
             if not link.up:
                 changes.append(set_link(port, link.index, up=True))
             self._write(changes)
-            if link.master != segment.bridge.index:
-                self._announce(segment.bridge, port, nic)
+            joined = link.master != segment.bridge.index
+            if joined:
+                self._forget_remote(segment.bridge, nic)
+        if joined:  # outside the lock: the frames wait for no other plug, nor they for them
+            self._announce(segment.bridge, Binding(str(ipaddress.IPv4Address(nic.ip)),
+                                                   nic.mac.lower(), port))
 
     def unplug(self, port: str) -> bool:
         """Remove the port's firewall and detach it from its segment; a segment left
@@ -138,20 +145,30 @@ class PortPlumbing:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _announce(self, bridge: Link, port: str, nic: NicSpec) -> None:
+    def _forget_remote(self, bridge: Link, nic: NicSpec) -> None:
         """A port just joined: its address may have been another MAC's until now (reused,
         or remote). The bridge forgets a remote entry for it at another MAC (it would answer
-        ARP with that one), and the guests of the other local ports are told the new one."""
-        ip, mac = str(ipaddress.IPv4Address(nic.ip)), nic.mac.lower()
+        ARP with that one)."""
+        ip = str(ipaddress.IPv4Address(nic.ip))
         try:
-            stale = any(n.ip == ip and n.mac != mac and n.state & NUD_PERMANENT
-                        for n in self.host.rtnl.neighbours(bridge.index))
+            held = self.host.rtnl.neighbour(bridge.index, ip)
         except NetlinkError as exc:
             raise classify(exc) from exc
-        if stale:
+        if held is not None and held.mac != nic.mac.lower() and held.state & NUD_PERMANENT:
             self._write([delete_neighbour(bridge.index, ip)])
-        others = [p for p in guest_ports(self.host, bridge) if p.name != port]
-        announce(self.host, others, [(ip, mac)])
+
+    def _announce(self, bridge: Link, binding: Binding) -> None:
+        """Tell the guests of the segment's other ports the binding of a port that just
+        joined (it may be an address freed by another MAC). Group commit, as the firewall
+        does: ports plugged meanwhile are announced by one pass over the bridge's ports,
+        which each plug reading them all for itself made N^2 for N ports."""
+        with self._unannounced_lock:
+            self._unannounced.setdefault(bridge.index, []).append(binding)
+        with self.host.lock(("announce", bridge.index)):
+            with self._unannounced_lock:
+                bindings = self._unannounced.pop(bridge.index, [])
+            if bindings:  # else the pass that ran meanwhile took this one too
+                announce(self.host, port_names(self.host, bridge.index), bindings)
 
     def _link(self, name: str) -> Link | None:
         try:

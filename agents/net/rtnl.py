@@ -25,6 +25,7 @@ from agents.net.netlink import (
     NLM_F_REPLACE,
     Message,
     NetlinkSocket,
+    attr_list,
     attrs,
     cstr,
     get_or_none,
@@ -203,6 +204,32 @@ class Rtnl(NetlinkSocket):
             query += nest(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, kind))
         what = "list links" + (f" of master {master}" if master is not None else "")
         return [_parse_link(body) for _kind, body in self.dump(RTM_GETLINK, query, what)]
+
+    def port_names(self, master: int) -> list[tuple[str, bool]]:
+        """(name, up) of the links enslaved to ``master``. What announcing to a segment's
+        ports needs, read without parsing the rest: each new port reads them all, and the
+        full parse made plugging N ports cost N^2 (2.7 s of 9 for 333 ports)."""
+        query = _ifinfo() + _SKIP_STATS + nla(IFLA_MASTER, _U32.pack(master))
+        out = []
+        for _kind, body in self.dump(RTM_GETLINK, query, f"list ports of master {master}"):
+            flags = _IFINFO.unpack_from(body, 0)[3]
+            for kind, value in attr_list(body, _IFINFO.size):
+                if kind == IFLA_IFNAME:  # the kernel writes it first
+                    out.append((cstr(value), bool(flags & IFF_UP)))
+                    break
+        return out
+
+    def neighbour(self, ifindex: int, ip: str) -> Neighbour | None:
+        """The IPv4 neighbour entry of ``ip`` on one device, if any (a get, not a dump)."""
+        query = (_NDMSG.pack(socket.AF_INET, ifindex, 0, 0, 0)
+                 + nla(NDA_DST, socket.inet_aton(ip)))
+        answer = get_or_none(self, RTM_GETNEIGH, query, f"get neighbour {ip} on {ifindex}")
+        if not answer:
+            return None
+        body = answer[0][1]
+        _family, index, state, _flags, _type = _NDMSG.unpack_from(body, 0)
+        lladdr, _dst = _neigh_attrs(body)
+        return Neighbour(index, ip, lladdr.hex(":") if lladdr else None, state)
 
     def fdb(self, bridge: int) -> list[Fdb]:
         """The FDB of a bridge: its entries for every port, and the ports' own entries."""

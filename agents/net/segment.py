@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agents.net import names
-from agents.net.announce import announce
+from agents.net.announce import Binding, announce, port_names
 from agents.net.errors import NetlinkError, PermanentNetError, classify
 from agents.net.host import HostNet
 from agents.net.netlink import Message
@@ -224,13 +224,13 @@ def converge_remotes(host: HostNet, segment: Segment, vteps: Iterable[str],
     writes += [delete_bridge_fdb(vx, mac) for mac in sorted(static - wanted.keys())]
     ips = {p.ip: p.mac for p in wanted.values()}
     have = {n.ip: n for n in neighbours}
-    news: list[tuple[str, str]] = []  # bindings this host did not hold: to announce
+    news: list[Binding] = []  # bindings this host did not hold: to announce
     for ip, mac in sorted(ips.items()):
         n = have.get(ip)
         if n is None or n.mac != mac or not n.state & NUD_PERMANENT:
             writes.append(set_neighbour(br, ip, mac))
         if n is None or n.mac != mac:
-            news.append((ip, mac))
+            news.append(Binding(ip, mac))
     # Ours are the permanent ones; the kernel's own (multicast, NOARP) are left alone.
     writes += [delete_neighbour(br, ip) for ip, n in sorted(have.items())
                if ip not in ips and n.state & NUD_PERMANENT]
@@ -238,7 +238,7 @@ def converge_remotes(host: HostNet, segment: Segment, vteps: Iterable[str],
     # Written first: a guest that re-asks for the address is answered with the new MAC.
     # (A reused address's peers here still hold the old holder's MAC.)
     if news:
-        made += announce(host, guest_ports(host, segment.bridge), news)
+        made += announce(host, port_names(host, br), news)
     return made
 
 
