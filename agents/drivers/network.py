@@ -27,7 +27,7 @@ from agents.drivers.errors import PermanentDriverError, TransientDriverError
 from agents.net import names
 from agents.net.errors import NetError, NetlinkError, classify
 from agents.net.host import DEFAULT_TIMEOUT, HostNet
-from agents.net.rtnl import Link
+from agents.net.rtnl import Link, check_ipv4
 from agents.net.segment import (
     Remote,
     converge_remotes,
@@ -58,7 +58,7 @@ def _errors(what: str) -> Iterator[None]:
 
 def _ipv4(value: str, what: str) -> str:
     try:
-        return str(ipaddress.IPv4Address(value))
+        return check_ipv4(value)
     except ValueError as exc:
         raise PermanentDriverError(f"{what}: {value!r} is not an IPv4 address") from exc
 

@@ -60,7 +60,7 @@ class Binding(NamedTuple):
 def port_names(host: HostNet, bridge: int) -> list[str]:
     """The guest ports of a segment's bridge that are up: where announcements go."""
     try:
-        return [name for name, up in host.rtnl.port_names(bridge)
+        return [name for name, up in host.rtnl.link_states(bridge).items()
                 if up and names.is_port_name(name)]
     except NetlinkError as exc:
         raise classify(exc) from exc

@@ -19,7 +19,6 @@ Everything is read from the kernel first and only what differs is written.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 
 from agents.net import names
@@ -28,7 +27,7 @@ from agents.net.errors import NetlinkError, PermanentNetError, TransientNetError
 from agents.net.firewall import Firewall, PortPolicy
 from agents.net.host import DEFAULT_TIMEOUT, HostNet
 from agents.net.netlink import Message
-from agents.net.rtnl import NUD_PERMANENT, Link, delete_neighbour, set_link
+from agents.net.rtnl import NUD_PERMANENT, Link, check_ipv4, delete_neighbour, set_link
 from agents.net.segment import ensure_segment, guest_ports, remove_segment
 from schemas.specs import NicSpec, SecurityRule
 
@@ -37,7 +36,7 @@ def _check(port: str, nic: NicSpec) -> None:
     if not port.startswith(names.PORT_PREFIX) or not 2 < len(port) < names.IFNAMSIZ:
         raise PermanentNetError(f"port {port!r}: not a guest port name (see names.port_name)")
     try:
-        ipaddress.IPv4Address(nic.ip)
+        check_ipv4(nic.ip)
     except ValueError as exc:
         raise PermanentNetError(f"port {port}: {nic.ip!r} is not an IPv4 address") from exc
 
@@ -104,7 +103,7 @@ class PortPlumbing:
             if joined:
                 self._forget_remote(segment.bridge, nic)
         if joined:  # outside the lock: the frames wait for no other plug, nor they for them
-            self._announce(segment.bridge, Binding(str(ipaddress.IPv4Address(nic.ip)),
+            self._announce(segment.bridge, Binding(check_ipv4(nic.ip),
                                                    nic.mac.lower(), port))
 
     def unplug(self, port: str) -> bool:
@@ -149,7 +148,7 @@ class PortPlumbing:
         """A port just joined: its address may have been another MAC's until now (reused,
         or remote). The bridge forgets a remote entry for it at another MAC (it would answer
         ARP with that one)."""
-        ip = str(ipaddress.IPv4Address(nic.ip))
+        ip = check_ipv4(nic.ip)
         try:
             held = self.host.rtnl.neighbour(bridge.index, ip)
         except NetlinkError as exc:

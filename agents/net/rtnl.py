@@ -8,7 +8,6 @@ link created in the same batch, which later messages of the batch name by its na
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -205,17 +204,19 @@ class Rtnl(NetlinkSocket):
         what = "list links" + (f" of master {master}" if master is not None else "")
         return [_parse_link(body) for _kind, body in self.dump(RTM_GETLINK, query, what)]
 
-    def port_names(self, master: int) -> list[tuple[str, bool]]:
-        """(name, up) of the links enslaved to ``master``. What announcing to a segment's
-        ports needs, read without parsing the rest: each new port reads them all, and the
-        full parse made plugging N ports cost N^2 (2.7 s of 9 for 333 ports)."""
-        query = _ifinfo() + _SKIP_STATS + nla(IFLA_MASTER, _U32.pack(master))
-        out = []
-        for _kind, body in self.dump(RTM_GETLINK, query, f"list ports of master {master}"):
+    def link_states(self, master: int | None = None) -> dict[str, bool]:
+        """Whether each link (or each enslaved to ``master``) is up, by name: what
+        announcing and observing need, read without parsing the rest. A full parse of every
+        port for each new one made plugging N ports cost N^2 (2.7 s of 9 for 333 ports)."""
+        query = _ifinfo() + _SKIP_STATS
+        if master is not None:
+            query += nla(IFLA_MASTER, _U32.pack(master))
+        out = {}
+        for _kind, body in self.dump(RTM_GETLINK, query, "list link states"):
             flags = _IFINFO.unpack_from(body, 0)[3]
             for kind, value in attr_list(body, _IFINFO.size):
                 if kind == IFLA_IFNAME:  # the kernel writes it first
-                    out.append((cstr(value), bool(flags & IFF_UP)))
+                    out[cstr(value)] = bool(flags & IFF_UP)
                     break
         return out
 
@@ -406,5 +407,10 @@ GONE = frozenset({errno.ENOENT, errno.ENODEV})
 
 
 def check_ipv4(value: str) -> str:
-    """A dotted IPv4 address, normalised; ValueError otherwise."""
-    return str(ipaddress.IPv4Address(value))
+    """A dotted IPv4 address, normalised; ValueError otherwise. In C (inet_pton takes a
+    strict dotted quad, as ipaddress does): ipaddress.IPv4Address was 40 % of applying a
+    network job of 1,000 ports."""
+    try:
+        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value))
+    except (OSError, TypeError) as exc:
+        raise ValueError(f"{value!r} does not appear to be an IPv4 address") from exc
