@@ -522,6 +522,7 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
         done = [cloud.seen.get(f"NetworkApplied:{net}:{h}:{after['generation']}")
                 for h in after["hosts"]]
         out.append((max(d for d in done if d) if all(done) else polled) - t0)
+        breakdown["delete" if r % 2 == 0 else "create"].append(out[-1])
         jobs = [cloud.seen.get(f"job.{h}.network.{net}") for h in hosts]
         reports = [cloud.seen.get(f"NetworkApplied:{net}:{h}") for h in hosts]
         if all(jobs):
@@ -565,7 +566,7 @@ async def part_c(cloud: Cloud | None, sizes: Sequence[int], e2e_max: int,
             await cloud.settle(f"{n} members of {net}")
             say(f"    N={n:<5} {n} namespace guests created and applied in"
                 f" {time.perf_counter() - t0:.1f} s (not timed)")
-            parts[n] = {"jobs": [], "reports": [], "apply": []}
+            parts[n] = {"jobs": [], "reports": [], "apply": [], "delete": [], "create": []}
             e2e[n] = await change_e2e(cloud, net, n, changes, cidr, template, parts[n])
     say(f"    {'N':>6} {'job bytes':>10} {'bytes/port':>10} {'jobs':>5} {'fold CPU p50':>13}"
         f" {'p99':>9} {'e2e p50':>10} {'e2e p99':>10} {'e2e max':>10}")
@@ -593,6 +594,9 @@ async def part_c(cloud: Cloud | None, sizes: Sequence[int], e2e_max: int,
             say(f"      N={n:<5} last host's network job on JOB p50 {ms(j50)};"
                 f" last NetworkApplied folded p50 {ms(a50)}; agents' mean apply"
                 f" {ms(mean)} per job (instance and network jobs of the changes)")
+            say(f"      N={n:<5} e2e of a DeleteInstance p50 {ms(pcts(got['delete'])[0])}"
+                f" p99 {ms(pcts(got['delete'])[1])}; of a CreateInstance (its guest made"
+                f" meanwhile) p50 {ms(pcts(got['create'])[0])} p99 {ms(pcts(got['create'])[1])}")
     top = max(sizes)
     if top in e2e:
         p99 = pcts(e2e[top])[1]
