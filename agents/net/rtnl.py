@@ -35,8 +35,9 @@ from agents.net.netlink import (
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+RTM_GETADDR, IFA_ADDRESS = 22, 1
 
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
 IFLA_LINKINFO, IFLA_IFALIAS, IFLA_AF_SPEC, IFLA_EXT_MASK = 18, 20, 26, 29
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 4, 7, 15
@@ -53,6 +54,7 @@ NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
 
 _IFINFO = struct.Struct("=BxHiII")
 _NDMSG = struct.Struct("=BxxxiHBB")
+_IFADDR = struct.Struct("=BBBBI")
 _U32 = struct.Struct("=I")
 _BE16 = struct.Struct("!H")
 ZERO_MAC = "00:00:00:00:00:00"
@@ -78,6 +80,7 @@ class Link:
     up: bool
     alias: str | None
     address: str | None
+    peer: int | None = None  # IFLA_LINK: a veth's peer, its index in the peer's namespace
     vni: int | None = None  # for a VXLAN device
     local: str | None = None
     udp_port: int | None = None
@@ -152,6 +155,7 @@ def _parse_link(body: memoryview) -> Link:
         up=bool(flags & IFF_UP),
         alias=cstr(a[IFLA_IFALIAS]) if IFLA_IFALIAS in a else None,
         address=mac_str(a[IFLA_ADDRESS]) if IFLA_ADDRESS in a else None,
+        peer=_U32.unpack(a[IFLA_LINK])[0] if IFLA_LINK in a else None,
         **vxlan,  # type: ignore[arg-type]
         **brport,  # type: ignore[arg-type]
     )
@@ -218,6 +222,17 @@ class Rtnl(NetlinkSocket):
                 if kind == IFLA_IFNAME:  # the kernel writes it first
                     out[cstr(value)] = bool(flags & IFF_UP)
                     break
+        return out
+
+    def addresses(self, ifindex: int) -> set[tuple[str, int]]:
+        """The IPv4 (address, prefix length) of one device."""
+        query = _IFADDR.pack(socket.AF_INET, 0, 0, 0, ifindex)
+        out = set()
+        for _kind, body in self.dump(RTM_GETADDR, query, f"list addresses of {ifindex}"):
+            _family, prefixlen, _flags, _scope, index = _IFADDR.unpack_from(body, 0)
+            address = attrs(body, _IFADDR.size).get(IFA_ADDRESS)
+            if index == ifindex and address is not None and len(address) == 4:
+                out.add((socket.inet_ntoa(address), prefixlen))
         return out
 
     def neighbour(self, ifindex: int, ip: str) -> Neighbour | None:
