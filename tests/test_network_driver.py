@@ -315,6 +315,29 @@ def test_arp_for_a_remote_address_is_answered_without_crossing(net: Net) -> None
         assert arp_crossings() > 0
 
 
+def test_a_port_joining_leaves_the_segments_answers_for_remote_addresses(net: Net) -> None:
+    h1, h2, h3 = net.topo.hosts
+    a, _b = net.guest(h1, 10), net.guest(h2, 11)
+    net.apply(h2)
+    phantom = RemotePort("02:00:5e:00:00:98", net.address(98), h3.underlay_ip)
+    net.generation += 1
+    net.agent(h1).network.apply(net.id, net.spec(h1, (phantom,)), net.generation)
+    bridge = names.bridge_name(net.vni)
+    # A port whose host end has a lower address than every port before it: a bridge left
+    # to take its ports' lowest address takes that one, and the kernel then flushes the
+    # bridge's neighbour table, our permanent entries too.
+    low = net.guest(h1, 12, plug=False)
+    sh("ip", "-n", h1.netns, "link", "set", low.port, "address", "02:00:00:00:00:01")
+    address = sh("ip", "-n", h1.netns, "link", "show", bridge).stdout
+    net.plug(low)
+    assert sh("ip", "-n", h1.netns, "link", "show", bridge).stdout == address
+    assert phantom.mac in sh("ip", "-n", h1.netns, "neigh", "show", "dev", bridge).stdout
+    with underlay_arp(net.topo) as arp_crossings:  # still answered here, by the bridge
+        assert not a.pings(phantom.ip)
+        assert phantom.mac in a.run("ip", "neigh", "show", phantom.ip).stdout
+        assert arp_crossings() == 0
+
+
 # -- anti-spoofing --------------------------------------------------------------------------
 
 def test_spoofed_source_ip_or_mac_gets_nothing_through(net: Net) -> None:

@@ -36,6 +36,17 @@ def vxlan_name(vni: int) -> str:
     return f"{VXLAN_PREFIX}{vni}"
 
 
+def bridge_mac(vni: int) -> str:
+    """The segment bridge's own address, set rather than left to the kernel: a bridge whose
+    address is its ports' lowest takes a new one when a lower port joins, and the kernel
+    then flushes its neighbour table, permanent entries too (every remote address: ARP
+    then went unanswered until the next network job, which re-added and re-announced
+    them all). It never leaves the host (the bridge has no address and sends nothing);
+    locally administered, unicast, 46 bits of hash, as the guests' (schemas.ids)."""
+    h = hashlib.sha256(f"bridge/{vni}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (h[0] & 0xFC | 0x02, *h[1:6]))
+
+
 def vni_of(name: str) -> int | None:
     """The VNI of one of our segment links (bridge or VXLAN), None for any other name."""
     for prefix in (BRIDGE_PREFIX, VXLAN_PREFIX):

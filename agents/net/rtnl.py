@@ -294,11 +294,12 @@ def bridge_settings_ok(link: Link) -> bool:
     return link.nf_call_iptables is True and link.mcast_snooping is False
 
 
-def create_bridge(name: str, mtu: int) -> Message:
+def create_bridge(name: str, mtu: int, address: str) -> Message:
     return Message(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
                    _ifinfo() + nla_str(IFLA_IFNAME, name) + nla(IFLA_MTU, _U32.pack(mtu))
+                   + nla(IFLA_ADDRESS, mac_bytes(address))
                    + nest(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, "bridge"), _BRIDGE_DATA),
-                   f"create bridge {name}")
+                   f"create bridge {name} address {address}")
 
 
 def set_bridge(name: str, index: int) -> Message:
@@ -321,7 +322,7 @@ def create_vxlan(name: str, vni: int, local: str, mtu: int, udp_port: int) -> Me
 
 def set_link(name: str, index: int | None = None, *, mtu: int | None = None,
              master: int | None = None, alias: str | None = None, no_ipv6: bool = False,
-             up: bool | None = None) -> Message:
+             address: str | None = None, up: bool | None = None) -> Message:
     """Change a link's settings. ``no_ipv6``: no IPv6 link-local address (addrgenmode
     none), so the host sends nothing of its own into a segment; give it before ``up``."""
     head, by_name = _by(index, name)
@@ -338,6 +339,9 @@ def set_link(name: str, index: int | None = None, *, mtu: int | None = None,
     if alias is not None:
         body += nla(IFLA_IFALIAS, alias.encode())
         changes.append(f"alias {alias}")
+    if address is not None:
+        body += nla(IFLA_ADDRESS, mac_bytes(address))
+        changes.append(f"address {address}")
     if no_ipv6 and _HAS_IPV6:
         body += nest(IFLA_AF_SPEC, nest(socket.AF_INET6, nla(IFLA_INET6_ADDR_GEN_MODE,
                                                              bytes([IN6_ADDR_GEN_MODE_NONE]))))

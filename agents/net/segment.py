@@ -105,7 +105,7 @@ def ensure_segment(host: HostNet, vni: int, mtu: int, underlay_ip: str) -> Segme
             raise PermanentNetError(f"{bridge_name} exists and is not a bridge")
         create: list[Message] = []
         if bridge is None:
-            create.append(create_bridge(bridge_name, mtu))
+            create.append(create_bridge(bridge_name, mtu, names.bridge_mac(vni)))
         if vxlan is not None and not _vxlan_ok(vxlan, vni, underlay_ip):
             create.append(delete_link(vxlan_name, vxlan.index))  # ours by its name: redo it
             vxlan = None
@@ -142,6 +142,8 @@ def ensure_segment(host: HostNet, vni: int, mtu: int, underlay_ip: str) -> Segme
             config.append(set_link(vxlan_name, vxlan.index, up=True))
         if bridge.mtu != mtu:
             config.append(set_link(bridge_name, bridge.index, mtu=mtu))
+        if bridge.address != names.bridge_mac(vni):  # made by an older agent
+            config.append(set_link(bridge_name, bridge.index, address=names.bridge_mac(vni)))
         if not bridge_settings_ok(bridge):
             config.append(set_bridge(bridge_name, bridge.index))
         if not names.is_our_alias(bridge.alias):
