@@ -43,9 +43,9 @@ class WorkerConfig:
     idle_s: float = 0.5
     heartbeat_s: float = 1.0  # the consumer's; three missed and the worker gives up
     # Entity states kept between batches: the ``decoded`` most recently used as they are,
-    # the others encoded (a third of the memory, decoded again in microseconds when next
-    # needed); past ``cached`` in all, the least recently used are forgotten and read back
-    # from the projection.
+    # the others encoded (an instance in half the memory with its key, a network in a
+    # third; decoded again in microseconds when next needed); past ``cached`` in all, the
+    # least recently used are forgotten and read back from the projection.
     cached: int = 50_000
     decoded: int = 2_000
 
