@@ -14,7 +14,7 @@ state it had before the command, and the worker raises an alert.
 import functools
 import re
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import msgspec.inspect as mi
 
 from events.subjects import partition_of
 from orchestrator.deciders import DECIDERS, STATE_TYPES
-from orchestrator.deciders.base import Ctx
+from orchestrator.deciders.base import Ctx, Event
 from schemas.codec import CommandError, decode_command, printable
 from schemas.commands import Command, SourceClass
 from schemas.ids import RESERVED_SOURCES, is_valid_id
@@ -58,24 +58,32 @@ def _immutable(t: mi.Type) -> bool:
                                   mi.StrType, mi.BytesType, mi.LiteralType, mi.EnumType))
 
 
-# Evolve updates a state in place, so the state before it is kept, to be restored if it
-# raises. A state whose fields are all immutable can only change by assignments to them:
-# a shallow copy keeps it. Any other is kept encoded, which costs more.
+# Evolve updates a state in place, so what gives back the state before it is kept, to be
+# called if it raises. A state whose fields are all immutable can only change by
+# assignments to them: a shallow copy keeps it. A decider whose state grows with others (the
+# scheduler, with every instance) keeps only what its events change, with its ``keep``.
+# Any other state is kept encoded, which costs more.
 _SHALLOW = {kind: all(_immutable(f.type) for f in mi.type_info(cls).fields)  # type: ignore[attr-defined]
             for kind, cls in STATE_TYPES.items()}
+Restore = Callable[[], Any]
 
 
-def _keep(kind: str, state: Any) -> Any:
-    return state.__copy__() if _SHALLOW[kind] else _snapshot.encode(state)  # a Struct's
+def _keep(decider: Any, kind: str, state: Any, events: list[Event]) -> Restore:
+    keep = getattr(decider, "keep", None)
+    if keep is not None:
+        return keep(state, events)
+    if _SHALLOW[kind]:
+        copy = state.__copy__()  # a Struct's
+        return lambda: copy
+    encoded = _snapshot.encode(state)
+    return lambda: msgspec.msgpack.decode(encoded, type=STATE_TYPES[kind])
 
 
-def _restore(states: States, key: Key, kept: Any) -> None:
+def _restore(states: States, key: Key, kept: Restore | None) -> None:
     if kept is None:
         states.pop(key, None)
-    elif isinstance(kept, bytes):
-        states[key] = msgspec.msgpack.decode(kept, type=STATE_TYPES[key[0]])
     else:
-        states[key] = kept
+        states[key] = kept()
 
 
 @dataclass(slots=True)
@@ -160,7 +168,8 @@ def _fold_command(folded: Folded, states: States, data: bytes, source: str,
     decider = DECIDERS[kind]
     state = states.get(key)
     generation = getattr(state, "generation", 0)
-    stage, touched, before = "decide", False, None
+    stage, touched = "decide", False
+    before: Restore | None = None
     ctx = Ctx(source=source, seq=seq, at=at)
     try:
         decision = decider.decide(state, cmd, ctx)
@@ -172,7 +181,7 @@ def _fold_command(folded: Folded, states: States, data: bytes, source: str,
         if decision.events:
             stage = "evolve"
             if state is not None:
-                before = _keep(kind, state)
+                before = _keep(decider, kind, state, decision.events)
             touched = True
             # What other entities follow of this one (a pool, of its members), before and
             # after: a change is told to them by the decider's react.

@@ -19,19 +19,92 @@ from orchestrator.deciders.lb import LoadBalancer, drains_due
 from schemas import commands as c
 from schemas.ids import SYSTEM
 
-
-@dataclass(frozen=True, slots=True)
-class Lagging:
-    id: str
-    generation: int
-    attempts: int
-    issued_at: int
+MAX_ATTEMPTS = 2**31 - 1  # int4's largest: the end of the last window
 
 
-def overdue(lag: Lagging, now_ms: int, deadline_ms: int, max_backoff_ms: int) -> bool:
-    """Past its deadline, doubled for every re-issue so far, capped."""
-    wait = min(deadline_ms * 2 ** lag.attempts, max_backoff_ms)
-    return now_ms >= lag.issued_at + wait
+def windows(now_ms: int, deadline_ms: int, max_backoff_ms: int) -> list[tuple[int, int, int]]:
+    """When a job is overdue, as (re-issues from, re-issues below, issued at or before): past
+    its deadline, doubled for every re-issue so far, capped (the cap bounds the doubling,
+    never the deadline itself). From the first capped count on, one window holds them all:
+    a query is one index range per doubling."""
+    cap = max(deadline_ms, max_backoff_ms)
+    out = []
+    k = 0
+    while 0 < deadline_ms << k < cap:
+        out.append((k, k + 1, now_ms - (deadline_ms << k)))
+        k += 1
+    out.append((k, MAX_ATTEMPTS, now_ms - min(deadline_ms << k, cap)))
+    return out
+
+
+# Each query reads only the overdue rows: per window, one range of a partial index whose
+# predicate is the kind's lagging condition (schema.sql, which it repeats word for word),
+# so that a converged entity is never read, nor one whose deadline has not come. OFFSET 0
+# keeps each window its own scan, whatever the planner estimates of the predicate.
+def _overdue(predicate: str) -> str:
+    return f"""
+    FROM unnest($1::int[], $2::int[], $3::bigint[]) AS w(lo, hi, before)
+    CROSS JOIN LATERAL (
+        SELECT id, state FROM entities
+        WHERE {predicate}
+          AND (state->>'attempts')::int >= w.lo AND (state->>'attempts')::int < w.hi
+          AND (state->>'issued_at')::bigint <= w.before
+        OFFSET 0
+    ) AS e"""
+
+
+# A host's return restarts the deadline: it is counted from the later of the two.
+INSTANCES = """
+    SELECT e.id, (e.state->>'generation')::int AS generation,
+           (e.state->>'attempts')::int AS attempts""" + _overdue("""kind = 'instance'
+          AND state->>'host' IS NOT NULL AND state->>'status' IN ('placed', 'deleted')
+          AND ((state->>'observed_generation')::int < (state->>'generation')::int
+               -- or a host it left has not applied its removal (a lost report, say)
+               OR state->'cleanup' <> '{}'::jsonb)
+          -- memory moving: its deadline bounds it, and the source's report ends it
+          AND state->'migration'->>'phase' IS DISTINCT FROM 'migrating'""") + """
+    LEFT JOIN entities h ON h.kind = 'host' AND h.id = e.state->>'host'
+    WHERE h.state->>'condition' IS DISTINCT FROM 'down'
+      AND greatest((e.state->>'issued_at')::bigint, (h.state->>'updated_at')::bigint)
+          <= w.before
+"""
+# Networks some host has not applied, not counting hosts that are down.
+NETWORKS = """
+    SELECT e.id, (e.state->>'generation')::int AS generation,
+           (e.state->>'attempts')::int AS attempts""" + _overdue("""kind = 'network'
+          AND state->>'status' = 'active'
+          AND state @? '$.hosts.* ? (@.observed_generation < $.generation)'""") + """
+    CROSS JOIN LATERAL (
+        SELECT max((h.state->>'updated_at')::bigint) AS host_at
+        FROM jsonb_each(e.state->'hosts') AS span(host, view)
+        LEFT JOIN entities h ON h.kind = 'host' AND h.id = span.host
+        WHERE (span.view->>'observed_generation')::int < (e.state->>'generation')::int
+          AND h.state->>'condition' IS DISTINCT FROM 'down'
+        HAVING count(*) > 0
+    ) AS late
+    WHERE greatest((e.state->>'issued_at')::bigint, late.host_at) <= w.before
+"""
+# Balancers some node has not applied (an LB node's removal job too), not counting nodes
+# that are down.
+BALANCERS = """
+    SELECT e.id, (e.state->>'generation')::int AS generation,
+           (e.state->>'attempts')::int AS attempts""" + _overdue("""kind = 'lb'
+          AND state->>'stalled' IS NULL
+          AND state @? '$.slots[*] ? (@.node != null && @.observed_generation < $.generation
+              && (@.port.type() != "null" || $.status == "deleted" || $.status == "failed"))'
+          """) + """
+    CROSS JOIN LATERAL (
+        SELECT max((h.state->>'updated_at')::bigint) AS host_at
+        FROM jsonb_array_elements(e.state->'slots') AS slot
+        LEFT JOIN entities h ON h.kind = 'host' AND h.id = slot->>'node'
+        WHERE slot->>'node' IS NOT NULL
+          AND (slot->'port' <> 'null'::jsonb OR e.state->>'status' IN ('deleted', 'failed'))
+          AND (slot->>'observed_generation')::int < (e.state->>'generation')::int
+          AND h.state->>'condition' IS DISTINCT FROM 'down'
+        HAVING count(*) > 0
+    ) AS late
+    WHERE greatest((e.state->>'issued_at')::bigint, late.host_at) <= w.before
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,81 +121,17 @@ class Reconciler:
 
     async def tick(self, conn: asyncpg.Connection,
                    now_ms: int) -> list[c.Command]:
-        rows = await conn.fetch(
-            """
-            SELECT i.id, (i.state->>'generation')::int AS generation,
-                   (i.state->>'attempts')::int AS attempts,
-                   greatest((i.state->>'issued_at')::bigint,
-                            (h.state->>'updated_at')::bigint) AS issued_at
-            FROM entities i
-            LEFT JOIN entities h ON h.kind = 'host' AND h.id = i.state->>'host'
-            WHERE i.kind = 'instance' AND i.state->>'host' IS NOT NULL
-              AND i.state->>'status' IN ('placed', 'deleted')
-              AND ((i.state->>'observed_generation')::int < (i.state->>'generation')::int
-                   -- or a host it left has not applied its removal (a lost report, say)
-                   OR i.state->'cleanup' <> '{}'::jsonb)
-              -- memory moving: its deadline bounds it, and the source's report ends it
-              AND i.state->'migration'->>'phase' IS DISTINCT FROM 'migrating'
-              AND h.state->>'condition' IS DISTINCT FROM 'down'
-            """
-        )
-        # Networks some host has not applied, not counting hosts that are down.
-        networks = await conn.fetch(
-            """
-            SELECT n.id, (n.state->>'generation')::int AS generation,
-                   (n.state->>'attempts')::int AS attempts,
-                   greatest((n.state->>'issued_at')::bigint,
-                            max((h.state->>'updated_at')::bigint)) AS issued_at
-            FROM entities n
-            CROSS JOIN LATERAL jsonb_each(n.state->'hosts') AS span(host, view)
-            LEFT JOIN entities h ON h.kind = 'host' AND h.id = span.host
-            WHERE n.kind = 'network' AND n.state->>'status' = 'active'
-              AND (span.view->>'observed_generation')::int < (n.state->>'generation')::int
-              AND h.state->>'condition' IS DISTINCT FROM 'down'
-            GROUP BY n.id, n.state
-            """
-        )
-        # Balancers some node has not applied (an LB node's removal job too), not counting
-        # nodes that are down.
-        balancers = await conn.fetch(
-            """
-            SELECT l.id, (l.state->>'generation')::int AS generation,
-                   (l.state->>'attempts')::int AS attempts,
-                   greatest((l.state->>'issued_at')::bigint,
-                            max((h.state->>'updated_at')::bigint)) AS issued_at
-            FROM entities l
-            CROSS JOIN LATERAL jsonb_array_elements(l.state->'slots') AS slot
-            LEFT JOIN entities h ON h.kind = 'host' AND h.id = slot->>'node'
-            WHERE l.kind = 'lb' AND l.state->>'stalled' IS NULL
-              AND slot->>'node' IS NOT NULL
-              AND (slot->'port' <> 'null'::jsonb OR l.state->>'status' IN ('deleted', 'failed'))
-              AND (slot->>'observed_generation')::int < (l.state->>'generation')::int
-              AND h.state->>'condition' IS DISTINCT FROM 'down'
-            GROUP BY l.id, l.state
-            """
-        )
         cfg = self.config
-        deadline_ms, cap_ms = int(cfg.deadline_s * 1000), int(cfg.max_backoff_s * 1000)
-
-        def due(rows: list[asyncpg.Record]) -> list[Lagging]:
-            return [lag for lag in (Lagging(**dict(r)) for r in rows)
-                    if overdue(lag, now_ms, deadline_ms, cap_ms)]
-
-        commands: list[c.Command] = [
-            c.Reconcile(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
-                        generation=lag.generation, max_attempts=cfg.max_attempts)
-            for lag in due(rows)
-        ]
-        commands += [
-            c.ReconcileNetwork(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
-                               generation=lag.generation, max_attempts=cfg.max_attempts)
-            for lag in due(networks)
-        ]
-        commands += [
-            c.ReconcileLb(cmd_id=f"rc-{lag.id}-{lag.generation}-{lag.attempts}", id=lag.id,
-                          generation=lag.generation, max_attempts=cfg.max_attempts)
-            for lag in due(balancers)
-        ]
+        due = list(zip(*windows(now_ms, int(cfg.deadline_s * 1000),
+                                int(cfg.max_backoff_s * 1000)), strict=True))
+        commands: list[c.Command] = []
+        for query, cls in ((INSTANCES, c.Reconcile), (NETWORKS, c.ReconcileNetwork),
+                           (BALANCERS, c.ReconcileLb)):
+            commands += [
+                cls(cmd_id=f"rc-{r['id']}-{r['generation']}-{r['attempts']}", id=r["id"],
+                    generation=r["generation"], max_attempts=cfg.max_attempts)
+                for r in await conn.fetch(query, *due)
+            ]
         commands += await _drains_due(conn, now_ms)
         if cfg.evacuate_after_s is not None:
             commands += await _evacuations_due(conn, now_ms, int(cfg.evacuate_after_s * 1000))

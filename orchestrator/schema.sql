@@ -10,6 +10,26 @@ CREATE TABLE IF NOT EXISTS entities (
     PRIMARY KEY (kind, id)
 );
 
+-- The reconciler's: entities whose jobs some host has not applied, by re-issues and by
+-- when last issued, so that a tick reads only the rows that are overdue (reconciler.py's
+-- queries repeat each predicate word for word).
+CREATE INDEX IF NOT EXISTS entities_instance_lagging ON entities
+    (((state->>'attempts')::int), ((state->>'issued_at')::bigint))
+    WHERE kind = 'instance' AND state->>'host' IS NOT NULL
+      AND state->>'status' IN ('placed', 'deleted')
+      AND ((state->>'observed_generation')::int < (state->>'generation')::int
+           OR state->'cleanup' <> '{}'::jsonb)
+      AND state->'migration'->>'phase' IS DISTINCT FROM 'migrating';
+CREATE INDEX IF NOT EXISTS entities_network_lagging ON entities
+    (((state->>'attempts')::int), ((state->>'issued_at')::bigint))
+    WHERE kind = 'network' AND state->>'status' = 'active'
+      AND state @? '$.hosts.* ? (@.observed_generation < $.generation)';
+CREATE INDEX IF NOT EXISTS entities_lb_lagging ON entities
+    (((state->>'attempts')::int), ((state->>'issued_at')::bigint))
+    WHERE kind = 'lb' AND state->>'stalled' IS NULL
+      AND state @? '$.slots[*] ? (@.node != null && @.observed_generation < $.generation
+          && (@.port.type() != "null" || $.status == "deleted" || $.status == "failed"))';
+
 -- One row per command folded, keyed by its stream sequence: a command appears once.
 CREATE TABLE IF NOT EXISTS history (
     seq      bigint PRIMARY KEY,

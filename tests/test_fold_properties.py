@@ -1155,3 +1155,29 @@ def test_evolve_that_raises_halfway_leaves_the_state_as_it_was(kind: str) -> Non
     # The same command, without the bug, is folded: the partition went on.
     f = fold_message(states, subject_for(source, *key), encode(doc), 3, 3, PARTITIONS)
     assert f.outcome is not None and f.outcome.accepted and f.changed
+
+
+def test_a_scheduler_evolve_that_raises_halfway_leaves_its_allocations_as_they_were() -> None:
+    """The scheduler keeps only the allocations its events name (its ``keep``): a placement
+    and a release that raise once evolved leave them, and the hosts' usage, as they were."""
+    states: dict[Key, Any] = {}
+    subject = subject_for("system", "scheduler", SCHEDULER_ID)
+
+    def doc(type_: str, cmd_id: str, **fields: Any) -> bytes:
+        return encode({"type": type_, "cmd_id": cmd_id, "id": SCHEDULER_ID, **fields})
+
+    place = {"vcpus": 1, "memory_mib": 64}
+    host = doc("HostCapacity", "c", host="h0", vcpus=8, memory_mib=4096, condition="up")
+    for seq, body in enumerate([host, doc("Place", "p0", instance="i0", **place)], 1):
+        assert fold_message(states, subject, body, seq, seq, PARTITIONS).changed
+    before = snapshot(states)
+    for seq, body in enumerate([doc("Place", "p1", instance="i1", **place),
+                                doc("Release", "r0", instance="i0")], 3):
+        with buggy_deciders(frozenset({2}), frozenset({"evolve"})):  # 1: decide, 2: evolve
+            f = fold_message(states, subject, body, seq, seq, PARTITIONS)
+        assert f.internal_error, f.outcome
+        assert snapshot(states) == before, "the half-evolved state was kept"
+    assert fold_message(states, subject, doc("Place", "p1", instance="i1", **place), 5, 5,
+                        PARTITIONS).changed
+    state = states[("scheduler", SCHEDULER_ID)]
+    assert sorted(state.allocations) == ["i0", "i1"] and state.hosts["h0"].used_vcpus == 2

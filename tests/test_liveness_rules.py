@@ -1,7 +1,7 @@
 """The pure rules of the leader's duties: when a host is down or up, when a job is overdue."""
 
 from orchestrator.liveness import HostView, judge
-from orchestrator.reconciler import Lagging, overdue
+from orchestrator.reconciler import MAX_ATTEMPTS, windows
 from schemas import commands as c
 from schemas.heartbeat import Heartbeat
 
@@ -41,12 +41,23 @@ def test_hosts_never_heard_from_and_healthy_hosts_are_left_alone() -> None:
     assert judge(hosts, beats, 10_000, DOWN_AFTER) == []
 
 
+def overdue(attempts: int, issued_at: int, now_ms: int, deadline_ms: int = 10_000,
+            max_backoff_ms: int = 300_000) -> bool:
+    return any(lo <= attempts < hi and issued_at <= before
+               for lo, hi, before in windows(now_ms, deadline_ms, max_backoff_ms))
+
+
 def test_overdue_backs_off_exponentially_up_to_a_cap() -> None:
-    lag = Lagging(id="i1", generation=3, attempts=0, issued_at=0)
-    assert not overdue(lag, 9_999, 10_000, 300_000)
-    assert overdue(lag, 10_000, 10_000, 300_000)
-    third = Lagging(id="i1", generation=3, attempts=3, issued_at=0)
-    assert not overdue(third, 79_999, 10_000, 300_000)
-    assert overdue(third, 80_000, 10_000, 300_000)
-    many = Lagging(id="i1", generation=3, attempts=20, issued_at=0)
-    assert overdue(many, 300_000, 10_000, 300_000)
+    assert not overdue(0, 0, 9_999) and overdue(0, 0, 10_000)
+    assert not overdue(3, 0, 79_999) and overdue(3, 0, 80_000)
+    assert not overdue(5, 0, 299_999) and overdue(5, 0, 300_000)
+    assert overdue(20, 0, 300_000) and not overdue(20, 1, 300_000)
+    assert windows(300_000, 10_000, 300_000)[-1] == (5, MAX_ATTEMPTS, 0)
+
+
+def test_the_cap_never_shortens_the_deadline() -> None:
+    assert windows(7_200_000, 3_600_000, 300_000) == [(0, MAX_ATTEMPTS, 3_600_000)]
+    assert not overdue(0, 0, 3_599_999, deadline_ms=3_600_000)
+    assert overdue(4, 0, 3_600_000, deadline_ms=3_600_000)
+    # No deadline: every lagging job is overdue at once.
+    assert windows(5, 0, 300_000) == [(0, MAX_ATTEMPTS, 5)]

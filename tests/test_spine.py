@@ -278,8 +278,10 @@ def test_command_in_a_wrong_partition_is_dead_lettered() -> None:
 
 async def test_a_bounded_state_cache_folds_what_it_forgot_from_the_projection(
         js, store: Store, pg) -> None:
-    """States evicted between batches are read back as committed: the fold sees no gap."""
-    cfg = WorkerConfig(partitions=PARTITIONS, batch=10, idle_s=0.2, heartbeat_s=0.3, cached=4)
+    """States encoded or evicted between batches are read back as committed: the fold sees
+    no gap."""
+    cfg = WorkerConfig(partitions=PARTITIONS, batch=10, idle_s=0.2, heartbeat_s=0.3, cached=4,
+                       decoded=2)
     workers = [PartitionWorker(js, store, "a", lease, cfg)
                for lease in await store.claim("a", 30.0, PARTITIONS)]
     tasks = [asyncio.create_task(w.run()) for w in workers]
@@ -295,7 +297,8 @@ async def test_a_bounded_state_cache_folds_what_it_forgot_from_the_projection(
                                 for i, n in enumerate(nets)])
         await pub.publish_many([cmd("user", type="DeleteNetwork", id=n) for n in nets])
         await eventually(lambda: settled(pg, js))
-        assert all(len(w.known) <= cfg.cached for w in workers)
+        assert all(len(w.states) <= cfg.decoded and len(w.states) + len(w.encoded) <= cfg.cached
+                   for w in workers)
         assert not any(t.done() for t in tasks)
     finally:
         for task in tasks:

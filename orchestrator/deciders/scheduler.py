@@ -15,6 +15,8 @@ and once nothing is left on it, sets it in maintenance. A destination that goes 
 the moves into it.
 """
 
+from collections.abc import Callable
+
 import msgspec
 
 from orchestrator.deciders.base import Ctx, Decision, Event, accept, follow_ups, reject
@@ -32,7 +34,7 @@ class Slot(msgspec.Struct, kw_only=True):
     underlay: str | None = None  # where a migration reaches it
 
 
-class Allocation(msgspec.Struct, array_like=True):
+class Allocation(msgspec.Struct, array_like=True, frozen=True):  # replaced, never changed
     host: str
     vcpus: int
     memory_mib: int
@@ -552,6 +554,32 @@ def decide(state: Scheduler | None, cmd: c.Command, ctx: Ctx) -> Decision:
             return accept(LimitSet(cmd.limit), *started,
                           commands=_move_answers(ctx, state, started))
     return reject(f"{type(cmd).__name__} does not apply to the scheduler")
+
+
+# The only events whose evolve changes allocations, each that of its own ``instance``.
+_ALLOCATING = (Allocated, Freed, MoveSwitchedTo, MoveEnded)
+_copy = msgspec.msgpack.Encoder()
+
+
+def keep(state: Scheduler, events: list[Event]) -> Callable[[], Scheduler]:
+    """For the fold, should evolving ``events`` raise (a bug): what gives the state back as
+    it is now. The allocations grow with the instances, and copying them for every command
+    made a placement's cost grow with them too: only the entries the events name are kept
+    (evolve changes no other), and all the rest, which grows with the hosts, whole."""
+    rest = _copy.encode(msgspec.structs.replace(state, allocations={}))
+    allocations = state.allocations
+    named = {e.instance: allocations.get(e.instance) for e in events
+             if isinstance(e, _ALLOCATING)}
+
+    def restore() -> Scheduler:
+        for instance, alloc in named.items():
+            if alloc is None:
+                allocations.pop(instance, None)
+            else:
+                allocations[instance] = alloc
+        return msgspec.structs.replace(msgspec.msgpack.decode(rest, type=Scheduler),
+                                       allocations=allocations)
+    return restore
 
 
 def evolve(state: Scheduler | None, event: Event) -> Scheduler:
