@@ -3,14 +3,17 @@
     .venv/bin/python bench/tooling.py [--hot 10000] [--log-commands 1000000] [--runs 3]
 
 A private nats-server and PostgreSQL (the embedded Stack) in a temporary directory and one
-orchestrator replica (no agent: its reconciler deadline is an hour, so nothing is re-issued
-meanwhile). Untimed, it publishes and folds: a host, instances on it, one "hot" instance
-with --hot Stop/Start commands in its history (each changes its power and generation, and
-emits a job), and Stop/Start on the others (1 % on instances that do not exist, rejected)
-until the log holds --log-commands. Then it times each verb as an operator runs it: the
-CLI as a process, its output to a pipe, the median of --runs. `orch --help` is timed too:
-the interpreter's start-up and imports, part of every figure; each verb is timed again in
-this process, imports done (the "verb" column). Target: each answer ≤ 1 s.
+orchestrator replica, no agent. Untimed, it publishes and folds: a host, instances on it,
+one "hot" instance with --hot Stop/Start commands in its history (each changes its power
+and generation, and emits a job), and Stop/Start on the others (1 % on instances that do
+not exist, rejected) until the log holds --log-commands. The replica is then stopped: the
+verbs read only NATS and PostgreSQL, and its reconciler would re-issue the unapplied jobs
+(after 5 minutes at most, its backoff's cap) into the timelines being timed. Then it times
+each verb as an operator runs it: the CLI as a process, its output to a pipe, the median of
+--runs. `orch --help` is timed too: the interpreter's start-up and imports, part of every
+figure; each verb is timed again in this process, imports done (the "verb" column).
+Targets, of the process: each answer ≤ 1 s (issue 12), and a plain `orch tail` ≤ 200 ms
+(issue 13).
 Everything is torn down at exit, also on failure, Ctrl-C or SIGTERM.
 """
 
@@ -51,6 +54,7 @@ INSTANCES = 200
 HOT = "hot"
 CHUNK = 20_000
 TARGET_S = 1.0
+TAIL_TARGET_S = 0.2  # a plain timeline
 TINY = {"vcpus": 1, "memory_mib": 64, "image": "tiny"}
 
 
@@ -192,6 +196,7 @@ def measure(env: dict[str, str], seqs: dict[str, Any], runs: int, hot: int) -> N
         (f"tail {hot_} --diff", ("tail", hot_, "--diff")),
         (f"tail {hot_} --diff --json", ("tail", hot_, "--diff", "--json")),
         (f"tail {hot_} (no diff)", ("tail", hot_)),
+        ("  the same, --json", ("tail", hot_, "--json")),
         (f"get {hot_} --at its middle seq", ("get", hot_, "--at", str(seqs["hot_middle"]))),
         ("log (the newest 100)", ("log",)),
         ("log --json (the newest 100)", ("log", "--json")),
@@ -209,7 +214,8 @@ def measure(env: dict[str, str], seqs: dict[str, Any], runs: int, hot: int) -> N
             say(f"  {name:<{width}}  {seconds:6.3f} s")
             continue
         own = in_process(env, runs, *args)
-        verdict = "ok" if own <= TARGET_S else "OVER 1 s"
+        target = TAIL_TARGET_S if args[0] == "tail" and "--diff" not in args else TARGET_S
+        verdict = "ok" if seconds <= target else f"OVER {target:g} s"
         say(f"  {name:<{width}}  {seconds:6.3f} s  {own:6.3f} s  {lines:>6}  {verdict}")
     # The machine may be shared: the figures mean little without the load they ran under.
     say(f"  load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -242,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"tooling: {args.hot:,} commands on one instance, {args.log_commands:,} in the"
             f" log; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
         seqs = uvloop.run(build(info, children, args.hot, args.log_commands))
+        children.stop()
         measure(env, seqs, args.runs, args.hot)
 
     def cleanup() -> None:

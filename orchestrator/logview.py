@@ -1,18 +1,25 @@
 """Rendering the operator's views of the log: outcomes across entities, what a command
-changed, the tree of what it caused, and waits. Pure: rich renderables, no I/O."""
+changed, the tree of what it caused, and waits. Pure: rich renderables, no I/O.
+
+rich (and render, which uses it) is imported by the functions that build renderables: a
+pipe gets plain lines from a process that never loads it (~30 ms of its start-up)."""
+
+from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-from rich.text import Text
-from rich.tree import Tree
 
-from orchestrator.history import Change
-from orchestrator.render import format_ms, outcome_line
-from orchestrator.trace import Node
 from schemas.outcomes import Outcome
+
+if TYPE_CHECKING:  # history imports the fold and its deciders: a plain timeline needs neither
+    from rich.text import Text
+    from rich.tree import Tree
+
+    from orchestrator.history import Change
+    from orchestrator.trace import Node
 
 _STATUS_STYLE = {"applied": "green", "superseded": "green", "notice": "dim", "failed": "bold red",
                  "pending": "yellow"}
@@ -45,13 +52,28 @@ def outcome_plain(o: Outcome) -> str:
     return "".join(parts)
 
 
+def _log_cut(o: Outcome) -> int:
+    """Where a log line names the entity: after the seq and the time (two fixed-width
+    fields), before the source."""
+    return len(f"{o.seq:>6}  ") + len(_stamp(o.at)) + 2
+
+
+def log_plain(o: Outcome) -> str:
+    """``log_line(o).plain``, without building styled text: for a pipe."""
+    line, cut, head = outcome_plain(o), _log_cut(o), f"{o.kind}/{o.id}"
+    return f"{line[:cut]}{head:<24} {line[cut:]}"
+
+
 def log_line(o: Outcome) -> Text:
     """A timeline entry that names its entity: the log mixes them all."""
+    from rich.text import Text
+
+    from orchestrator.render import outcome_line
+
     line = outcome_line(o)
     head = Text(f"{o.kind}/{o.id}", style="bold")
     head.pad_right(max(0, 24 - len(head)))
-    # After the seq and the time (two fixed-width fields), before the source.
-    cut = len(f"{o.seq:>6}  ") + len(format_ms(o.at)) + 2
+    cut = _log_cut(o)
     return line[:cut] + head + Text(" ") + line[cut:]
 
 
@@ -70,6 +92,8 @@ def change_plain(c: Change) -> str:
 
 
 def change_line(c: Change) -> Text:
+    from rich.text import Text
+
     line = Text("        ")
     line.append(c.path, style="bold")
     line.append(": ")
@@ -84,11 +108,13 @@ def change_json(c: Change) -> dict[str, Any]:
 
 
 def _label(node: Node, root_at: int) -> Text:
+    from rich.text import Text
+
     line = Text()
     if node.outcome is not None:
         o = node.outcome
         line.append(f"{o.seq} ", style="dim")
-        line.append(format_ms(o.at) if o.at == root_at else f"+{o.at - root_at} ms",
+        line.append(_stamp(o.at) if o.at == root_at else f"+{o.at - root_at} ms",
                     style="dim")
         line.append(f"  {o.type} ", style="bold")
         line.append(f"{o.kind}/{o.id}")
@@ -119,6 +145,8 @@ def _label(node: Node, root_at: int) -> Text:
 
 
 def trace_tree(root: Node) -> Tree:
+    from rich.tree import Tree
+
     assert root.outcome is not None
     at = root.outcome.at
 
@@ -133,6 +161,8 @@ def trace_tree(root: Node) -> Tree:
 
 def verify_lines(differences: dict[tuple[str, str], list[Change]]) -> list[Text]:
     """Each entity the replay disagrees with the projection on, field by field."""
+    from rich.text import Text
+
     if not differences:
         return [Text("verify: OK", style="bold green")]
     lines = [Text(f"verify: FAILED, {len(differences)} entities differ (live → replayed):",

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 import asyncpg
 import msgspec
 
-from orchestrator.deciders.lb import LoadBalancer, without_healthy_backend
 from schemas.outcomes import Outcome
 
 _outcome = msgspec.json.Decoder(Outcome)
@@ -129,6 +128,9 @@ async def alerts(conn: asyncpg.Connection) -> list[AlertRow]:
     """Entities degraded after their retries ran out, hosts down, commands a bug of the fold
     refused (internal errors), balancers failed or without a healthy backend, instances that
     cannot leave a draining host or are stranded on a down one; newest first."""
+    # The deciders only here: the timeline and log queries need not import them.
+    from orchestrator.deciders.lb import LoadBalancer, without_healthy_backend
+
     rows = await conn.fetch(
         """
         SELECT kind, id, coalesce(state->>'error', '') AS reason,

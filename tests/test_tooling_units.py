@@ -4,7 +4,7 @@ the `--wait` argument, and an entity's history folded again with the real decide
 from events.subjects import partition_of, stored_command_subject
 from orchestrator.cli.app import wait_argument
 from orchestrator.history import Change, EntityFold, Stored, diff
-from orchestrator.logview import outcome_plain
+from orchestrator.logview import log_line, log_plain, outcome_plain
 from orchestrator.render import outcome_line
 from orchestrator.trace import JobRef, Node, follow_up_parent, job_status, waiting_for
 from schemas.codec import command_from_dict, encode
@@ -35,8 +35,11 @@ def test_plain_outcome_line_is_the_rich_one_without_styles() -> None:
                 commands=("network/n:AttachPort", "scheduler/default:Place")),
         Outcome(seq=1, at=0, cmd_id="k", type="X", source="h1", kind="lb", id="a",
                 accepted=True, reason="why"),
+        Outcome(seq=3, at=5, cmd_id="k", type="X", source="admin", kind="instance",
+                id="a-name-longer-than-the-log-column", accepted=True),
     ]:
         assert outcome_plain(o) == outcome_line(o).plain
+        assert log_plain(o) == log_line(o).plain
 
 
 def test_keys_name_their_causes() -> None:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import typer.core
 
 if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+
     from orchestrator.settings import Endpoints
 
 WAIT_MODES = ("outcome", "applied")
@@ -35,6 +42,39 @@ def wait_argument(argv: list[str]) -> list[str]:
         out.append(argv[i])
         i += 1
     return out
+
+
+def _coerce_lazily() -> None:
+    """typer (0.29) coerces each parameter through a pydantic TypeAdapter that it builds on
+    first use, even an option left unset or a str that argv gave as a str: importing pydantic
+    and building them cost every verb ~70 ms. Those two need nothing; any other value goes
+    through typer's own coercion, built when first needed. A typer without it is left alone."""
+    build = getattr(typer.core, "build_runtime_param", None)
+    if build is None:
+        return
+    from typer._coercion import RuntimeParam
+
+    @dataclass(frozen=True)
+    class Lazy(RuntimeParam):
+        descriptor: Any = None
+        built: list[Any] = field(default_factory=list)
+
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            if self.annotation is str and type(value) is str:
+                return value
+            if not self.built:
+                self.built.append(build(self.descriptor))
+            return self.built[0]._coerce_value(value, param=param, ctx=ctx)
+
+    def lazy(d: Any) -> Any:
+        if d.file_annotation is not None:
+            return build(d)
+        return Lazy(d.parameter_info, d.annotation, d)
+
+    typer.core.build_runtime_param = lazy
+
+
+_coerce_lazily()
 
 
 class _Orch(typer.Typer):
@@ -83,9 +123,43 @@ def main(
         "--pg", metavar="DSN", help="PostgreSQL DSN [env ORCH_PG_DSN, else the `orch up` stack]",
     )] = None,
 ) -> None:
+    ctx.obj = Options(nats_url, pg_dsn)
+    # Set up when structlog is first imported: a verb that reads PostgreSQL only never loads
+    # it (~50 ms), and one that does has it set up before anything can log.
+    if "structlog" in sys.modules:
+        _quiet_logs()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport("structlog", _quiet_logs))
+
+
+def _quiet_logs() -> None:
+    """Verbs that run daemons log JSON at their own level; the others keep stdout for their
+    output and say only what goes wrong (a lost connection, say) on stderr."""
     from events import logs
 
-    ctx.obj = Options(nats_url, pg_dsn)
-    # Verbs that run daemons log JSON at their own level; the others keep stdout for their
-    # output and say only what goes wrong (a lost connection, say) on stderr.
-    logs.configure("warning", json=False)
+    if hasattr(logs, "configure"):  # else events.logs is importing structlog: a daemon's
+        logs.configure("warning", json=False)  # verb imported it, and sets logs up itself
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``then`` right after the module ``name`` is first imported, by whichever import."""
+
+    def __init__(self, name: str, then: Callable[[], None]) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once: the real finders find it
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            load(module)
+            self.then()
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec

@@ -77,11 +77,11 @@ def migrate(
     = False,
 ) -> None:
     """Move a running instance live to another hypervisor (a stopped one moves cold)."""
-    from orchestrator.cli.output import Lines, console
+    from orchestrator.cli.output import Lines
     from orchestrator.cli.parse import parse_target
 
     opts: Options = ctx.obj
-    lines = Lines(console(), wait)
+    lines = Lines(wait)
 
     async def main() -> int:
         kind, id_ = parse_target(target, need_id=True)
@@ -162,10 +162,10 @@ def drain(
 ) -> None:
     """Migrate every instance off HOST (within the migration limit); it then goes into
     maintenance by itself."""
-    from orchestrator.cli.output import Lines, console
+    from orchestrator.cli.output import Lines
 
     opts: Options = ctx.obj
-    lines = Lines(console(), wait)
+    lines = Lines(wait)
 
     async def main() -> int:
         from orchestrator import queries

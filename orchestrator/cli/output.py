@@ -46,16 +46,31 @@ def console() -> Console:
 _json = msgspec.json.Encoder()
 
 
+def _surely_piped() -> bool:
+    """Whether rich's Console would find stdout no terminal, told without importing rich
+    (~30 ms of a process): not a TTY, and no TTY_COMPATIBLE or FORCE_COLOR saying otherwise.
+    False means: ask rich."""
+    try:
+        tty = sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no stdout, or a closed one: rich says no terminal
+        tty = False
+    return not tty and not os.environ.get("TTY_COMPATIBLE") and "FORCE_COLOR" not in os.environ
+
+
 class Lines:
     """The lines of a long listing: rich renders them on a TTY; on a pipe, where it would
-    only drop the styles, their plain text is written at once (a timeline may have 10,000)."""
+    only drop the styles, their plain text is written at once (a timeline may have 10,000),
+    and rich is not even imported."""
 
-    def __init__(self, out: Console, follow: bool = False) -> None:
+    def __init__(self, follow: bool = False) -> None:
         """``follow``: each line is flushed as it comes, for whoever reads them live."""
-        self.out, self.terminal, self.follow = out, out.is_terminal, follow
+        self.out = None if _surely_piped() else console()
+        self.terminal = self.out is not None and self.out.is_terminal
+        self.follow = follow
 
     def text(self, line: Text) -> None:
         if self.terminal:
+            assert self.out is not None
             self.out.print(line, soft_wrap=True)
         else:
             self.plain(line.plain)

@@ -16,10 +16,6 @@ from orchestrator.logreader import entity_batches
 from schemas.outcomes import Outcome
 
 
-async def noop() -> None:
-    pass
-
-
 class Changes:
     """What each command of one entity changed, from its commands folded again in order."""
 

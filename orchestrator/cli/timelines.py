@@ -26,16 +26,19 @@ def tail(
 
     import asyncpg
 
-    from events.subjects import event_subject
-    from events.topology import ensure_topology
-    from orchestrator import queries, render
+    from orchestrator import queries
     from orchestrator.cli.connect import open_nats, open_pg, stop_event, until_stopped
-    from orchestrator.cli.streams import Changes, follow_outcomes, noop
     from orchestrator.logview import change_json, change_line, change_plain, outcome_plain
     from schemas.outcomes import Outcome
 
+    if follow or diff:  # only these read NATS: a plain timeline is PostgreSQL's alone
+        from events.subjects import event_subject
+        from events.topology import ensure_topology
+        from orchestrator.cli.streams import Changes, follow_outcomes
     opts: Options = ctx.obj
-    lines = Lines(console(), follow)
+    lines = Lines(follow)
+    if lines.terminal:
+        from orchestrator import render
 
     async def main() -> None:
         stop = stop_event() if follow else None
@@ -52,7 +55,7 @@ def tail(
             try:
                 # The entity's commands are read from CMD while PostgreSQL answers.
                 history, _ = await asyncio.gather(queries.timeline(conn, kind, id_),
-                                                  changes.read() if changes else noop())
+                                                  changes.read() if changes else asyncio.sleep(0))
             except asyncpg.UndefinedTableError:
                 if stop is None:
                     raise
@@ -145,16 +148,13 @@ def log_(
     as_json: Annotated[bool, typer.Option("--json", help="One Outcome object per line")] = False,
 ) -> None:
     """The whole log across entities, newest last: every command folded, and its outcome."""
-    from events.bus import last_seq_at
-    from events.subjects import CMD_STREAM, EVT_STREAM
     from orchestrator import queries
     from orchestrator.cli.connect import open_nats, query, stop_event, until_stopped
-    from orchestrator.cli.streams import follow_events
-    from orchestrator.logview import log_line
+    from orchestrator.logview import log_line, log_plain
     from schemas.outcomes import Outcome
 
     opts: Options = ctx.obj
-    lines = Lines(console(), follow)
+    lines = Lines(follow)
 
     async def main() -> None:
         stop = stop_event() if follow else None
@@ -163,13 +163,24 @@ def log_(
         point = None if since is None else parse_point(since, "--since")
         if isinstance(point, datetime):
             not_in_future(point, "--since")
-        nc = await open_nats(opts.nats_url(), "orch-log", follow=follow)
+        # NATS only to follow, or to find the seq of a time: the log itself is PostgreSQL's.
+        nc = await open_nats(opts.nats_url(), "orch-log", follow=follow) if (
+            follow or isinstance(point, datetime)) else None
         try:
-            js = nc.jetstream()
-            # Where following starts: before the history is read, so nothing falls between.
-            evt_from = (await js.stream_info(EVT_STREAM)).state.last_seq + 1 if follow else 0
-            after = (await last_seq_at(js, CMD_STREAM, point) if isinstance(point, datetime)
-                     else 0 if point is None else point - 1)
+            js = None if nc is None else nc.jetstream()
+            evt_from = 0
+            if js is not None and follow:
+                from events.subjects import EVT_STREAM
+
+                # Where following starts: before the history is read, so nothing falls between.
+                evt_from = (await js.stream_info(EVT_STREAM)).state.last_seq + 1
+            if js is not None and isinstance(point, datetime):
+                from events.bus import last_seq_at
+                from events.subjects import CMD_STREAM
+
+                after = await last_seq_at(js, CMD_STREAM, point)
+            else:
+                after = 0 if point is None else int(point) - 1
             shown = limit if limit is not None else (100 if point is None else 0)
             history = await query(opts.pg_dsn(),
                                   lambda conn: queries.log(conn, where, after, shown or None))
@@ -183,15 +194,20 @@ def log_(
                     del seen[next(iter(seen))]
                 if as_json:
                     lines.json(o)
-                else:
+                elif lines.terminal:
                     lines.text(log_line(o))
+                else:
+                    lines.plain(log_plain(o))
 
             for o in history:
                 await emit(o)
-            if stop is not None:
+            if stop is not None and js is not None:
+                from orchestrator.cli.streams import follow_events
+
                 subject = "evt.>" if where.kind is None else f"evt.{where.kind}.>"
                 await until_stopped(follow_events(js, subject, evt_from, emit), stop)
         finally:
-            await nc.close()
+            if nc is not None:
+                await nc.close()
 
     run(main)
