@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 from nats.js import JetStreamContext
@@ -38,6 +39,7 @@ from orchestrator.snapshots import Schedule
 from orchestrator.store import Lease, Store, create_pool
 from orchestrator.strays import Strays
 
+T = TypeVar("T")
 log = structlog.get_logger()
 STOP_STEP_S = 2.0  # what a step of a replica's stop may take with PostgreSQL unreachable
 
@@ -156,6 +158,7 @@ class Replica:
     async def _tick(self, store: Store, js, worker_cfg: WorkerConfig, partitions: int) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
+        started = loop.time()
         pulse = await store.heartbeat(self.id, cfg.lease_s)
         for partition, (lease, task) in list(self.workers.items()):
             if task.done():
@@ -178,6 +181,9 @@ class Replica:
         held = await store.renew(self.id, (le for le, _ in self.workers.values()), cfg.lease_s)
         # Partitions claimed below are proven for longer: their claims are sent later.
         self._renewed(sent)
+        if loop.time() - started > cfg.lease_s / 2:  # a renewal proves lease_s from `sent`
+            log.warning("lease_renewal_slow", replica=self.id,
+                        before_s=round(sent - started, 3), renew_s=round(loop.time() - sent, 3))
         for partition in set(self.workers) - held:
             log.warning("lease_lost", partition=partition)
             await self._stop_worker(partition)
@@ -195,17 +201,29 @@ class Replica:
         """The leader's duties; a failure here is logged and retried on the next tick."""
         assert leadership.conn is not None
         now_ms = int(time.time() * 1000)  # the shell may read the clock; the fold may not
+        took: dict[str, float] = {}  # each duty's seconds: they delay the next tick's renewal
+
+        async def timed(duty: str, call: Awaitable[T]) -> T:
+            started = time.perf_counter()
+            try:
+                return await call
+            finally:
+                took[duty] = time.perf_counter() - started
+
         try:
-            for cmd in await liveness.tick(leadership.conn, now_ms):
+            for cmd in await timed("liveness", liveness.tick(leadership.conn, now_ms)):
                 log.warning("host_liveness", host=cmd.id, command=type(cmd).__name__)
-            for cmd in await reconciler.tick(leadership.conn, now_ms):
+            for cmd in await timed("reconciler", reconciler.tick(leadership.conn, now_ms)):
                 log.info("reconcile", entity=f"{cmd.kind}/{cmd.id}",
                          generation=cmd.generation)
-            if count := await strays.tick(leadership.conn):
+            if count := await timed("strays", strays.tick(leadership.conn)):
                 log.warning("dead_letters_unpartitioned", count=count)
-            await schedule.tick(leadership.conn)
+            await timed("snapshots", schedule.tick(leadership.conn))
         except Exception as exc:
             log.exception("leader_duties_failed", replica=self.id, error=repr(exc))
+        if sum(took.values()) > self.config.lease_s / 4:
+            log.warning("leader_duties_slow", replica=self.id,
+                        **{duty: round(seconds, 3) for duty, seconds in took.items()})
 
     async def _stop_worker(self, partition: int) -> None:
         await self._stop_workers([partition])
