@@ -298,30 +298,37 @@ def test_networks_with_the_same_addresses_stay_apart(net: Net) -> None:
     assert not y2.pings(x3.ip)  # only the other network has .12
 
 
-def test_arp_for_a_remote_address_is_answered_without_crossing(net: Net) -> None:
+def _phantom_behind_h3(net: Net, n: int) -> tuple[Guest, RemotePort]:
+    """A guest on h1, and a remote port behind h3 that does not exist: only h1's bridge
+    can answer ARP for it."""
     h1, h2, h3 = net.topo.hosts
     a, _b = net.guest(h1, 10), net.guest(h2, 11)
     net.apply(h2)
-    # A remote port behind h3 that does not exist: only h1's bridge can answer for it.
-    phantom = RemotePort("02:00:5e:00:00:99", net.address(99), h3.underlay_ip)
+    phantom = RemotePort(f"02:00:5e:00:00:{n:02x}", net.address(n), h3.underlay_ip)
     net.generation += 1
     net.agent(h1).network.apply(net.id, net.spec(h1, (phantom,)), net.generation)
+    return a, phantom
+
+
+def _answered_here(net: Net, a: Guest, phantom: RemotePort) -> None:
     with underlay_arp(net.topo) as arp_crossings:
         assert not a.pings(phantom.ip)  # nobody is there...
         assert phantom.mac in a.run("ip", "neigh", "show", phantom.ip).stdout  # ...yet answered
         assert arp_crossings() == 0
+
+
+def test_arp_for_a_remote_address_is_answered_without_crossing(net: Net) -> None:
+    a, phantom = _phantom_behind_h3(net, 0x99)
+    _answered_here(net, a, phantom)
+    with underlay_arp(net.topo) as arp_crossings:
         # Control: an address without a neighbour entry is asked for across the segment.
         assert not a.pings(net.address(98))
         assert arp_crossings() > 0
 
 
 def test_a_port_joining_leaves_the_segments_answers_for_remote_addresses(net: Net) -> None:
-    h1, h2, h3 = net.topo.hosts
-    a, _b = net.guest(h1, 10), net.guest(h2, 11)
-    net.apply(h2)
-    phantom = RemotePort("02:00:5e:00:00:98", net.address(98), h3.underlay_ip)
-    net.generation += 1
-    net.agent(h1).network.apply(net.id, net.spec(h1, (phantom,)), net.generation)
+    h1 = net.topo.hosts[0]
+    a, phantom = _phantom_behind_h3(net, 98)
     bridge = names.bridge_name(net.vni)
     # A port whose host end has a lower address than every port before it: a bridge left
     # to take its ports' lowest address takes that one, and the kernel then flushes the
@@ -332,10 +339,7 @@ def test_a_port_joining_leaves_the_segments_answers_for_remote_addresses(net: Ne
     net.plug(low)
     assert sh("ip", "-n", h1.netns, "link", "show", bridge).stdout == address
     assert phantom.mac in sh("ip", "-n", h1.netns, "neigh", "show", "dev", bridge).stdout
-    with underlay_arp(net.topo) as arp_crossings:  # still answered here, by the bridge
-        assert not a.pings(phantom.ip)
-        assert phantom.mac in a.run("ip", "neigh", "show", phantom.ip).stdout
-        assert arp_crossings() == 0
+    _answered_here(net, a, phantom)  # still, by the bridge
 
 
 # -- anti-spoofing --------------------------------------------------------------------------
