@@ -117,9 +117,10 @@ class Replica:
                     await asyncio.wait_for(stop.wait(), cfg.tick_s)
         finally:
             if leading is not None:
+                # gather, not a suppressed await: a cancellation of the replica itself
+                # meanwhile must still reach it.
                 leading.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await leading
+                await asyncio.gather(leading, return_exceptions=True)
             if self._unproven_at is not None:
                 self._unproven_at.cancel()
             await self._stop_workers(list(self.workers))

@@ -73,7 +73,7 @@ class PortPlumbing:
         after creating it.
         """
         _check(port, nic)
-        ip = check_ipv4(nic.ip)
+        ip, mac = check_ipv4(nic.ip), nic.mac.lower()
         if self._link(port) is None:
             raise TransientNetError(f"port {port} does not exist")
         # IPv6 off before the port joins anything. Outside the segment's lock: the sysctl
@@ -102,9 +102,9 @@ class PortPlumbing:
             self._write(changes)
             joined = link.master != segment.bridge.index
             if joined:
-                self._forget_remote(segment.bridge, ip, nic.mac)
+                self._forget_remote(segment.bridge, ip, mac)
         if joined:  # outside the lock: the frames wait for no other plug, nor they for them
-            self._announce(segment.bridge, Binding(ip, nic.mac.lower(), port))
+            self._announce(segment.bridge, Binding(ip, mac, port))
 
     def unplug(self, port: str) -> bool:
         """Remove the port's firewall and detach it from its segment; a segment left
@@ -152,7 +152,7 @@ class PortPlumbing:
             held = self.host.rtnl.neighbour(bridge.index, ip)
         except NetlinkError as exc:
             raise classify(exc) from exc
-        if held is not None and held.mac != mac.lower() and held.state & NUD_PERMANENT:
+        if held is not None and held.mac != mac and held.state & NUD_PERMANENT:
             self._write([delete_neighbour(bridge.index, ip)])
 
     def _announce(self, bridge: Link, binding: Binding) -> None:
