@@ -2,7 +2,6 @@
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from events.subjects import HEARTBEAT_BUCKET
@@ -16,18 +15,19 @@ async def beat(kv: KeyValue, host: str, heartbeat: Heartbeat) -> None:
 
 
 async def read_heartbeats(js: JetStreamContext) -> dict[str, Heartbeat]:
-    """The last heartbeat of every host that ever sent one (and sent one in the last day)."""
+    """The last heartbeat of every host that ever sent one (and sent one in the last day).
+
+    One ordered consumer delivers every key's last value: listing the keys and then getting
+    each was a round trip per host, 200 of them behind a leader's busy event loop."""
     kv = await js.key_value(HEARTBEAT_BUCKET)
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return {}
+    watcher = await kv.watchall(ignore_deletes=True)
     beats: dict[str, Heartbeat] = {}
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            continue
-        if entry.value:
-            beats[key] = _beat.decode(entry.value)
+    try:
+        async for entry in watcher:
+            if entry is None:  # the last value of every key has come
+                break
+            if entry.value:
+                beats[entry.key] = _beat.decode(entry.value)
+    finally:
+        await watcher.stop()
     return beats
