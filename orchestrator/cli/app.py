@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import importlib.abc
 import importlib.util
 import os
@@ -44,11 +46,22 @@ def wait_argument(argv: list[str]) -> list[str]:
     return out
 
 
+_PLAIN = (str, int, float, bool)  # types click parses by itself
+
+
+def _parses_alone(annotation: Any) -> bool:
+    """A number or an enum (a choice): its own constructor takes argv's str."""
+    return annotation in (int, float) or (isinstance(annotation, type)
+                                          and issubclass(annotation, enum.Enum))
+
+
 def _coerce_lazily() -> None:
     """typer (0.29) coerces each parameter through a pydantic TypeAdapter that it builds on
-    first use, even an option left unset or a str that argv gave as a str: importing pydantic
-    and building them cost every verb ~70 ms. Those two need nothing; any other value goes
-    through typer's own coercion, built when first needed. A typer without it is left alone."""
+    first use, even an option left unset, a value already of its annotated type, or a
+    number without bounds or a choice given as a str: importing pydantic and building them
+    cost every verb ~70 ms, and a replica (its `--deadline` is a float) ~4 MB for good.
+    Those need nothing; any other value, or one they refuse, goes through typer's own
+    coercion, built when first needed. A typer without it is left alone."""
     build = getattr(typer.core, "build_runtime_param", None)
     if build is None:
         return
@@ -60,8 +73,13 @@ def _coerce_lazily() -> None:
         built: list[Any] = field(default_factory=list)
 
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
-            if self.annotation is str and type(value) is str:
+            if self.annotation in _PLAIN and type(value) is self.annotation:
                 return value
+            info = self.parameter_info
+            if (type(value) is str and _parses_alone(self.annotation)
+                    and getattr(info, "min", None) is None and getattr(info, "max", None) is None):
+                with contextlib.suppress(ValueError):  # else typer's coercion says what is wrong
+                    return self.annotation(value)
             if not self.built:
                 self.built.append(build(self.descriptor))
             return self.built[0]._coerce_value(value, param=param, ctx=ctx)
