@@ -13,6 +13,7 @@ state it had before the command, and the worker raises an alert.
 
 import functools
 import re
+import sys
 import traceback
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -103,7 +104,10 @@ def source_class(source: str) -> SourceClass:
     return source if source in RESERVED_SOURCES else "host"  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=1 << 16)
+# Subjects seen again soon (an entity's follow-ups, a busy network) skip the parse and the
+# FNV hash (~8 us). Small: 65,536 entries held ~30 MB of a replica at 100,000 entities,
+# where uniform traffic hits a cache of any affordable size rarely anyway.
+@functools.lru_cache(maxsize=1 << 12)
 def address(subject: str, partitions: int) -> tuple[int, str, str, str]:
     """Split a stored subject cmd.<P>.<source>.<kind>.<id>; ValueError says what is wrong."""
     tokens = subject.split(".")
@@ -122,7 +126,7 @@ def address(subject: str, partitions: int) -> tuple[int, str, str, str]:
     expected = partition_of(kind, id_, partitions)
     if part != str(expected):
         raise ValueError(f"{kind}/{id_} belongs to partition {expected}, not {part}")
-    return expected, source, kind, id_
+    return expected, source, sys.intern(kind), id_  # one copy in every state's key
 
 
 def fold_message(states: States, subject: str, data: bytes, seq: int, at: int,
