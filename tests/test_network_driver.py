@@ -472,6 +472,37 @@ def marks(host: FabricHost) -> dict[str, int]:
     return {port: mark for port, mark in elems}
 
 
+def port_elements(host: FabricHost, set_name: str, port: str) -> list[str]:
+    """What the bridge table's set (port_macs, port_ips) holds for one port."""
+    out = sh("ip", "netns", "exec", host.netns, "nft", "-j", "list", "set", "bridge",
+             names.PORTS_TABLE, set_name).stdout
+    elems = next(o["set"] for o in json.loads(out)["nftables"] if "set" in o).get("elem", [])
+    values = [e["elem"]["val"] if "elem" in e else e for e in elems]  # with a comment or not
+    return sorted(v["concat"][1] for v in values if v["concat"][0] == port)
+
+
+def test_a_port_whose_mac_and_address_changed_is_left_only_the_new_ones(net: Net) -> None:
+    """Its elements are replaced, not accumulated: frames with the old MAC or address are
+    dropped from then on."""
+    h1, h2, _h3 = net.topo.hosts
+    a = net.guest(h1, 10, (SecurityRule("udp", 9999),))
+    b = net.guest(h2, 11)
+    net.apply()
+    assert a.pings(b.ip, attempts=3)
+    new_mac, new_ip = "02:00:00:00:77:77", net.address(21)
+    firewall = net.agent(h2).ports.firewall
+    assert firewall.converge(PortPolicy(b.port, names.bridge_name(net.vni), new_mac, new_ip,
+                                        ())) > 0
+    assert port_elements(h2, "port_macs", b.port) == [new_mac]
+    assert port_elements(h2, "port_ips", b.port) == [new_ip]
+    rx, tx = raw_socket(a), raw_socket(b)
+    tx.send(udp_frame(a.mac, b.mac, b.ip, a.ip, b"old-mac"))
+    tx.send(udp_frame(a.mac, new_mac, b.ip, a.ip, b"old-ip"))
+    tx.send(udp_frame(a.mac, new_mac, new_ip, a.ip, b"new-both"))
+    got = b"".join(received(rx))
+    assert b"new-both" in got and b"old-mac" not in got and b"old-ip" not in got
+
+
 def test_a_mark_another_writer_took_is_not_given_again(net: Net) -> None:
     """The firewall keeps the marks maps between plugs, keyed by the ruleset's generation:
     a write by anyone else in between makes it read them again."""
