@@ -331,7 +331,8 @@ class _Batch:
 
 class Firewall:
     """The port firewalls of one host namespace. Every method runs in its namespace thread
-    (so two ports never allocate the same mark) and writes one transaction at most."""
+    (so two ports never allocate the same mark) and writes one transaction at most (and
+    one before it that replaces an older layout's tables, once)."""
 
     def __init__(self, host: HostNet) -> None:
         self.host = host
@@ -449,7 +450,10 @@ class Firewall:
         """The commands that bring the port's elements (and its segment's zone) to
         ``policy``, and the allow ranges removed (whose connections are to be cut)."""
         port, mac, ip = policy.port, policy.mac.lower(), policy.ip
+        # What can refuse the port comes first: one refused leaves the batch as it was.
+        wanted = allowed(policy.rules)
         have = view.ports.get(port) or _Port()
+        mark = self._free_mark(view, batch) if have.mark is None else have.mark
         out = self._zone(policy.bridge, view, batch)
         if not have.listed:
             out.append({"add": _element(B, "ports", port)})
@@ -465,12 +469,9 @@ class Firewall:
                 {"concat": [port, old]} for old in stale))})
         if have.ips.get(ip) != policy.bridge:
             out.append({"add": _element(B, "port_ips", _ip_json(port, ip, policy.bridge))})
-        mark = have.mark
-        if mark is None:  # a new port, or its bridge table was lost
-            mark = self._free_mark(view, batch)
+        if have.mark is None:  # a new port, or its bridge table was lost
             out.append({"add": _element(B, "to_mark", [port, mark])})
         batch.marks.add(mark)
-        wanted = allowed(policy.rules)
         ranges = view.allow.get(mark, set())
         removed = ranges - wanted
         if removed:
@@ -500,18 +501,19 @@ class Firewall:
         out: list[Json] = []
         if zone is None:
             used = {z: name for name, z in batch.zones.items()}
+            gone: list[str] = []
             for name, z in view.zones.items():
                 if z is None or name == bridge or name in batch.dropped:
                     continue
                 try:
-                    gone = self.host.rtnl.link(name) is None
+                    if self.host.rtnl.link(name) is None:
+                        gone.append(name)
+                    else:
+                        used[z] = name
                 except NetlinkError as exc:
                     raise classify(exc) from exc
-                if gone:
-                    out.append({"delete": _element(I, "zone_of", name)})
-                    batch.dropped.add(name)
-                else:
-                    used[z] = name
+            batch.dropped.update(gone)  # only now: the port can no longer be refused
+            out += [{"delete": _element(I, "zone_of", name)} for name in gone]
             if bridge in view.zones:  # an element that jumps elsewhere
                 out.append({"delete": _element(I, "zone_of", bridge)})
             zone = next(z for z in range(1, len(used) + 2) if z not in used)
