@@ -397,7 +397,8 @@ def part_b(fabric: Any, ports: int, local: int) -> None:
         noop_s, noop_w = time.perf_counter() - t0, driver.writes - w0
         nl0, nft0 = plumbing.host.rtnl.writes, plumbing.firewall.commands
         timed = [(plumbing.host, "nft"), (plumbing.host, "sysctl"), (plumbing.firewall, "_plan"),
-                 (plumbing.firewall, "_complete"), (plumbing.firewall, "converge")]
+                 (plumbing.firewall, "_read"), (plumbing.firewall, "converge"),
+                 (plumbing, "_announce")]
         timers: dict[str, list[float]] = {}
         for obj, name in timed:
             timers |= _time_calls(obj, name)
@@ -443,10 +444,11 @@ def part_b(fabric: Any, ports: int, local: int) -> None:
         say("    wall time summed over calls (the namespace thread runs one at a time; the"
             " plugs also wait for each other on the segment's lock):")
         for name, what in (("converge", "Firewall.converge (as waited for by the plugs)"),
-                           ("_plan", "  Firewall._plan (reads the sets, picks a mark)"),
-                           ("_complete", "  Firewall._complete (reads the port's rules)"),
+                           ("_plan", "  Firewall._plan (compares, picks a mark)"),
+                           ("_read", "  Firewall._read (the tables, after another writer)"),
                            ("nft", "  HostNet.nft (libnftables transaction)"),
-                           ("sysctl", "HostNet.sysctl (disable_ipv6, on its own thread)")):
+                           ("sysctl", "HostNet.sysctl (disable_ipv6, arp_ignore, br_nf)"),
+                           ("_announce", "PortPlumbing._announce (a pass at a time per bridge)")):
             t, n = timers[name]
             say(f"      {what:<52} {t:6.2f} s in {int(n):4d} calls"
                 f"  {1000 * t / max(1, n):6.2f} ms each")

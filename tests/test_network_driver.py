@@ -472,6 +472,37 @@ def marks(host: FabricHost) -> dict[str, int]:
     return {port: mark for port, mark in elems}
 
 
+def port_elements(host: FabricHost, set_name: str, port: str) -> list[str]:
+    """What the bridge table's set (port_macs, port_ips) holds for one port."""
+    out = sh("ip", "netns", "exec", host.netns, "nft", "-j", "list", "set", "bridge",
+             names.PORTS_TABLE, set_name).stdout
+    elems = next(o["set"] for o in json.loads(out)["nftables"] if "set" in o).get("elem", [])
+    values = [e["elem"]["val"] if "elem" in e else e for e in elems]  # with a comment or not
+    return sorted(v["concat"][1] for v in values if v["concat"][0] == port)
+
+
+def test_a_port_whose_mac_and_address_changed_is_left_only_the_new_ones(net: Net) -> None:
+    """Its elements are replaced, not accumulated: frames with the old MAC or address are
+    dropped from then on."""
+    h1, h2, _h3 = net.topo.hosts
+    a = net.guest(h1, 10, (SecurityRule("udp", 9999),))
+    b = net.guest(h2, 11)
+    net.apply()
+    assert a.pings(b.ip, attempts=3)
+    new_mac, new_ip = "02:00:00:00:77:77", net.address(21)
+    firewall = net.agent(h2).ports.firewall
+    assert firewall.converge(PortPolicy(b.port, names.bridge_name(net.vni), new_mac, new_ip,
+                                        ())) > 0
+    assert port_elements(h2, "port_macs", b.port) == [new_mac]
+    assert port_elements(h2, "port_ips", b.port) == [new_ip]
+    rx, tx = raw_socket(a), raw_socket(b)
+    tx.send(udp_frame(a.mac, b.mac, b.ip, a.ip, b"old-mac"))
+    tx.send(udp_frame(a.mac, new_mac, b.ip, a.ip, b"old-ip"))
+    tx.send(udp_frame(a.mac, new_mac, new_ip, a.ip, b"new-both"))
+    got = b"".join(received(rx))
+    assert b"new-both" in got and b"old-mac" not in got and b"old-ip" not in got
+
+
 def test_a_mark_another_writer_took_is_not_given_again(net: Net) -> None:
     """The firewall keeps the marks maps between plugs, keyed by the ruleset's generation:
     a write by anyone else in between makes it read them again."""
@@ -541,6 +572,82 @@ def test_drift_is_repaired_by_the_next_apply(net: Net) -> None:
     tx.send(udp_frame(a.mac, b.mac, b.ip, a.ip, b"honest"))
     got = b"".join(received(rx))
     assert b"honest" in got and b"spoofed" not in got
+
+
+def _older_layout(bridge: str, ports: list[tuple[Guest, int]], source: str) -> str:
+    """Our tables as an agent of layout "orch:v1" wrote them (per-port chains and sets),
+    for ``ports`` (guest, mark) on one segment that allows TCP 8080 from ``source``."""
+    guard = ("ether saddr != {mac} drop\narp saddr ether != {mac} drop\n"
+             "arp saddr ip != {ip} drop\nether type arp accept\nip saddr != {ip} drop\n"
+             "ether type ip accept\ndrop comment \"orch:v1 {mac} {ip}\"")
+    to = ("ct state established,related accept\nct state invalid drop\n"
+          "icmp type echo-request accept\nmeta l4proto . th dport . ip saddr @allow_{port} "
+          "accept\ndrop comment \"orch:v1 {ip} {bridge}\"")
+    out = [f"delete table bridge {names.PORTS_TABLE}", f"delete table inet {names.GUESTS_TABLE}",
+           f"table bridge {names.PORTS_TABLE} {{"]
+    out += [f"chain in_{g.port} {{\n{guard.format(mac=g.mac, ip=g.ip)}\n}}" for g, _ in ports]
+    out += ["map from_port { type ifname : verdict; elements = { "
+            + ", ".join(f'"{g.port}" : jump in_{g.port}' for g, _ in ports) + " } }",
+            "map to_mark { type ifname : mark; elements = { "
+            + ", ".join(f'"{g.port}" : {mark}' for g, mark in ports) + " } }",
+            "chain prerouting {\ntype filter hook prerouting priority -200; policy accept;\n"
+            "iifname vmap @from_port comment \"orch:v1 base\"\n}",
+            "chain forward {\ntype filter hook forward priority -200; policy accept;\n"
+            "meta mark set oifname map @to_mark comment \"orch:v1 base\"\n}",
+            "}", f"table inet {names.GUESTS_TABLE} {{"]
+    for g, _ in ports:
+        out += [f"set allow_{g.port} {{ type inet_proto . inet_service . ipv4_addr; "
+                f"flags interval; elements = {{ tcp . 8080 . {source} }} }}",
+                f"chain to_{g.port} {{\n{to.format(port=g.port, ip=g.ip, bridge=bridge)}\n}}"]
+    out += ["chain zone_1 {\nct zone set 1 comment \"orch:v1 zone 1\"\n}",
+            f'map zone_of {{ type ifname : verdict; elements = {{ "{bridge}" : jump zone_1 }} }}',
+            "map to_port { type mark : verdict; elements = { "
+            + ", ".join(f"{mark} : jump to_{g.port}" for g, mark in ports) + " } }",
+            "chain prerouting {\ntype filter hook prerouting priority -300; policy accept;\n"
+            "iifname vmap @zone_of comment \"orch:v1 base\"\n}",
+            "chain forward {\ntype filter hook forward priority 0; policy accept;\n"
+            "meta mark vmap @to_port comment \"orch:v1 base\"\n}", "}"]
+    return "\n".join(out) + "\n"
+
+
+def test_tables_of_the_older_layout_are_replaced_with_every_port_they_held(net: Net) -> None:
+    """A host upgraded from "orch:v1" (chains in_/to_<port>, sets allow_<port>, maps
+    from_port/to_port): its next converge replaces the tables in one transaction and
+    carries over the ports they held, also one that is not plugged again."""
+    h1, h2, _h3 = net.topo.hosts
+    a, a2 = net.guest(h1, 10, (SecurityRule("udp", 9999),)), net.guest(h1, 12)
+    rules = (SecurityRule("tcp", 8080, f"{a.ip}/32"),)
+    b, c = net.guest(h2, 11, rules), net.guest(h2, 13, rules)
+    net.apply()
+    held = marks(h2)
+    sh("ip", "netns", "exec", h2.netns, "nft", "-f", "-",
+       stdin=_older_layout(names.bridge_name(net.vni), [(b, held[b.port]), (c, held[c.port])],
+                           f"{a.ip}/32"))
+    ruleset = sh("ip", "netns", "exec", h2.netns, "nft", "list", "ruleset").stdout
+    assert f"chain in_{c.port}" in ruleset and "from_port" in ruleset
+    b.tcp_listen(8080)
+    c.tcp_listen(8080)
+    assert a.tcp_connect(c.ip, 8080) is not None and a2.tcp_connect(c.ip, 8080) is None
+    net.plug(b, rules)
+    ruleset = sh("ip", "netns", "exec", h2.netns, "nft", "list", "ruleset").stdout
+    for older in ("in_ot", "to_ot", "allow_ot", "from_port", "to_port", "orch:v1"):
+        assert older not in ruleset
+    assert c.port in ruleset and marks(h2) == held
+    # c, not plugged again, is behind its firewall: its rule, and its anti-spoofing.
+    for g in (b, c):
+        assert a.tcp_connect(g.ip, 8080) is not None
+        assert a2.tcp_connect(g.ip, 8080) is None
+    rx, tx = raw_socket(a), raw_socket(c)
+    tx.send(udp_frame(a.mac, c.mac, a2.ip, a.ip, b"spoofed"))
+    tx.send(udp_frame(a.mac, c.mac, c.ip, a.ip, b"honest"))
+    got = b"".join(received(rx))
+    assert b"honest" in got and b"spoofed" not in got
+    # Carried over exactly: plugging both again writes nothing.
+    agent = net.agent(h2)
+    before = agent.writes
+    net.plug(b, rules)
+    net.plug(c, rules)
+    assert agent.writes == before
 
 
 def test_a_restarted_agent_adopts_its_segment_from_the_kernel(net: Net) -> None:

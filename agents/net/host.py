@@ -6,8 +6,9 @@ good, whichever thread uses it afterwards. So `HostNet` keeps one thread per nam
 that entered it at start. That thread opens the netlink sockets (used from any thread,
 each behind its lock), and runs what must execute inside the namespace: libnftables
 (it opens its own netlink socket when called) and sysctl writes (/proc/sys/net is the
-calling thread's namespace). It also serialises every nft transaction of the process on
-that namespace, which makes allocating a port's mark a simple read-then-write.
+calling thread's namespace: see `HostNet.sysctl`). It also serialises every nft
+transaction of the process on that namespace, which makes allocating a port's mark a
+simple read-then-write.
 
 One `HostNet` per namespace and process is shared (`HostNet.open`): the network driver and
 the guest drivers of one agent use the same one.
@@ -22,6 +23,7 @@ import os
 import queue
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
@@ -35,6 +37,7 @@ T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"  # where `ip netns add` puts the namespaces it names
 DEFAULT_TIMEOUT = 5.0
+SYSCTL_FDS = 64  # sysctl files kept open per namespace, the most recently used
 
 
 def _setns(netns: str) -> None:
@@ -129,8 +132,8 @@ class HostNet:
         self.timeout = timeout
         self.thread = NamespaceThread(netns, timeout)
         try:
-            # Sysctls are quick file writes: on a thread of their own, they do not queue
-            # behind the nft transactions of the namespace thread (plugs waited there).
+            # Sysctl files are opened on a thread of their own: they do not queue behind
+            # the nft transactions of the namespace thread (plugs waited there).
             self.sysctl_thread = NamespaceThread(netns, timeout)
         except BaseException:
             self.thread.close()
@@ -149,6 +152,8 @@ class HostNet:
         self._locks: dict[object, threading.RLock] = {}
         self._locks_lock = threading.Lock()
         self._packet: socket.socket | None = None
+        self._sysctls: OrderedDict[str, int] = OrderedDict()  # path -> its open file
+        self._sysctls_lock = threading.Lock()
 
     @classmethod
     def open(cls, netns: str | None, timeout: float = DEFAULT_TIMEOUT) -> HostNet:
@@ -171,6 +176,10 @@ class HostNet:
         self.nfnl.close()
         if self._packet is not None:
             self._packet.close()
+        with self._sysctls_lock:
+            for fd in self._sysctls.values():
+                os.close(fd)
+            self._sysctls.clear()
         self.thread.close()
         self.sysctl_thread.close()
 
@@ -228,29 +237,61 @@ class HostNet:
             raise TransientNetError(f"{what}: nft refused the transaction: {text[:500]}")
 
     def sysctl(self, key: str, value: str, *, optional: bool = False) -> None:
-        """Write a sysctl of this namespace (``net.bridge.bridge-nf-call-iptables``);
-        ``optional``: one the kernel does not have is fine (IPv6's, without IPv6)."""
+        """Write a sysctl of this namespace (``net.bridge.bridge-nf-call-iptables``) if it
+        differs; ``optional``: one the kernel does not have is fine (IPv6's, without IPv6).
+
+        A /proc/sys file answers for the namespace of the thread that opened it, whichever
+        thread reads it later: the files are opened on the sysctl thread and kept (the
+        `SYSCTL_FDS` most recent), so that a sysctl read again (a bridge's, br_netfilter's
+        at every firewall converge) costs a pread in the caller, not a hop to that thread
+        (1-2 ms each on a busy machine, some of them under a segment's lock). A file whose
+        device went away answers ENOENT for good (even if a device of that name is back):
+        it is opened again.
+        """
         path = "/proc/sys/" + key.replace(".", "/")
-
-        def write() -> None:
-            if optional and not os.path.exists(path):
-                return
-            with open(path) as current:
-                if current.read().strip() == value:
-                    return
-            with open(path, "w") as f:
-                f.write(value)
-
+        wanted = value.encode()
         try:
-            if self.thread.is_current() or self.sysctl_thread.is_current():
-                write()
-            else:
-                self.sysctl_thread.call(write, f"sysctl {key}={value}")
+            for _attempt in range(3):
+                with self._sysctls_lock:  # a file is not closed (evicted) while in use
+                    fd = self._sysctls.get(path)
+                    if fd is not None:
+                        try:
+                            if os.pread(fd, 64, 0).strip() != wanted:
+                                os.pwrite(fd, wanted, 0)
+                            self._sysctls.move_to_end(path)
+                            return
+                        except FileNotFoundError:  # its device went away
+                            os.close(self._sysctls.pop(path))
+                # Opened outside the lock: the others' sysctls (some under a segment's
+                # lock) do not wait for this one's hop.
+                fd = self._open_sysctl(path, key, optional)
+                if fd is None:
+                    return
+                with self._sysctls_lock:
+                    if path in self._sysctls:  # opened meanwhile by another caller
+                        os.close(fd)
+                        continue
+                    self._sysctls[path] = fd
+                    if len(self._sysctls) > SYSCTL_FDS:
+                        os.close(self._sysctls.popitem(last=False)[1])
         except FileNotFoundError as exc:
             raise PermanentNetError(f"sysctl {key} does not exist in network namespace "
                                     f"{self.netns or '(own)'}") from exc
         except OSError as exc:
             raise PermanentNetError(f"sysctl {key}={value}: {exc}") from exc
+        raise TransientNetError(f"sysctl {key}: its file vanished three times while written")
+
+    def _open_sysctl(self, path: str, key: str, optional: bool) -> int | None:
+        """A sysctl's file opened inside the namespace (None: an optional one missing)."""
+
+        def opened() -> int | None:
+            if optional and not os.path.exists(path):
+                return None
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+        if self.thread.is_current() or self.sysctl_thread.is_current():
+            return opened()
+        return self.sysctl_thread.call(opened, f"open sysctl {key}")
 
 
 __all__ = ["DEFAULT_TIMEOUT", "HostNet", "NamespaceThread", "NetError"]

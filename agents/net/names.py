@@ -95,20 +95,5 @@ def is_our_alias(alias: str | None) -> bool:
     return alias is not None and alias.startswith(_ALIAS_PREFIX)
 
 
-def chain_in(port: str) -> str:
-    """The bridge-family chain checking what a guest sends out of its port."""
-    return f"in_{port}"
-
-
-def chain_to(port: str) -> str:
-    """The inet-family chain deciding what reaches a guest through its port."""
-    return f"to_{port}"
-
-
-def allow_set(port: str) -> str:
-    """The set of (protocol, port, source range) a guest accepts connections from."""
-    return f"allow_{port}"
-
-
 def zone_chain(zone: int) -> str:
     return f"zone_{zone}"

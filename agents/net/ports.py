@@ -76,9 +76,9 @@ class PortPlumbing:
         ip, mac = check_ipv4(nic.ip), nic.mac.lower()
         if self._link(port) is None:
             raise TransientNetError(f"port {port} does not exist")
-        # IPv6 off before the port joins anything. Outside the segment's lock: the sysctl
-        # runs on the namespace thread, and under the lock it kept every other plug of the
-        # segment waiting behind the firewall transactions queued there.
+        # IPv6 off before the port joins anything. Outside the segment's lock: a port's
+        # first sysctl opens its file on the namespace's sysctl thread, and under the lock
+        # that hop kept every other plug of the segment waiting.
         self.host.sysctl(f"net.ipv6.conf.{port}.disable_ipv6", "1", optional=True)
         # The firewall first: nothing of the guest is forwarded before it is in place.
         # (Outside the segment's lock, so that ports of one segment plugged at the same time
