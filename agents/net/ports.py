@@ -19,10 +19,8 @@ Everything is read from the kernel first and only what differs is written.
 
 from __future__ import annotations
 
-import threading
-
 from agents.net import names
-from agents.net.announce import Binding, announce, port_names
+from agents.net.announce import Binding, announce
 from agents.net.errors import NetlinkError, PermanentNetError, TransientNetError, classify
 from agents.net.firewall import Firewall, PortPolicy
 from agents.net.host import DEFAULT_TIMEOUT, HostNet
@@ -47,8 +45,6 @@ class PortPlumbing:
     def __init__(self, netns: str | None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.host = HostNet.open(netns, timeout)
         self.firewall = Firewall(self.host)
-        self._unannounced: dict[int, list[Binding]] = {}  # bridge -> plugged, not announced
-        self._unannounced_lock = threading.Lock()
 
     def close(self) -> None:
         self.host.close()
@@ -103,8 +99,8 @@ class PortPlumbing:
             joined = link.master != segment.bridge.index
             if joined:
                 self._forget_remote(segment.bridge, ip, mac)
-        if joined:  # outside the lock: the frames wait for no other plug, nor they for them
-            self._announce(segment.bridge, Binding(ip, mac, port))
+        if joined:  # outside the lock: the frame waits for no other plug
+            announce(self.host, segment.bridge, [Binding(ip, mac)])
 
     def unplug(self, port: str) -> bool:
         """Remove the port's firewall and detach it from its segment; a segment left
@@ -154,19 +150,6 @@ class PortPlumbing:
             raise classify(exc) from exc
         if held is not None and held.mac != mac and held.state & NUD_PERMANENT:
             self._write([delete_neighbour(bridge.index, ip)])
-
-    def _announce(self, bridge: Link, binding: Binding) -> None:
-        """Tell the guests of the segment's other ports the binding of a port that just
-        joined (it may be an address freed by another MAC). Group commit, as the firewall
-        does: ports plugged meanwhile are announced by one pass over the bridge's ports,
-        which each plug reading them all for itself made N^2 for N ports."""
-        with self._unannounced_lock:
-            self._unannounced.setdefault(bridge.index, []).append(binding)
-        with self.host.lock(("announce", bridge.index)):
-            with self._unannounced_lock:
-                bindings = self._unannounced.pop(bridge.index, [])
-            if bindings:  # else the pass that ran meanwhile took this one too
-                announce(self.host, port_names(self.host, bridge.index), bindings)
 
     def _link(self, name: str) -> Link | None:
         try:

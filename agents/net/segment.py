@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agents.net import names
-from agents.net.announce import Binding, announce, port_names
+from agents.net.announce import Binding, announce
 from agents.net.errors import NetlinkError, PermanentNetError, classify
 from agents.net.host import HostNet
 from agents.net.netlink import Message
@@ -240,7 +240,7 @@ def converge_remotes(host: HostNet, segment: Segment, vteps: Iterable[str],
     # Written first: a guest that re-asks for the address is answered with the new MAC.
     # (A reused address's peers here still hold the old holder's MAC.)
     if news:
-        made += announce(host, port_names(host, br), news)
+        made += announce(host, segment.bridge, news)
     return made
 
 
