@@ -63,6 +63,7 @@ from agents.net.errors import (
 )
 from agents.net.host import HostNet
 from agents.net.nfnl import NFPROTO_BRIDGE, NFPROTO_INET, Element, Flow, NftReader
+from agents.net.rtnl import mac_str
 from schemas.specs import SecurityRule
 
 LAYOUT = "orch:v2"  # in every comment we check: a new layout rewrites every chain
@@ -644,7 +645,7 @@ class Firewall:
             view.port(_ifname(e.key)).listed = True
         for e in self._elements(BRIDGE, "port_macs"):
             if len(e.key) == names.IFNAMSIZ + 8:
-                view.port(_ifname(e.key)).macs.add(":".join(f"{b:02x}" for b in e.key[16:22]))
+                view.port(_ifname(e.key)).macs.add(mac_str(e.key[16:22]))
         for e in self._elements(BRIDGE, "port_ips"):
             if len(e.key) == names.IFNAMSIZ + 4:
                 view.port(_ifname(e.key)).ips[socket.inet_ntoa(e.key[16:20])] = e.comment or ""

@@ -178,15 +178,15 @@ class NftReader:
 
     def chains(self, family: int, table: str) -> list[str]:
         """The names of a table's chains (none if the table is missing)."""
-        return self._names(NFT_MSG_GETCHAIN, family, table, "chains")
+        return self._names(NFT_MSG_GETCHAIN, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, family, table,
+                           "chains")
 
     def sets(self, family: int, table: str) -> list[str]:
         """The names of a table's sets and maps (none if the table is missing)."""
-        return self._names(NFT_MSG_GETSET, family, table, "sets")
+        return self._names(NFT_MSG_GETSET, NFTA_SET_TABLE, NFTA_SET_NAME, family, table, "sets")
 
-    def _names(self, msg: int, family: int, table: str, what: str) -> list[str]:
-        table_attr, name_attr = ((NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME) if msg == NFT_MSG_GETCHAIN
-                                 else (NFTA_SET_TABLE, NFTA_SET_NAME))
+    def _names(self, msg: int, table_attr: int, name_attr: int, family: int, table: str,
+               what: str) -> list[str]:
         query = _head(family) + nla_str(table_attr, table)
         out = []
         for _kind, body in self._dump(msg, query, f"list {what} of {table}"):
