@@ -13,8 +13,10 @@ small process serves 30 guests for the memory of one. Every answer is the guest'
 What to serve is a directory, written by the driver: `<dir>/guests/<id>` holds
 `{"id": ..., "netns": ...}`. A line `sync` on the control socket `<dir>/control.sock`
 makes the service read it again (`sync ID`: that guest's record alone) and reply with what
-it serves (`{"pid": N, "serving": {id: netns}}`): the driver knows a guest answers before
-it reports it running. SIGHUP also makes it read the directory again.
+it serves (`{"pid": N, "serving": {id: netns}}`; after `sync ID`, that guest alone, so
+that an agent converging each of N guests in turn does not read N answers N times): the
+driver knows a guest answers before it reports it running. SIGHUP also makes it read the
+directory again.
 
 It runs detached from the agent (`--daemonize`: its own session, reparented to init) so an
 agent that dies or restarts leaves every guest answering. `<dir>/service.lock` (flock)
@@ -206,7 +208,7 @@ class Service:
                 except OSError as exc:
                     print(f"cannot serve {guest_id} in {netns}: {exc!r}", file=sys.stderr,
                           flush=True)
-            return {i: g.netns for i, g in self.serving.items()}
+            return {i: g.netns for i, g in self.serving.items() if only in (None, i)}
 
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -44,7 +44,7 @@ import asyncpg
 import harness
 import msgspec
 import uvloop
-from converge import percentile, replica_ready, wait_until
+from converge import CpuMeter, percentile, replica_ready, wait_until
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
@@ -77,6 +77,8 @@ TARGET_A_P50_S = 1.0
 TARGET_B_S = 1.0
 TARGET_C_P99_MS = 100.0
 RESYNC_S = 30
+# The parts whose CPU (c) reports; "benchmark" is this process (its polling of the state).
+CPU_PARTS = ("replica", "agents", "guest services", "nats-server", "postgres", "benchmark")
 PROBE_TIMEOUT_S = 0.05  # one TCP attempt from the probe's namespace
 PROBE_INTERVAL_S = 0.005
 ANSWER_TIMEOUT_S = 60.0
@@ -85,6 +87,13 @@ CHILD_STOP_GRACE_S = 10.0
 METRICS_BASE_PORT = 19400
 BIG_HOST = dict(vcpus=16384, memory_mib=4 * 1024 * 1024)
 _outcome = msgspec.json.Decoder(Outcome)
+
+
+class _Generation(msgspec.Struct):
+    generation: int
+
+
+_generation = msgspec.json.Decoder(_Generation)  # of a job: the rest is skipped unread
 
 
 def say(line: str = "") -> None:
@@ -123,7 +132,9 @@ class Cloud:
     pg: asyncpg.Connection
     pub: Publisher
     metrics: dict[str, int] = field(default_factory=dict)  # host -> agent metrics port
+    cpu: CpuMeter = field(default_factory=lambda: CpuMeter({}))  # each process's CPU
     seen: dict[str, float] = field(default_factory=dict)  # subject or outcome key -> first
+    generations: dict[str, int] = field(default_factory=dict)  # network job subject -> newest
 
     world: Any = None  # tests/test_networks.py's Cloud over the same servers and agents
 
@@ -153,6 +164,10 @@ class Cloud:
         now = time.perf_counter()
         if msg.subject.startswith("job."):
             self.seen.setdefault(msg.subject, now)
+            if ".network." in msg.subject:
+                generation = _generation.decode(msg.data).generation
+                self.generations[msg.subject] = max(generation,
+                                                    self.generations.get(msg.subject, 0))
             return
         if msg.subject.startswith("cmd."):  # an agent's report, before the fold
             cmd = msgspec.json.decode(msg.data)
@@ -170,19 +185,30 @@ class Cloud:
                 generation = outcome.cmd_id.rsplit("-", 2)[1]
                 self.seen.setdefault(f"{key}:{generation}", now)
 
-    def apply_seconds(self) -> tuple[float, int]:
-        """Sum and count of every agent's orch_agent_apply_seconds histogram."""
+    def agent_sums(self, metric: str) -> tuple[float, int]:
+        """Sum and count of a histogram (orch_agent_apply_seconds, say) over every agent."""
         total, count = 0.0, 0
         for port in self.metrics.values():
             with contextlib.suppress(OSError):
                 text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
                                               timeout=2).read().decode()
                 for line in text.splitlines():
-                    if line.startswith("orch_agent_apply_seconds_sum"):
+                    if line.startswith(f"{metric}_sum"):
                         total += float(line.split()[-1])
-                    elif line.startswith("orch_agent_apply_seconds_count"):
+                    elif line.startswith(f"{metric}_count"):
                         count += int(float(line.split()[-1]))
         return total, count
+
+    def cpu_sample(self) -> dict[str, float]:
+        """CPU seconds so far of each part: the guest services (one per host, detached
+        from its agent) are found when sampled, as they start with the first guest."""
+        services = []
+        for h in self.fabric.hosts:
+            with contextlib.suppress(OSError, ValueError):
+                pid_file = Path("/run/orch-guests") / guest_base(h.netns, h.name) / "service.pid"
+                services.append(int(pid_file.read_text()))
+        self.cpu.groups["guest services"] = services
+        return self.cpu.sample()
 
 
 async def start_cloud(js: JetStreamContext, pg_dsn: str, fabric: Any,
@@ -253,7 +279,7 @@ async def part_a(cloud: Cloud, instances: int, late_n: int) -> None:
     parts: dict[str, list[float]] = {"job": [], "applied": [], "net job": [],
                                      "net applied": [], "both applied": [],
                                      "answer after both": []}
-    apply0 = cloud.apply_seconds()
+    apply0 = cloud.agent_sums("orch_agent_apply_seconds")
     while len(total) + len(late_total) < instances + late_n and k < 3 * (instances + late_n):
         late = len(total) >= instances  # the control: probe only once both are applied
         id_ = f"a{k}"
@@ -300,7 +326,7 @@ async def part_a(cloud: Cloud, instances: int, late_n: int) -> None:
         if applied is not None and net_applied is not None:
             parts["both applied"].append(max(applied, net_applied) - t0)
             parts["answer after both"].append(answered - max(applied, net_applied))
-    apply1 = cloud.apply_seconds()
+    apply1 = cloud.agent_sums("orch_agent_apply_seconds")
     p50, p99, top = pcts(total)
     say(f"    measured {len(total)} + {len(late_total)} instances on other hosts ({skipped}"
         f" placed on {probe_host} skipped)")
@@ -516,7 +542,9 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
     ``breakdown`` when the last host's network job reached JOB and its report was folded,
     and the agents' mean apply time, as received here."""
     out = []
-    apply0 = cloud.apply_seconds()
+    apply0 = cloud.agent_sums("orch_agent_apply_seconds")
+    resyncs0 = cloud.agent_sums("orch_agent_resync_seconds")[1]
+    cpu: dict[str, float] = {}
     for r in range(changes):
         before = await cloud.state("network", net)
         assert before is not None
@@ -524,24 +552,31 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
         for key in [k for k in cloud.seen if f".network.{net}" in k
                     or k.startswith(f"NetworkApplied:{net}:")]:
             cloud.seen.pop(key)
+        cpu0 = cloud.cpu_sample()
         t0 = time.perf_counter()
         if r % 2 == 0:
             await cloud.send("user", type="DeleteInstance", id=f"{net}-{r // 2}")
         else:
             await cloud.send("user", type="CreateInstance", id=f"{net}-x{r}", template=template)
 
-        async def applied(gen0: int = gen0) -> bool:
-            s = await cloud.state("network", net)
-            return bool(s and s["generation"] > gen0 and all(
-                h["observed_generation"] == s["generation"] for h in s["hosts"].values()))
+        async def reported(gen0: int = gen0, hosts: list[str] = hosts) -> bool:
+            gen = max(cloud.generations.get(f"job.{h}.network.{net}", 0) for h in hosts)
+            return gen > gen0 and all(f"NetworkApplied:{net}:{h}:{gen}" in cloud.seen
+                                      for h in hosts)
 
-        # Polled slowly: reading a state of N ports every 2 ms cost the machine more than
-        # the change did (at N = 1,000 it took e2e p50 from ~120 ms to ~430 ms). The time
-        # taken is when the last host's report of that generation was received here.
-        polled = await wait_until(f"{net} change applied", applied, cloud.children, 60, 0.02)
-        await asyncio.sleep(0.05)  # the outcomes reach this process too
+        # From what this process receives (the jobs' generation, the reports folded), not
+        # by polling the projection: reading a state of N ports even every 20 ms cost the
+        # bench and PostgreSQL ~40 ms of CPU per change at N = 1,000, taken from the
+        # system measured. The projection is read once, after, to check.
+        polled = await wait_until(f"{net} change applied", reported, cloud.children, 60,
+                                  0.002)
+        cpu1 = cloud.cpu_sample()
+        for part in CPU_PARTS:
+            cpu[part] = cpu.get(part, 0.0) + cpu1[part] - cpu0[part]
         after = await cloud.state("network", net)
-        assert after is not None
+        assert after is not None and after["generation"] > gen0 and all(
+            h["observed_generation"] == after["generation"] for h in after["hosts"].values()), \
+            f"{net}: the reports received do not match the projection"
         done = [cloud.seen.get(f"NetworkApplied:{net}:{h}:{after['generation']}")
                 for h in after["hosts"]]
         out.append((max(d for d in done if d) if all(done) else polled) - t0)
@@ -557,7 +592,9 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
         if all(reports):
             breakdown["reports"].append(max(a for a in reports if a) - t0)
         await cloud.settle(f"{net} settled")
-    apply1 = cloud.apply_seconds()
+    breakdown["cpu"] = [cpu[part] / changes for part in CPU_PARTS]
+    breakdown["resyncs"] = [cloud.agent_sums("orch_agent_resync_seconds")[1] - resyncs0]
+    apply1 = cloud.agent_sums("orch_agent_apply_seconds")
     if apply1[1] > apply0[1]:
         breakdown["apply"].append((apply1[0] - apply0[0]) / (apply1[1] - apply0[1]))
     return out
@@ -627,6 +664,10 @@ async def part_c(cloud: Cloud | None, sizes: Sequence[int], e2e_max: int,
             say(f"      N={n:<5} e2e of a DeleteInstance p50 {ms(pcts(got['delete'])[0])}"
                 f" p99 {ms(pcts(got['delete'])[1])}; of a CreateInstance (its guest made"
                 f" meanwhile) p50 {ms(pcts(got['create'])[0])} p99 {ms(pcts(got['create'])[1])}")
+            say(f"      N={n:<5} CPU per change, publish to the last report received: "
+                + ", ".join(f"{part} {1000 * cpu:.1f} ms"
+                            for part, cpu in zip(CPU_PARTS, got["cpu"], strict=True))
+                + f"; agents' resyncs meanwhile {int(got['resyncs'][0])}")
     top = max(sizes)
     if top in e2e:
         p99 = pcts(e2e[top])[1]
@@ -671,6 +712,11 @@ async def cloud_parts(run: Run, args: argparse.Namespace, parts: set[str]) -> No
                                       "ORCH_PG_DSN": info.pg_dsn})
     nc = await connect(info.nats_url, "bench-network")
     cloud = await start_cloud(nc.jetstream(), info.pg_dsn, fabric, run.children)
+    procs = run.children.procs
+    cloud.cpu.groups.update({
+        "replica": [procs["r1"].pid],
+        "agents": [p.pid for name, p in procs.items() if name.startswith("agent-")],
+        "nats-server": run.stack.nats.pids, "postgres": [run.stack.pg.pid]})
     try:
         if "a" in parts:
             await part_a(cloud, args.instances, args.late)

@@ -874,7 +874,78 @@ def test_port_names_are_the_taps_agents_have_always_made() -> None:
 
 # -- scale ----------------------------------------------------------------------------------
 
-def test_a_segment_of_1000_remote_ports_converges_from_empty_quickly(net: Net) -> None:
+def _phantom(net: Net, n: int, host: FabricHost, mac: int | None = None) -> RemotePort:
+    """A remote port nobody holds: entries only."""
+    return RemotePort(f"02:00:5f:00:00:{n if mac is None else mac:02x}", net.address(n),
+                      host.underlay_ip)
+
+
+def test_a_newer_job_is_converged_as_its_changes_and_the_same_one_again_in_full(
+        net: Net) -> None:
+    h1, h2, h3 = net.topo.hosts
+    a, b = net.guest(h1, 10), net.guest(h2, 11)
+    net.apply()
+    assert a.pings(b.ip, attempts=3)
+    d1 = net.agent(h1).network
+    gone, moved, kept = _phantom(net, 20, h3), _phantom(net, 21, h3), _phantom(net, 22, h3)
+    net.generation += 1
+    assert d1.apply(net.id, net.spec(h1, (gone, moved, kept)), net.generation) == "up"
+    # The changes: a port gone, one moved to another VTEP, one new, and the address of the
+    # one gone reused at another MAC.
+    reused = _phantom(net, 20, h2, mac=0x99)
+    new = _phantom(net, 23, h2)
+    moved_now = RemotePort(moved.mac, moved.ip, h2.underlay_ip)
+    changed = net.spec(h1, (moved_now, kept, reused, new))
+    # A hand-made drift on an entry that the change leaves alone...
+    sh("bridge", "-n", h1.netns, "fdb", "del", kept.mac, "dev", names.vxlan_name(net.vni),
+       "dst", h3.underlay_ip)
+    net.generation += 1
+    assert d1.apply(net.id, changed, net.generation) == "up"
+    fdb = bridge_fdb(h1, net.vni)
+    assert f"{moved.mac} dst {h2.underlay_ip}" in fdb and gone.mac not in fdb
+    assert f"{new.mac} dst {h2.underlay_ip}" in fdb and f"{reused.mac} dst" in fdb
+    neighbours = sh("ip", "-n", h1.netns, "neigh", "show", "dev",
+                    names.bridge_name(net.vni)).stdout
+    assert f"{reused.ip} lladdr {reused.mac}" in neighbours
+    assert f"{new.ip} lladdr {new.mac}" in neighbours
+    # ...is still there: only what changed was read and written,
+    assert f"{kept.mac} dst" not in fdb
+    # while a driver with nothing converged (an agent restarted) converges it in full,
+    # finding the rest exactly as a full convergence makes it: one write, the drift's.
+    with NetworkDriver(h1.underlay_ip, h1.netns) as fresh:
+        before = fresh.writes
+        assert fresh.apply(net.id, changed, net.generation) == "up"
+        assert fresh.writes - before == 1
+    assert f"{kept.mac} dst {h3.underlay_ip}" in bridge_fdb(h1, net.vni)
+    # The same generation again (a resync) is converged in full too.
+    sh("bridge", "-n", h1.netns, "fdb", "del", kept.mac, "dev", names.vxlan_name(net.vni),
+       "dst", h3.underlay_ip)
+    before = d1.writes
+    assert d1.apply(net.id, changed, net.generation) == "up"
+    assert d1.writes - before == 1 and f"{kept.mac} dst" in bridge_fdb(h1, net.vni)
+    assert a.pings(b.ip, attempts=3)
+
+
+def test_after_a_failed_apply_the_next_job_is_converged_in_full(net: Net) -> None:
+    h1, h2, h3 = net.topo.hosts
+    a, b = net.guest(h1, 10), net.guest(h2, 11)
+    net.apply()
+    d1 = net.agent(h1).network
+    sh("bridge", "-n", h1.netns, "fdb", "del", b.mac, "dev", names.vxlan_name(net.vni),
+       "dst", h2.underlay_ip)
+    net.generation += 1
+    bad = RemotePort("02:00:5f:00:00:30", "10.0.0.300", h3.underlay_ip)
+    with pytest.raises(PermanentDriverError, match="not an IPv4 address"):
+        d1.apply(net.id, net.spec(h1, (bad,)), net.generation)
+    net.generation += 1
+    before = d1.writes
+    assert d1.apply(net.id, net.spec(h1), net.generation) == "up"
+    assert d1.writes - before == 2  # the entry deleted by hand, and the new generation
+    assert a.pings(b.ip, attempts=3)
+
+
+def test_a_segment_of_1000_remote_ports_converges_from_empty_and_again_writes_nothing(
+        net: Net) -> None:
     h1, h2, h3 = net.topo.hosts
     ports = tuple(sorted((RemotePort(f"02:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:"
                                      f"{i & 255:02x}:01", f"10.{i >> 16}.{i >> 8 & 255}."
@@ -894,5 +965,5 @@ def test_a_segment_of_1000_remote_ports_converges_from_empty_quickly(net: Net) -
     fdb = bridge_fdb(h1, net.vni)
     assert fdb.count(" dst ") == 1002 and d1.writes - before == writes
     print(f"\n1000 remote ports from empty: {first:.3f} s, {writes} netlink writes "
-          f"({writes / first:.0f}/s); again: {second:.3f} s, 0 writes")
-    assert first < 2.0  # the target is 1 s; a shared CI machine gets some slack
+          f"({writes / first:.0f}/s); again: {second:.3f} s, 0 writes (bench/network.py"
+          " --part b times it)")

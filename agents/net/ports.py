@@ -70,12 +70,15 @@ class PortPlumbing:
         """
         _check(port, nic)
         ip, mac = check_ipv4(nic.ip), nic.mac.lower()
-        if self._link(port) is None:
+        found = self._link(port)
+        if found is None:
             raise TransientNetError(f"port {port} does not exist")
-        # IPv6 off before the port joins anything. Outside the segment's lock: a port's
-        # first sysctl opens its file on the namespace's sysctl thread, and under the lock
-        # that hop kept every other plug of the segment waiting.
-        self.host.sysctl(f"net.ipv6.conf.{port}.disable_ipv6", "1", optional=True)
+        # IPv6 off before the port joins anything; read from the link, so a plugged port
+        # costs no sysctl. Outside the segment's lock: a port's first sysctl opens its file
+        # on the namespace's sysctl thread, and under the lock that hop kept every other
+        # plug of the segment waiting.
+        if found.ipv6_disabled is False:
+            self.host.sysctl(f"net.ipv6.conf.{port}.disable_ipv6", "1")
         # The firewall first: nothing of the guest is forwarded before it is in place.
         # (Outside the segment's lock, so that ports of one segment plugged at the same time
         # share an nft transaction.)

@@ -43,7 +43,8 @@ IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 
 IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 4, 7, 15
 IFLA_BRPORT_LEARNING, IFLA_BRPORT_NEIGH_SUPPRESS = 8, 32
 IFLA_BR_MCAST_SNOOPING, IFLA_BR_NF_CALL_IPTABLES = 23, 36
-IFLA_INET6_ADDR_GEN_MODE = 8
+IFLA_INET6_CONF, IFLA_INET6_ADDR_GEN_MODE = 2, 8
+DEVCONF_DISABLE_IPV6 = 26  # its index in IFLA_INET6_CONF, an array of s32
 IN6_ADDR_GEN_MODE_NONE = 1
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFF_UP = 0x1
@@ -56,6 +57,7 @@ _IFINFO = struct.Struct("=BxHiII")
 _NDMSG = struct.Struct("=BxxxiHBB")
 _IFADDR = struct.Struct("=BBBBI")
 _U32 = struct.Struct("=I")
+_S32 = struct.Struct("=i")
 _BE16 = struct.Struct("!H")
 ZERO_MAC = "00:00:00:00:00:00"
 # Without IPv6 the kernel refuses an IPv6 attribute: only ask for what it has.
@@ -89,6 +91,7 @@ class Link:
     neigh_suppress: bool | None = None  # as a bridge port
     nf_call_iptables: bool | None = None  # for a bridge
     mcast_snooping: bool | None = None  # for a bridge
+    ipv6_disabled: bool | None = None  # its disable_ipv6 sysctl, read by `Rtnl.link` only
 
 
 class Fdb(NamedTuple):
@@ -108,7 +111,17 @@ class Neighbour(NamedTuple):
     state: int
 
 
-def _parse_link(body: memoryview) -> Link:
+def _ipv6_disabled(af_spec: memoryview) -> bool | None:
+    """The device's disable_ipv6, from its IFLA_AF_SPEC (None: the device has no IPv6)."""
+    inet6 = attrs(af_spec).get(socket.AF_INET6)
+    conf = None if inet6 is None else attrs(inet6).get(IFLA_INET6_CONF)
+    if conf is None or len(conf) < 4 * (DEVCONF_DISABLE_IPV6 + 1):
+        return None
+    return _S32.unpack_from(conf, 4 * DEVCONF_DISABLE_IPV6)[0] != 0
+
+
+def _parse_link(body: memoryview, *, ipv6: bool = False) -> Link:
+    """``ipv6``: read its disable_ipv6 too (a few µs a link: not for a dump of them all)."""
     _family, _type, index, flags, _change = _IFINFO.unpack_from(body, 0)
     a = attrs(body, _IFINFO.size)
     kind = slave_kind = None
@@ -156,6 +169,7 @@ def _parse_link(body: memoryview) -> Link:
         alias=cstr(a[IFLA_IFALIAS]) if IFLA_IFALIAS in a else None,
         address=mac_str(a[IFLA_ADDRESS]) if IFLA_ADDRESS in a else None,
         peer=_U32.unpack(a[IFLA_LINK])[0] if IFLA_LINK in a else None,
+        ipv6_disabled=_ipv6_disabled(a[IFLA_AF_SPEC]) if ipv6 and IFLA_AF_SPEC in a else None,
         **vxlan,  # type: ignore[arg-type]
         **brport,  # type: ignore[arg-type]
     )
@@ -196,7 +210,7 @@ class Rtnl(NetlinkSocket):
     def link(self, name: str) -> Link | None:
         answer = get_or_none(self, RTM_GETLINK, _ifinfo() + nla_str(IFLA_IFNAME, name)
                              + _SKIP_STATS, f"get link {name}")
-        return _parse_link(answer[0][1]) if answer else None
+        return _parse_link(answer[0][1], ipv6=True) if answer else None
 
     def links(self, *, master: int | None = None, kind: str | None = None) -> list[Link]:
         """Every link, or those enslaved to ``master``, or those of ``kind``."""
@@ -244,17 +258,28 @@ class Rtnl(NetlinkSocket):
         lladdr, _dst = _neigh_attrs(body)
         return Neighbour(index, ip, lladdr.hex(":") if lladdr else None, state)
 
-    def fdb(self, bridge: int) -> list[Fdb]:
-        """The FDB of a bridge: its entries for every port, and the ports' own entries."""
-        query = _NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0) + nla(NDA_MASTER, _U32.pack(bridge))
+    def fdb(self, bridge: int, port: int) -> list[Fdb]:
+        """The FDB entries of one port of a bridge: the bridge's for it, and the port's own
+        (a VXLAN device's, with their ``dst``). Filtered by the kernel: the other ports'
+        entries (a local port's own address, its multicast ones) are not even sent."""
+        query = (_NDMSG.pack(socket.AF_BRIDGE, port, 0, 0, 0)
+                 + nla(NDA_MASTER, _U32.pack(bridge)))
         out = []
-        for _kind, body in self.dump(RTM_GETNEIGH, query, f"list fdb of bridge {bridge}"):
+        for _kind, body in self.dump(RTM_GETNEIGH, query, f"list fdb of port {port}"):
             _family, ifindex, state, flags, _type = _NDMSG.unpack_from(body, 0)
             lladdr, dst = _neigh_attrs(body)
             if lladdr is not None:
                 out.append(Fdb(ifindex, lladdr.hex(":"), not flags & NTF_SELF, state,
                                socket.inet_ntoa(dst) if dst and len(dst) == 4 else None))
         return out
+
+    def bridge_port_of(self, bridge: int, mac: str) -> int | None:
+        """The port on which the bridge has ``mac`` (learned or static), if it has it (a
+        get, not a dump)."""
+        query = (_NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0) + nla(NDA_MASTER, _U32.pack(bridge))
+                 + nla(NDA_LLADDR, mac_bytes(mac)))
+        answer = get_or_none(self, RTM_GETNEIGH, query, f"get fdb {mac} of bridge {bridge}")
+        return _NDMSG.unpack_from(answer[0][1], 0)[1] if answer else None
 
     def neighbours(self, ifindex: int) -> list[Neighbour]:
         """The IPv4 neighbour entries of one device."""

@@ -23,7 +23,6 @@ kernel ignores a removal of (MAC, old VTEP) once the MAC points at another VTEP.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agents.net import names
@@ -54,12 +53,17 @@ from agents.net.rtnl import (
     set_remote_mac,
 )
 
+# Up to this many remote MACs without the bridge's entry are looked up one by one; more
+# (a segment converged from empty) are read from one dump of the bridge's whole FDB.
+_LOOKUPS_MAX = 32
+
 
 @dataclass(frozen=True)
 class Segment:
     vni: int
     bridge: Link
     vxlan: Link
+    repaired: bool = False  # ensure_segment had to create or correct something
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,14 @@ class Remote:
     mac: str
     ip: str
     vtep: str
+
+
+@dataclass(frozen=True)
+class Remotes:
+    """What a segment holds of the other hosts: their VTEPs, and their ports by MAC."""
+
+    vteps: frozenset[str]
+    ports: dict[str, Remote]
 
 
 def _write(host: HostNet, messages: list[Message], *, ignore: frozenset[int] = GONE) -> int:
@@ -162,7 +174,7 @@ def ensure_segment(host: HostNet, vni: int, mtu: int, underlay_ip: str) -> Segme
         # the bridge itself, which delivered them to the host's own stack, in the
         # segment's conntrack zone, where the node's NAT never saw them.
         host.sysctl(f"net.ipv4.conf.{bridge_name}.arp_ignore", "1")
-        return Segment(vni, bridge, vxlan)
+        return Segment(vni, bridge, vxlan, repaired=bool(create or config))
 
 
 def read_segment(host: HostNet, vni: int) -> tuple[Link | None, Link | None]:
@@ -178,27 +190,23 @@ def set_holder(host: HostNet, bridge: Link, alias: str) -> int:
                   ignore=frozenset())
 
 
-def converge_remotes(host: HostNet, segment: Segment, vteps: Iterable[str],
-                     ports: Iterable[Remote]) -> int:
+def converge_remotes(host: HostNet, segment: Segment, remotes: Remotes) -> int:
     """Make the segment's flood, FDB and neighbour entries exactly these, and announce each
     address new here or at another MAC to the local ports; the writes and frames sent."""
     vx, br = segment.vxlan.index, segment.bridge.index
-    flood_wanted = set(vteps)
-    wanted = {p.mac: p for p in ports}
+    flood_wanted, wanted = remotes.vteps, remotes.ports
     try:
-        fdb = host.rtnl.fdb(br)
+        fdb = host.rtnl.fdb(br, vx)
         neighbours = host.rtnl.neighbours(br)
     except NetlinkError as exc:
         raise classify(exc) from exc
     flood: set[str] = set()
     remote: dict[str, list[str]] = {}  # mac -> the VTEPs the VXLAN device has for it
     static: set[str] = set()  # MACs the bridge sends to the VXLAN port
-    elsewhere: set[str] = set()  # MACs the bridge knows on another (local) port
     for entry in fdb:
         if entry.ifindex != vx:
-            if entry.master:
-                elsewhere.add(entry.mac)
-        elif not entry.master:
+            continue
+        if not entry.master:
             if entry.dst is None:
                 continue
             if entry.mac == ZERO_MAC:
@@ -215,11 +223,12 @@ def converge_remotes(host: HostNet, segment: Segment, vteps: Iterable[str],
         for dst in dsts:
             if port is None or (dst != port.vtep and len(dsts) > 1):
                 writes.append(delete_vxlan_fdb(vx, mac, dst))
+    local = _local_macs(host, br, vx, wanted.keys() - static)
     for mac, port in sorted(wanted.items()):
         if port.vtep not in remote.get(mac, ()):
             # Absent, or pointing elsewhere: repointed in place, never removed and re-added.
             writes.append(set_remote_mac(vx, mac, port.vtep))
-        if mac not in static and mac not in elsewhere:
+        if mac not in static and mac not in local:
             # A MAC the bridge has on a local port is here now (a guest that moved in):
             # its local entry wins over a job that still says it is remote.
             writes.append(add_bridge_fdb(vx, mac))
@@ -242,6 +251,66 @@ def converge_remotes(host: HostNet, segment: Segment, vteps: Iterable[str],
     if news:
         made += announce(host, segment.bridge, news)
     return made
+
+
+def converge_changes(host: HostNet, segment: Segment, before: Remotes,
+                     after: Remotes) -> int:
+    """What `converge_remotes` does, for a segment that held ``before`` when it was last
+    converged (by this process, fully or by changes) and must now hold ``after``: only the
+    entries of the VTEPs, MACs and addresses that differ between the two are read and
+    written, so a membership change costs the same whatever the size of the network. The
+    others are trusted as they were; the next full convergence checks them all (a resync,
+    which applies the generation the segment holds again)."""
+    vx, br = segment.vxlan.index, segment.bridge.index
+    writes = [add_flood(vx, vtep) for vtep in sorted(after.vteps - before.vteps)]
+    writes += [delete_vxlan_fdb(vx, ZERO_MAC, vtep)
+               for vtep in sorted(before.vteps - after.vteps)]
+    for mac in sorted(before.ports.keys() - after.ports.keys()):
+        # (The bridge's entry goes only if it is the VXLAN port's: a MAC that moved in
+        # here keeps its local one.)
+        writes += [delete_vxlan_fdb(vx, mac, before.ports[mac].vtep),
+                   delete_bridge_fdb(vx, mac)]
+    added = after.ports.keys() - before.ports.keys()
+    for mac in sorted(after.ports):
+        old = before.ports.get(mac)
+        if old is None or old.vtep != after.ports[mac].vtep:
+            writes.append(set_remote_mac(vx, mac, after.ports[mac].vtep))
+    local = _local_macs(host, br, vx, added)
+    writes += [add_bridge_fdb(vx, mac) for mac in sorted(added - local)]
+    ips_before = {p.ip: p.mac for p in before.ports.values()}
+    ips_after = {p.ip: p.mac for p in after.ports.values()}
+    news: list[Binding] = []
+    for ip in sorted(ips_before.keys() | ips_after.keys()):
+        mac = ips_after.get(ip)
+        if mac == ips_before.get(ip):
+            continue
+        try:
+            held = host.rtnl.neighbour(br, ip)
+        except NetlinkError as exc:
+            raise classify(exc) from exc
+        if mac is None:
+            if held is not None and held.state & NUD_PERMANENT:
+                writes.append(delete_neighbour(br, ip))
+            continue
+        if held is None or held.mac != mac or not held.state & NUD_PERMANENT:
+            writes.append(set_neighbour(br, ip, mac))
+        if held is None or held.mac != mac:
+            news.append(Binding(ip, mac))
+    made = _write(host, writes) if writes else 0
+    if news:
+        made += announce(host, segment.bridge, news)
+    return made
+
+
+def _local_macs(host: HostNet, bridge: int, vx: int, macs: set[str]) -> set[str]:
+    """Those of ``macs`` that the bridge has on a port other than the VXLAN device: a
+    guest here."""
+    try:
+        if len(macs) <= _LOOKUPS_MAX:
+            return {mac for mac in macs if host.rtnl.bridge_port_of(bridge, mac) not in (None, vx)}
+        return {e.mac for e in host.rtnl.fdb(bridge, 0) if e.master and e.ifindex != vx} & macs
+    except NetlinkError as exc:
+        raise classify(exc) from exc
 
 
 def guest_ports(host: HostNet, segment_bridge: Link) -> list[Link]:
