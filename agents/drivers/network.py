@@ -36,7 +36,7 @@ from agents.drivers.errors import PermanentDriverError, TransientDriverError
 from agents.net import names
 from agents.net.errors import NetError, NetlinkError, classify
 from agents.net.host import DEFAULT_TIMEOUT, HostNet
-from agents.net.rtnl import Link, check_ipv4
+from agents.net.rtnl import Link, check_ipv4, check_mac
 from agents.net.segment import (
     Remote,
     Remotes,
@@ -66,6 +66,13 @@ def _errors(what: str) -> Iterator[None]:
     except NetError as exc:
         kind = TransientDriverError if exc.transient else PermanentDriverError
         raise kind(f"{what}: {exc}") from exc
+
+
+def _mac(value: str) -> str:
+    try:
+        return check_mac(value)
+    except ValueError as exc:
+        raise PermanentDriverError(f"port mac: {exc}") from exc
 
 
 def _ipv4(value: str, what: str) -> str:
@@ -200,9 +207,9 @@ class NetworkDriver:
             if known is not None and known.ip == p.ip and known.vtep == p.vtep:
                 ports[p.mac] = known
             else:
-                remote = Remote(p.mac, _ipv4(p.ip, "port ip"), _ipv4(p.vtep, "port vtep"))
+                remote = Remote(_mac(p.mac), _ipv4(p.ip, "port ip"), _ipv4(p.vtep, "port vtep"))
                 if remote.vtep != own:
-                    ports[p.mac] = remote
+                    ports[remote.mac] = remote
         return Remotes(vteps, ports)
 
     def _remove(self, network_id: str, held: list[tuple[Link, names.Holder]],

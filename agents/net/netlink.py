@@ -83,6 +83,24 @@ def attrs(buf: bytes | memoryview, offset: int = 0,
     return dict(attr_list(buf, offset, end))
 
 
+def picked(buf: bytes | memoryview, wanted: frozenset[int],
+           offset: int = 0) -> dict[int, memoryview]:
+    """Only the ``wanted`` attributes of ``buf[offset:]`` (as `attrs`): a link's message has
+    ~40 and a reader wants a handful; the rest are skipped unsliced (6 us a link, not 10)."""
+    view = memoryview(buf)
+    end, out = len(view), {}
+    unpack = _NLA.unpack_from
+    while offset + 4 <= end:
+        size, kind = unpack(view, offset)
+        if size < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind in wanted:
+            out[kind] = view[offset + 4:offset + size]
+        offset += (size + 3) & ~3
+    return out
+
+
 def attr_list(buf: bytes | memoryview, offset: int = 0,
               end: int | None = None) -> Iterator[tuple[int, memoryview]]:
     view = memoryview(buf)

@@ -31,6 +31,7 @@ from agents.net.netlink import (
     nest,
     nla,
     nla_str,
+    picked,
 )
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
@@ -111,6 +112,10 @@ class Neighbour(NamedTuple):
     state: int
 
 
+_LINK_ATTRS = frozenset({IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER,
+                         IFLA_LINKINFO, IFLA_IFALIAS, IFLA_AF_SPEC})
+
+
 def _ipv6_disabled(af_spec: memoryview) -> bool | None:
     """The device's disable_ipv6, from its IFLA_AF_SPEC (None: the device has no IPv6)."""
     inet6 = attrs(af_spec).get(socket.AF_INET6)
@@ -123,7 +128,7 @@ def _ipv6_disabled(af_spec: memoryview) -> bool | None:
 def _parse_link(body: memoryview, *, ipv6: bool = False) -> Link:
     """``ipv6``: read its disable_ipv6 too (a few µs a link: not for a dump of them all)."""
     _family, _type, index, flags, _change = _IFINFO.unpack_from(body, 0)
-    a = attrs(body, _IFINFO.size)
+    a = picked(body, _LINK_ATTRS, _IFINFO.size)
     kind = slave_kind = None
     info: dict[int, bytes] = {}
     slave: dict[int, bytes] = {}
@@ -445,6 +450,18 @@ def delete_neighbour(ifindex: int, ip: str) -> Message:
 
 # Deleting what is already gone is what was wanted.
 GONE = frozenset({errno.ENOENT, errno.ENODEV})
+
+
+def check_mac(value: str) -> str:
+    """A MAC as six colon-separated hex octets, normalised to lower case; ValueError
+    otherwise."""
+    try:
+        raw = bytes.fromhex(value.replace(":", ""))
+    except (ValueError, AttributeError):
+        raw = b""
+    if len(raw) != 6 or len(value) != 17 or value[2::3] != ":::::":
+        raise ValueError(f"{value!r} is not a MAC address")
+    return mac_str(raw)
 
 
 def check_ipv4(value: str) -> str:
