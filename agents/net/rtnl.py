@@ -114,6 +114,11 @@ class Neighbour(NamedTuple):
 
 _LINK_ATTRS = frozenset({IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER,
                          IFLA_LINKINFO, IFLA_IFALIAS, IFLA_AF_SPEC})
+_INFO_ATTRS = {
+    "vxlan": frozenset({IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT}),
+    "bridge": frozenset({IFLA_BR_NF_CALL_IPTABLES, IFLA_BR_MCAST_SNOOPING}),
+}
+_BRPORT_ATTRS = frozenset({IFLA_BRPORT_LEARNING, IFLA_BRPORT_NEIGH_SUPPRESS})
 
 
 def _ipv6_disabled(af_spec: memoryview) -> bool | None:
@@ -130,14 +135,17 @@ def _parse_link(body: memoryview, *, ipv6: bool = False) -> Link:
     _family, _type, index, flags, _change = _IFINFO.unpack_from(body, 0)
     a = picked(body, _LINK_ATTRS, _IFINFO.size)
     kind = slave_kind = None
-    info: dict[int, bytes] = {}
-    slave: dict[int, bytes] = {}
+    info: dict[int, memoryview] = {}
+    slave: dict[int, memoryview] = {}
     if IFLA_LINKINFO in a:
         li = attrs(a[IFLA_LINKINFO])
         kind = cstr(li[IFLA_INFO_KIND]) if IFLA_INFO_KIND in li else None
         slave_kind = cstr(li[IFLA_INFO_SLAVE_KIND]) if IFLA_INFO_SLAVE_KIND in li else None
-        info = attrs(li[IFLA_INFO_DATA]) if IFLA_INFO_DATA in li else {}
-        slave = attrs(li[IFLA_INFO_SLAVE_DATA]) if IFLA_INFO_SLAVE_DATA in li else {}
+        # A bridge's data and a bridge port's are ~40 attributes each: only ours are read.
+        if IFLA_INFO_DATA in li and kind in _INFO_ATTRS:
+            info = picked(li[IFLA_INFO_DATA], _INFO_ATTRS[kind])
+        if IFLA_INFO_SLAVE_DATA in li and slave_kind == "bridge":
+            slave = picked(li[IFLA_INFO_SLAVE_DATA], _BRPORT_ATTRS)
     vxlan: dict[str, object] = {}  # the kind's own settings (VXLAN or bridge)
     if kind == "vxlan":
         vxlan = {
