@@ -593,7 +593,8 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
             breakdown["reports"].append(max(a for a in reports if a) - t0)
         await cloud.settle(f"{net} settled")
     breakdown["cpu"] = [cpu[part] / changes for part in CPU_PARTS]
-    breakdown["resyncs"] = [cloud.agent_sums("orch_agent_resync_seconds")[1] - resyncs0]
+    seconds, count = cloud.agent_sums("orch_agent_resync_seconds")
+    breakdown["resyncs"] = [count - resyncs0, seconds / count if count else float("nan")]
     apply1 = cloud.agent_sums("orch_agent_apply_seconds")
     if apply1[1] > apply0[1]:
         breakdown["apply"].append((apply1[0] - apply0[0]) / (apply1[1] - apply0[1]))
@@ -667,7 +668,8 @@ async def part_c(cloud: Cloud | None, sizes: Sequence[int], e2e_max: int,
             say(f"      N={n:<5} CPU per change, publish to the last report received: "
                 + ", ".join(f"{part} {1000 * cpu:.1f} ms"
                             for part, cpu in zip(CPU_PARTS, got["cpu"], strict=True))
-                + f"; agents' resyncs meanwhile {int(got['resyncs'][0])}")
+                + f"; agents' resyncs meanwhile {int(got['resyncs'][0])} (each of those"
+                f" so far took {got['resyncs'][1]:.2f} s of wall time, on average)")
     top = max(sizes)
     if top in e2e:
         p99 = pcts(e2e[top])[1]
