@@ -192,7 +192,7 @@ def measure(env: dict[str, str], seqs: dict[str, Any], runs: int, hot: int) -> N
         (f"trace of the last of {hot:,} commands on {hot_}", ("trace", str(seqs["hot_last"]))),
         ("  the same, --json", ("trace", str(seqs["hot_last"]), "--json")),
         ("trace of the first of them", ("trace", str(seqs["hot_first"]), "--json")),
-        ("  the last, by its cmd id (no index: all history)", ("trace", seqs["hot_last_key"])),
+        ("  the last, by its cmd id", ("trace", seqs["hot_last_key"])),
         (f"tail {hot_} --diff", ("tail", hot_, "--diff")),
         (f"tail {hot_} --diff --json", ("tail", hot_, "--diff", "--json")),
         (f"tail {hot_} (no diff)", ("tail", hot_)),
