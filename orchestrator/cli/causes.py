@@ -16,6 +16,7 @@ from events.topology import ensure_topology
 from orchestrator import queries
 from orchestrator.cli.connect import open_nats, open_pg
 from orchestrator.cli.output import EXIT_USAGE, CliError
+from orchestrator.logreader import LogClient
 from orchestrator.tracer import Tracer
 from schemas.ids import KEY_PATTERN
 from schemas.outcomes import Outcome
@@ -38,7 +39,7 @@ class Reader:
 async def reader(nats_url: str, pg_dsn: str, name: str) -> AsyncIterator[Reader]:
     conn = await open_pg(pg_dsn)
     try:
-        nc = await open_nats(nats_url, name)
+        nc = await open_nats(nats_url, name, client=LogClient)
         try:
             js = nc.jetstream()
             topology = await ensure_topology(js)

@@ -89,10 +89,10 @@ async def _state_at(opts: Options, kind: str, id_: str,
     from events.topology import ensure_topology
     from orchestrator.cli.connect import open_nats
     from orchestrator.history import EntityFold, as_stored
-    from orchestrator.logreader import read_entity
+    from orchestrator.logreader import LogClient, read_entity
     from orchestrator.queries import EntityRow
 
-    nc = await open_nats(opts.nats_url(), "orch-get-at")
+    nc = await open_nats(opts.nats_url(), "orch-get-at", client=LogClient)
     try:
         js = nc.jetstream()
         partitions = (await ensure_topology(js)).partitions

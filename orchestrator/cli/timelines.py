@@ -35,6 +35,7 @@ def tail(
         from events.subjects import event_subject
         from events.topology import ensure_topology
         from orchestrator.cli.streams import Changes, follow_outcomes
+        from orchestrator.logreader import LogClient
     opts: Options = ctx.obj
     lines = Lines(follow)
     if lines.terminal:
@@ -45,8 +46,8 @@ def tail(
         kind, id_ = parse_target(target, need_id=True)
         assert id_ is not None
         conn = await open_pg(opts.pg_dsn())
-        nc = await open_nats(opts.nats_url(), "orch-tail", follow=True) if (
-            follow or diff) else None
+        nc = await open_nats(opts.nats_url(), "orch-tail", follow=True,
+                             client=LogClient if diff else None) if follow or diff else None
         try:
             changes = None
             if diff and nc is not None:
