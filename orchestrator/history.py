@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from orchestrator.deciders import STATE_TYPES
 from orchestrator.fold import Folded, Key, fold_message
 from schemas.codec import encode
 
@@ -57,6 +58,17 @@ class EntityFold:
         self.current: dict[str, Any] | None = None
         self.last_seq = 0  # of the last command that changed the state
         self.read_upto = 0  # the last seq fed
+        self.started_after = 0  # the seq its first state is as of: a snapshot's checkpoint
+
+    def resume(self, checkpoint: int, state: bytes | None, last_seq: int) -> None:
+        """Start, unfed, from the entity's row in a snapshot of the current code (None: it
+        had none), its state as of ``checkpoint``: feed it only the commands after that."""
+        assert self.read_upto == 0, "a fold resumes before it is fed"
+        if state is not None:
+            self.states[self.key] = msgspec.json.decode(state, type=STATE_TYPES[self.key[0]])
+            if self.track:
+                self.current = msgspec.to_builtins(self.states[self.key])
+        self.last_seq, self.read_upto, self.started_after = last_seq, checkpoint, checkpoint
 
     def feed(self, messages: Iterable[Stored]) -> Iterator[Step]:
         for m in messages:

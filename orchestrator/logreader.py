@@ -9,15 +9,20 @@ queued and sequence-checked for an ordered consumer), more than the server took 
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
+import asyncpg
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from events.meta import delivery
-from events.subjects import CMD_STREAM
-from orchestrator.history import Stored
+from events.subjects import CMD_STREAM, partition_of
+from orchestrator import snapshots
+from orchestrator.history import EntityFold, Stored
 
 CHUNK = 2000  # messages per pull request, and per batch handed on
 AHEAD = 2  # pull requests outstanding: the server never waits for the next one
@@ -49,6 +54,33 @@ class LogClient(Client):
             await super()._process_msg(sid, subject, reply, data, headers)
         else:
             sink(subject, reply, data, headers)
+
+
+# The partition count in CMD's subject transform, as events/topology.py writes it.
+_PARTITIONS_RE = re.compile(r"partition\((\d+),")
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    partitions: int
+    first_seq: int
+    last_seq: int
+
+
+async def log_info(js: JetStreamContext) -> Log:
+    """CMD as it is now, read without creating anything. (events.topology's
+    ensure_topology creates what is missing, in four round trips, and importing it costs a
+    verb ~70 ms: structlog, rich and tenacity.)"""
+    try:
+        info = await js.stream_info(CMD_STREAM)
+    except NotFoundError:
+        raise LookupError(f"no {CMD_STREAM} stream on this server: nothing was published"
+                          " yet") from None
+    transform = info.config.subject_transform
+    found = _PARTITIONS_RE.search(transform.dest if transform else "")
+    if found is None:
+        raise RuntimeError(f"stream {CMD_STREAM} exists without a partition transform")
+    return Log(int(found.group(1)), info.state.first_seq, info.state.last_seq)
 
 
 def entity_filter(kind: str, id_: str) -> str:
@@ -152,3 +184,15 @@ async def read_entity(js: JetStreamContext, kind: str, id_: str, to_seq: int | N
                 if len(out) == limit:
                     return out
     return out
+
+
+async def resumed_fold(conn: asyncpg.Connection, kind: str, id_: str, partitions: int,
+                       upto: int, states: bool = True) -> EntityFold:
+    """The entity's fold, unfed, as of the snapshot of the current code whose checkpoint of
+    its partition is the latest at or before ``upto``; without one, from its beginning."""
+    fold = EntityFold((kind, id_), partitions, states)
+    start = await snapshots.entity_start(conn, kind, id_, partition_of(kind, id_, partitions),
+                                         partitions, upto)
+    if start is not None:
+        fold.resume(start.checkpoint, start.state, start.last_seq)
+    return fold

@@ -8,7 +8,6 @@ import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from events.bus import read_stream
 from events.subjects import EVT_STREAM
 from orchestrator import queries
 from orchestrator.history import Change, EntityFold, Step, diff
@@ -44,6 +43,8 @@ class Changes:
 async def follow_outcomes(nc: Client, subject: str, after_seq: int,
                           emit: Callable[[Outcome], Awaitable[None]]) -> None:
     """Outcomes published on EVT after ``after_seq`` (a relay may repeat one: skip it)."""
+    from events.bus import read_stream  # here: it imports structlog, which tail --diff needs not
+
     last = after_seq
     async for msgs in read_stream(nc.jetstream(), EVT_STREAM, subject, follow=True):
         for msg in msgs:
@@ -59,6 +60,8 @@ async def follow_outcomes(nc: Client, subject: str, after_seq: int,
 async def follow_events(js: JetStreamContext, subject: str, start_seq: int,
                         emit: Callable[[Outcome], Awaitable[None]]) -> None:
     """Every outcome EVT stores on ``subject`` from ``start_seq`` on, as it comes."""
+    from events.bus import read_stream
+
     async for msgs in read_stream(js, EVT_STREAM, subject, start_seq=start_seq, follow=True):
         for msg in msgs:
             try:

@@ -33,9 +33,8 @@ def tail(
 
     if follow or diff:  # only these read NATS: a plain timeline is PostgreSQL's alone
         from events.subjects import event_subject
-        from events.topology import ensure_topology
         from orchestrator.cli.streams import Changes, follow_outcomes
-        from orchestrator.logreader import LogClient
+        from orchestrator.logreader import LogClient, log_info
     opts: Options = ctx.obj
     lines = Lines(follow)
     if lines.terminal:
@@ -52,7 +51,7 @@ def tail(
             changes = None
             if diff and nc is not None:
                 changes = Changes(nc.jetstream(), kind, id_,
-                                  (await ensure_topology(nc.jetstream())).partitions)
+                                  (await log_info(nc.jetstream())).partitions)
             try:
                 # The entity's commands are read from CMD while PostgreSQL answers.
                 history, _ = await asyncio.gather(queries.timeline(conn, kind, id_),
