@@ -6,7 +6,6 @@ changed (`orch tail --diff`), the state as of any point (`orch get --at`), and t
 command emitted, with their generations (`orch trace`). Nothing extra is stored.
 """
 
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,10 +79,6 @@ class EntityFold:
                     self.current = msgspec.to_builtins(self.states.get(self.key))
             self.read_upto = m.seq
             yield Step(folded, before, self.current, self.last_seq)
-
-    def skim(self, messages: Iterable[Stored]) -> None:
-        """Fold them, keeping only the end: the state as of the last one."""
-        deque(self.feed(messages), maxlen=0)
 
 
 def _changes(path: str, old: Any, new: Any, out: list[Change]) -> None:

@@ -22,7 +22,7 @@ from nats.js.errors import NotFoundError
 from events.meta import delivery
 from events.subjects import CMD_STREAM, partition_of
 from orchestrator import snapshots
-from orchestrator.history import EntityFold, Stored
+from orchestrator.history import EntityFold, Step, Stored
 
 CHUNK = 2000  # messages per pull request, and per batch handed on
 AHEAD = 2  # pull requests outstanding: the server never waits for the next one
@@ -196,3 +196,20 @@ async def resumed_fold(conn: asyncpg.Connection, kind: str, id_: str, partitions
     if start is not None:
         fold.resume(start.checkpoint, start.state, start.last_seq)
     return fold
+
+
+async def fed(js: JetStreamContext, fold: EntityFold,
+              to_seq: int | None = None) -> AsyncIterator[Step]:
+    """Feed ``fold`` its entity's commands after those it was fed, up to ``to_seq`` (None:
+    all stored now), each batch while CMD sends the next; its steps."""
+    if to_seq is not None and to_seq <= fold.read_upto:
+        return
+    kind, id_ = fold.key
+    batches = entity_batches(js, kind, id_, fold.read_upto + 1)
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            past = to_seq is not None and batch[-1].seq > to_seq
+            for step in fold.feed(m for m in batch if not past or m.seq <= to_seq):
+                yield step
+            if past:
+                return

@@ -8,7 +8,7 @@ from nats.js import JetStreamContext
 from orchestrator import queries
 from orchestrator.fold import Key
 from orchestrator.history import EntityFold
-from orchestrator.logreader import read_entity, resumed_fold
+from orchestrator.logreader import fed, resumed_fold
 from orchestrator.trace import APPLIED_PREFIX, JobRef, Node, expected_follow_ups, job_status
 from schemas.outcomes import Outcome
 
@@ -67,9 +67,7 @@ class Tracer:
                 # The entity as it was before the command: from a snapshot before it, if any.
                 fold = self._folds[key] = await resumed_fold(
                     self.conn, o.kind, o.id, self.partitions, o.seq - 1, states=False)
-            messages = [] if o.seq <= fold.read_upto else await read_entity(
-                self.js, o.kind, o.id, to_seq=o.seq, start_seq=fold.read_upto + 1)
-            for step in fold.feed(messages):
+            async for step in fed(self.js, fold, o.seq):
                 if step.folded.jobs:
                     self._jobs[step.folded.seq] = [JobRef.of(j) for j in step.folded.jobs]
         return self._jobs.get(o.seq, [])

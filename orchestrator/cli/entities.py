@@ -88,7 +88,7 @@ async def _state_at(opts: Options, kind: str, id_: str,
     from events.subjects import CMD_STREAM
     from orchestrator.cli.connect import open_nats, open_pg
     from orchestrator.history import as_stored
-    from orchestrator.logreader import LogClient, log_info, read_entity, resumed_fold
+    from orchestrator.logreader import LogClient, fed, log_info, read_entity, resumed_fold
     from orchestrator.queries import EntityRow
 
     conn = await open_pg(opts.pg_dsn())
@@ -111,8 +111,8 @@ async def _state_at(opts: Options, kind: str, id_: str,
                     raise CliError(f"--at: seq {seq} is past the log's end (seq"
                                    f" {log.last_seq})", EXIT_USAGE)
             fold = await resumed_fold(conn, kind, id_, log.partitions, seq, states=False)
-            fold.skim(await read_entity(js, kind, id_, to_seq=seq,
-                                        start_seq=fold.read_upto + 1))
+            async for _ in fed(js, fold, seq):  # only the end matters
+                pass
             state = as_stored(fold.states.get((kind, id_)))
             first = [] if state is not None else await read_entity(js, kind, id_, limit=1)
         finally:
