@@ -3,7 +3,9 @@
 An entity's state depends only on its own commands, so folding just those (read from CMD
 by subject) gives, at each step, exactly the state the projection had: what each command
 changed (`orch tail --diff`), the state as of any point (`orch get --at`), and the jobs a
-command emitted, with their generations (`orch trace`). Nothing extra is stored.
+command emitted, with their generations (`orch trace`). Nothing extra is stored. A fold
+may start from the entity's row in a snapshot of the projection instead of its first
+command (`EntityFold.resume`): that row is the same fold, up to the snapshot's checkpoint.
 """
 
 from collections.abc import Iterable, Iterator, Mapping
