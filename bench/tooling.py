@@ -6,9 +6,15 @@ A private nats-server and PostgreSQL (the embedded Stack) in a temporary directo
 orchestrator replica, no agent. Untimed, it publishes and folds: a host, instances on it,
 one "hot" instance with --hot Stop/Start commands in its history (each changes its power
 and generation, and emits a job), and Stop/Start on the others (1 % on instances that do
-not exist, rejected) until the log holds --log-commands. The replica is then stopped: the
-verbs read only NATS and PostgreSQL, and its reconciler would re-issue the unapplied jobs
-(after 5 minutes at most, its backoff's cap) into the timelines being timed. Then it times
+not exist, rejected) until the log holds --log-commands. The replica snapshots the
+projection on its schedule, as a running one does (every --snapshot-every seconds here,
+each hour by default, keeping the newest 2), and once everything is folded the bench waits
+for its snapshot of the end. The replica is then stopped: the verbs read only NATS and
+PostgreSQL, and its reconciler would re-issue the unapplied jobs (after 5 minutes at most,
+its backoff's cap) into the timelines being timed. `get --at` and `trace` fold an entity
+from the latest snapshot at or before their point: the hot instance's commands all precede
+the snapshots kept, so those of its commands are folded again from the first, but for
+`get --at` the last seq, which starts from the snapshot of the end. Then it times
 each verb as an operator runs it: the CLI as a process, its output to a pipe, the median of
 --runs. `orch --help` is timed too: the interpreter's start-up and imports, part of every
 figure; each verb is timed again in this process, imports done (the "verb" column).
@@ -107,6 +113,21 @@ async def fold_all(js: JetStreamContext, pg_dsn: str, children: Children, what: 
     say(f"  folded {what} in {time.perf_counter() - started:.1f} s")
 
 
+async def snapshot_of_the_end(pg_dsn: str, children: Children) -> None:
+    """Wait until the replica's schedule has snapshotted every partition's checkpoint."""
+    started = time.perf_counter()
+    conn = await connect_pg(pg_dsn)
+    try:
+        while not await conn.fetchval(
+                "SELECT coalesce((SELECT checkpoints = (SELECT array_agg(checkpoint ORDER BY"
+                " partition) FROM partitions) FROM snapshots ORDER BY id DESC LIMIT 1), false)"):
+            children.check()
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+    say(f"  the replica's snapshot of the end after {time.perf_counter() - started:.1f} s")
+
+
 async def build(info: StackInfo, children: Children, hot: int, total: int) -> dict[str, Any]:
     """The log, folded; returns a few seqs worth pointing the verbs at."""
     nc = await connect(info.nats_url, "bench-tooling")
@@ -149,6 +170,7 @@ async def build(info: StackInfo, children: Children, hot: int, total: int) -> di
         last = (await js.stream_info(CMD_STREAM)).state.last_seq
         say(f"  published {last:,} commands in {time.perf_counter() - started:.1f} s")
         await fold_all(js, info.pg_dsn, children, f"{last:,} commands")
+        await snapshot_of_the_end(info.pg_dsn, children)
         return {"hot_first": hot_seqs[0], "hot_middle": hot_seqs[len(hot_seqs) // 2],
                 "hot_last": hot_seqs[-1], "last": last, "hot_last_key": hot_items[-1][1].cmd_id}
     finally:
@@ -192,12 +214,13 @@ def measure(env: dict[str, str], seqs: dict[str, Any], runs: int, hot: int) -> N
         (f"trace of the last of {hot:,} commands on {hot_}", ("trace", str(seqs["hot_last"]))),
         ("  the same, --json", ("trace", str(seqs["hot_last"]), "--json")),
         ("trace of the first of them", ("trace", str(seqs["hot_first"]), "--json")),
-        ("  the last, by its cmd id (no index: all history)", ("trace", seqs["hot_last_key"])),
+        ("  the last, by its cmd id", ("trace", seqs["hot_last_key"])),
         (f"tail {hot_} --diff", ("tail", hot_, "--diff")),
         (f"tail {hot_} --diff --json", ("tail", hot_, "--diff", "--json")),
         (f"tail {hot_} (no diff)", ("tail", hot_)),
         ("  the same, --json", ("tail", hot_, "--json")),
         (f"get {hot_} --at its middle seq", ("get", hot_, "--at", str(seqs["hot_middle"]))),
+        ("  --at the last seq (from the snapshot)", ("get", hot_, "--at", str(seqs["last"]))),
         ("log (the newest 100)", ("log",)),
         ("log --json (the newest 100)", ("log", "--json")),
         ("log --kind instance --type StopInstance", ("log", "--kind", "instance", "--type",
@@ -229,6 +252,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-commands", type=int, default=1_000_000,
                         help="commands in the whole log")
     parser.add_argument("--runs", type=int, default=3, help="runs of each verb (median)")
+    parser.add_argument("--snapshot-every", type=float, default=20.0,
+                        help="the replica's snapshot period, seconds")
     return parser.parse_args(argv)
 
 
@@ -244,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {**os.environ, "ORCH_NATS_URL": info.nats_url, "ORCH_PG_DSN": info.pg_dsn}
         children = Children(tmp, env)
         children.start("r1", "orchestrator.cli", "orchestrator", "--id", "r1",
-                       "--deadline", "3600", "--partitions", str(PARTITIONS))
+                       "--deadline", "3600", "--partitions", str(PARTITIONS),
+                       "--snapshot-every", str(args.snapshot_every))
         say(f"tooling: {args.hot:,} commands on one instance, {args.log_commands:,} in the"
             f" log; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
         seqs = uvloop.run(build(info, children, args.hot, args.log_commands))

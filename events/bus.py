@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import nats
-import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -22,8 +21,6 @@ from events.subjects import CMD_STREAM, command_msg_id, command_subject
 from schemas.codec import CommandError, decode_command, encode
 from schemas.commands import FOLLOW_UP_PREFIX, Command
 from schemas.ids import SYSTEM
-
-log = structlog.get_logger()
 
 
 def server_urls(url: str) -> list[str]:
@@ -50,7 +47,11 @@ async def connect(url: str, name: str) -> Client:
 
     Without callbacks nats-py prints every reconnect's traceback into the JSON logs.
     """
-    conn = log.bind(connection=name)
+    # Imported here: the CLI's one-shot readers use this module (server_urls, read_stream)
+    # but never this, and structlog costs their start-up ~45 ms (it imports rich).
+    import structlog
+
+    conn = structlog.get_logger().bind(connection=name)
     nc: Client
 
     async def error(exc: Exception) -> None:

@@ -3,16 +3,18 @@
 An entity's state depends only on its own commands, so folding just those (read from CMD
 by subject) gives, at each step, exactly the state the projection had: what each command
 changed (`orch tail --diff`), the state as of any point (`orch get --at`), and the jobs a
-command emitted, with their generations (`orch trace`). Nothing extra is stored.
+command emitted, with their generations (`orch trace`). Nothing extra is stored. A fold
+may start from the entity's row in a snapshot of the projection instead of its first
+command (`EntityFold.resume`): that row is the same fold, up to the snapshot's checkpoint.
 """
 
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
+from orchestrator.deciders import STATE_TYPES
 from orchestrator.fold import Folded, Key, fold_message
 from schemas.codec import encode
 
@@ -57,6 +59,17 @@ class EntityFold:
         self.current: dict[str, Any] | None = None
         self.last_seq = 0  # of the last command that changed the state
         self.read_upto = 0  # the last seq fed
+        self.started_after = 0  # the seq its first state is as of: a snapshot's checkpoint
+
+    def resume(self, checkpoint: int, state: bytes | None, last_seq: int) -> None:
+        """Start, unfed, from the entity's row in a snapshot of the current code (None: it
+        had none), its state as of ``checkpoint``: feed it only the commands after that."""
+        assert self.read_upto == 0, "a fold resumes before it is fed"
+        if state is not None:
+            self.states[self.key] = msgspec.json.decode(state, type=STATE_TYPES[self.key[0]])
+            if self.track:
+                self.current = msgspec.to_builtins(self.states[self.key])
+        self.last_seq, self.read_upto, self.started_after = last_seq, checkpoint, checkpoint
 
     def feed(self, messages: Iterable[Stored]) -> Iterator[Step]:
         for m in messages:
@@ -68,10 +81,6 @@ class EntityFold:
                     self.current = msgspec.to_builtins(self.states.get(self.key))
             self.read_upto = m.seq
             yield Step(folded, before, self.current, self.last_seq)
-
-    def skim(self, messages: Iterable[Stored]) -> None:
-        """Fold them, keeping only the end: the state as of the last one."""
-        deque(self.feed(messages), maxlen=0)
 
 
 def _changes(path: str, old: Any, new: Any, out: list[Change]) -> None:

@@ -208,8 +208,8 @@ async def outcome_at(conn: asyncpg.Connection, seq: int) -> Outcome | None:
 
 
 async def outcomes_with_key(conn: asyncpg.Connection, cmd_id: str) -> list[Outcome]:
-    """Every folded command whose idempotency key is ``cmd_id`` (one per source and entity).
-    No index covers keys: this reads the whole history."""
+    """Every folded command whose idempotency key is ``cmd_id`` (one per source and entity),
+    through the index on keys (schema.sql's history_cmd_id)."""
     rows = await conn.fetch(
         "SELECT outcome FROM history WHERE outcome->>'cmd_id' = $1 ORDER BY seq", cmd_id)
     return [_outcome.decode(r["outcome"]) for r in rows]

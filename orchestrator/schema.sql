@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS history (
     outcome  jsonb  NOT NULL
 );
 CREATE INDEX IF NOT EXISTS history_entity ON history (kind, id, seq);
+-- `orch trace CMD_ID` finds a command by its idempotency key: without this, a scan of the
+-- whole history (0.19 s at 1,000,000 commands); built in 0.6 s there, 21 MB.
+CREATE INDEX IF NOT EXISTS history_cmd_id ON history ((outcome->>'cmd_id'));
 -- `orch log` filters on these fields, newest first: with their statistics the planner scans
 -- the table for a rare value (one admin command in 1,000,000: 0.18 s) instead of the whole
 -- primary key backwards (0.81 s), and still stops early for a common one. No write cost.

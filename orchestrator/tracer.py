@@ -1,5 +1,6 @@
 """Building the tree of orchestrator/trace.py from the history (PostgreSQL) and, for the
-jobs a command emitted, its entity's commands folded again (CMD)."""
+jobs a command emitted, its entity's commands folded again (CMD), from a snapshot before
+the command where there is one."""
 
 import asyncpg
 from nats.js import JetStreamContext
@@ -7,7 +8,7 @@ from nats.js import JetStreamContext
 from orchestrator import queries
 from orchestrator.fold import Key
 from orchestrator.history import EntityFold
-from orchestrator.logreader import read_entity
+from orchestrator.logreader import fed, resumed_fold
 from orchestrator.trace import APPLIED_PREFIX, JobRef, Node, expected_follow_ups, job_status
 from schemas.outcomes import Outcome
 
@@ -61,10 +62,12 @@ class Tracer:
             return []
         if o.seq not in self._jobs:
             key = (o.kind, o.id)
-            fold = self._folds.setdefault(key, EntityFold(key, self.partitions, states=False))
-            messages = [] if o.seq <= fold.read_upto else await read_entity(
-                self.js, o.kind, o.id, to_seq=o.seq, start_seq=fold.read_upto + 1)
-            for step in fold.feed(messages):
+            fold = self._folds.get(key)
+            if fold is None or o.seq <= fold.started_after:
+                # The entity as it was before the command: from a snapshot before it, if any.
+                fold = self._folds[key] = await resumed_fold(
+                    self.conn, o.kind, o.id, self.partitions, o.seq - 1, states=False)
+            async for step in fed(self.js, fold, o.seq):
                 if step.folded.jobs:
                     self._jobs[step.folded.seq] = [JobRef.of(j) for j in step.folded.jobs]
         return self._jobs.get(o.seq, [])

@@ -1,24 +1,28 @@
 """Finding a command and what it caused, for `orch trace` and `orch publish --wait`."""
 
+from __future__ import annotations
+
 import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 from nats.js import JetStreamContext
-from rich.console import Console
-from rich.status import Status
 
-from events.subjects import CMD_STREAM
-from events.topology import ensure_topology
 from orchestrator import queries
 from orchestrator.cli.connect import open_nats, open_pg
 from orchestrator.cli.output import EXIT_USAGE, CliError
+from orchestrator.logreader import LogClient, log_info
 from orchestrator.tracer import Tracer
 from schemas.ids import KEY_PATTERN
 from schemas.outcomes import Outcome
+
+if TYPE_CHECKING:  # rich only where a wait shows progress: a trace on a pipe never loads it
+    from rich.console import Console
+    from rich.status import Status
 
 POLL_S = 0.1
 PROGRESS_AFTER_S = 1.0  # a wait shorter than this shows nothing
@@ -38,11 +42,10 @@ class Reader:
 async def reader(nats_url: str, pg_dsn: str, name: str) -> AsyncIterator[Reader]:
     conn = await open_pg(pg_dsn)
     try:
-        nc = await open_nats(nats_url, name)
+        nc = await open_nats(nats_url, name, client=LogClient)
         try:
             js = nc.jetstream()
-            topology = await ensure_topology(js)
-            yield Reader(conn, js, topology.partitions)
+            yield Reader(conn, js, (await log_info(js)).partitions)
         finally:
             await nc.close()
     finally:
@@ -56,7 +59,7 @@ async def find_command(r: Reader, ref: str) -> Outcome:
         found = await queries.outcome_at(r.conn, seq)
         if found is not None:
             return found
-        last = (await r.js.stream_info(CMD_STREAM)).state.last_seq
+        last = (await log_info(r.js)).last_seq
         if seq < 1 or seq > last:
             raise CliError(f"no command at seq {seq}: the log holds seqs 1 to {last}", EXIT_USAGE)
         raise CliError(f"seq {seq} is in no timeline: not folded yet, or a dead letter"

@@ -25,11 +25,13 @@ def redact(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
-async def open_nats(url: str, name: str, follow: bool = False) -> Client:
+async def open_nats(url: str, name: str, follow: bool = False,
+                    client: type[Client] | None = None) -> Client:
     """Connect with a deadline: events.bus.connect retries forever, right for daemons only.
 
     A one-shot verb gives up after three refused attempts (about a second); a follower
-    keeps reconnecting once connected, as it may outlive a server restart.
+    keeps reconnecting once connected, as it may outlive a server restart. ``client``: a
+    subclass of nats-py's (orchestrator.logreader's LogClient, to read CMD fast).
     """
     import nats
     import nats.errors
@@ -41,13 +43,15 @@ async def open_nats(url: str, name: str, follow: bool = False) -> Client:
     async def remember(exc: Exception) -> None:  # instead of nats-py's logged traceback
         errors.append(exc)
 
+    nc = (client or nats.NATS)()
     try:
-        return await asyncio.wait_for(
-            nats.connect(server_urls(url), name=name, connect_timeout=2, reconnect_time_wait=0.5,
-                         # nats-py reads 0 as "forever": 2 is the smallest finite bound.
-                         max_reconnect_attempts=-1 if follow else 2, error_cb=remember),
+        await asyncio.wait_for(
+            nc.connect(server_urls(url), name=name, connect_timeout=2, reconnect_time_wait=0.5,
+                       # nats-py reads 0 as "forever": 2 is the smallest finite bound.
+                       max_reconnect_attempts=-1 if follow else 2, error_cb=remember),
             NATS_CONNECT_TIMEOUT_S,
         )
+        return nc
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         reason = errors[-1] if errors else exc
         raise CliError(f"cannot connect to NATS at {url}: {reason or 'timed out'}") from None

@@ -83,45 +83,47 @@ def get(
 
 async def _state_at(opts: Options, kind: str, id_: str,
                     point: int | datetime) -> tuple[EntityRow, int]:
-    """The entity folded from its own commands up to a point of the log, and that seq."""
-    from events.bus import last_seq_at
+    """The entity folded from its own commands up to a point of the log, and that seq:
+    from a snapshot of the current code at or before the point, if there is one."""
     from events.subjects import CMD_STREAM
-    from events.topology import ensure_topology
-    from orchestrator.cli.connect import open_nats
-    from orchestrator.history import EntityFold, as_stored
-    from orchestrator.logreader import read_entity
+    from orchestrator.cli.connect import open_nats, open_pg
+    from orchestrator.history import as_stored
+    from orchestrator.logreader import LogClient, fed, log_info, read_entity, resumed_fold
     from orchestrator.queries import EntityRow
 
-    nc = await open_nats(opts.nats_url(), "orch-get-at")
+    conn = await open_pg(opts.pg_dsn())
     try:
-        js = nc.jetstream()
-        partitions = (await ensure_topology(js)).partitions
-        state = (await js.stream_info(CMD_STREAM)).state
-        if isinstance(point, datetime):
-            not_in_future(point, "--at")
-            seq = await last_seq_at(js, CMD_STREAM, point)
-            if seq < state.first_seq:
-                raise CliError(f"--at: {point.isoformat()} is before the log's first command",
-                               EXIT_USAGE)
-        else:
-            seq = point
-            if seq > state.last_seq:
-                raise CliError(f"--at: seq {seq} is past the log's end (seq {state.last_seq})",
-                               EXIT_USAGE)
-        messages = await read_entity(js, kind, id_, to_seq=seq)
-        later = [] if messages else await read_entity(js, kind, id_, start_seq=seq + 1,
-                                                      limit=1)
+        nc = await open_nats(opts.nats_url(), "orch-get-at", client=LogClient)
+        try:
+            js = nc.jetstream()
+            log = await log_info(js)
+            if isinstance(point, datetime):
+                from events.bus import last_seq_at  # only here: it imports structlog
+
+                not_in_future(point, "--at")
+                seq = await last_seq_at(js, CMD_STREAM, point)
+                if seq < log.first_seq:
+                    raise CliError(f"--at: {point.isoformat()} is before the log's first"
+                                   " command", EXIT_USAGE)
+            else:
+                seq = point
+                if seq > log.last_seq:
+                    raise CliError(f"--at: seq {seq} is past the log's end (seq"
+                                   f" {log.last_seq})", EXIT_USAGE)
+            fold = await resumed_fold(conn, kind, id_, log.partitions, seq, states=False)
+            async for _ in fed(js, fold, seq):  # only the end matters
+                pass
+            state = as_stored(fold.states.get((kind, id_)))
+            first = [] if state is not None else await read_entity(js, kind, id_, limit=1)
+        finally:
+            await nc.close()
     finally:
-        await nc.close()
-    if not messages and not later:
+        await conn.close()
+    if state is None and not first:
         raise CliError(f"no {kind}/{id_}: nothing in its history", EXIT_FAILURE)
-    fold = EntityFold((kind, id_), partitions, states=False)
-    fold.skim(messages)
-    state = as_stored(fold.states.get((kind, id_)))
     if state is None:
-        first = (messages or later)[0].seq
         raise CliError(f"{kind}/{id_} did not exist yet at seq {seq}: its first command is"
-                       f" seq {first}", EXIT_FAILURE)
+                       f" seq {first[0].seq}", EXIT_FAILURE)
     return EntityRow(kind, id_, state, fold.last_seq), seq
 
 

