@@ -379,6 +379,9 @@ class Firewall:
         view = self._view  # never changed once kept: `_kept` replaces it
         if view is None or view.older or view.broken:
             return False
+        have = view.ports.get(policy.port)
+        if have is None or have.mark is None:  # a new port: no need to ask the kernel
+            return False
         try:
             self._br_netfilter()
             if self._generation() != view.generation:
