@@ -17,7 +17,9 @@ forwarding entries to the other hosts, and neighbour entries for the remote addr
 
 Converging reads the kernel (links, FDB, neighbours), compares with what is wanted, and
 writes only the differences, in one batch. Removals are keyed by (MAC, VTEP) as read: the
-kernel ignores a removal of (MAC, old VTEP) once the MAC points at another VTEP.
+kernel ignores a removal of (MAC, old VTEP) once the MAC points at another VTEP. Between
+two jobs of a segment this process converged (`converge_changes`), only the entries of what
+the jobs differ in are read, one by one, and written.
 """
 
 from __future__ import annotations
