@@ -231,7 +231,11 @@ class Agent:
     async def _deliver(self, msg: Msg) -> None:
         self.live += 1
         self.quiet.clear()
-        await self.slots.acquire()  # holding deliveries back while every slot is busy
+        try:
+            await self.slots.acquire()  # holding deliveries back while every slot is busy
+        except BaseException:  # cancelled (the subscription closing): never handled
+            self._live_done()
+            raise
         task = asyncio.create_task(self._handle(msg))
         self.running.add(task)
         task.add_done_callback(self.running.discard)
@@ -277,9 +281,12 @@ class Agent:
             self.log.exception("job_failed", subject=msg.subject)
         finally:
             self.slots.release()
-            self.live -= 1
-            if not self.live:
-                self.quiet.set()
+            self._live_done()
+
+    def _live_done(self) -> None:
+        self.live -= 1
+        if not self.live:
+            self.quiet.set()
 
     async def _converge(self, job: Job, msg: Msg | None) -> None:
         """Apply one job (from the bus, or from a resync when ``msg`` is None) and report."""

@@ -5,7 +5,8 @@ transform as ``cmd.<P>.<source>.<kind>.<id>`` where P = fnv1a32(kind + id) % par
 exactly as nats-server's ``partition()`` mapping computes it.
 """
 
-from typing import Final
+import re
+from typing import Any, Final
 
 CMD_STREAM: Final = "CMD"
 JOB_STREAM: Final = "JOB"
@@ -25,6 +26,19 @@ def fnv1a32(data: bytes) -> int:
 
 def partition_of(kind: str, id_: str, partitions: int) -> int:
     return fnv1a32((kind + id_).encode()) % partitions
+
+
+# The partition count in CMD's subject transform, as events.topology writes it.
+_PARTITIONS_RE = re.compile(r"partition\((\d+),")
+
+
+def cmd_partitions(config: Any) -> int:
+    """The partition count of CMD, from its StreamConfig's subject transform."""
+    transform = config.subject_transform
+    found = _PARTITIONS_RE.search(transform.dest if transform else "")
+    if found is None:
+        raise RuntimeError(f"stream {CMD_STREAM} exists without a partition transform")
+    return int(found.group(1))
 
 
 def command_subject(source: str, kind: str, id_: str) -> str:

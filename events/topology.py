@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass
 
 import structlog
@@ -31,6 +30,7 @@ from events.subjects import (
     HEARTBEAT_BUCKET,
     JOB_STREAM,
     UNPARTITIONED_FILTERS,
+    cmd_partitions,
     partition_filter,
 )
 
@@ -41,7 +41,6 @@ FOLD_CONSUMER_ORPHANED_S = 30.0
 MAX_MSG_BYTES = 1024 * 1024
 # How long ensure_topology waits for a server that is away or a cluster without a leader.
 TOPOLOGY_WAIT_S = 20.0
-_PARTITIONS_RE = re.compile(r"partition\((\d+),")
 _STREAM_NAME_IN_USE = 10058  # JetStream's code: that name is taken, configured otherwise
 log = structlog.get_logger()
 
@@ -130,11 +129,7 @@ async def _ensure_topology(js: JetStreamContext, partitions: int | None,
     except NotFoundError:
         info = await _add_stream(js, cmd_stream_config(partitions or DEFAULT_PARTITIONS,
                                                       replicas))
-    transform = info.config.subject_transform
-    found = _PARTITIONS_RE.search(transform.dest if transform else "")
-    if found is None:
-        raise RuntimeError(f"stream {CMD_STREAM} exists without a partition transform")
-    existing = int(found.group(1))
+    existing = cmd_partitions(info.config)
     if partitions is not None and partitions != existing:
         raise RuntimeError(f"stream {CMD_STREAM} has {existing} partitions, not {partitions}")
     if asked is not None and info.config.num_replicas != asked:

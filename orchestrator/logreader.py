@@ -9,7 +9,6 @@ queued and sequence-checked for an ordered consumer), more than the server took 
 import asyncio
 import contextlib
 import json
-import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from events.meta import delivery
-from events.subjects import CMD_STREAM, partition_of
+from events.subjects import CMD_STREAM, cmd_partitions, partition_of
 from orchestrator import snapshots
 from orchestrator.history import EntityFold, Step, Stored
 
@@ -56,10 +55,6 @@ class LogClient(Client):
             sink(subject, reply, data, headers)
 
 
-# The partition count in CMD's subject transform, as events/topology.py writes it.
-_PARTITIONS_RE = re.compile(r"partition\((\d+),")
-
-
 @dataclass(frozen=True, slots=True)
 class Log:
     partitions: int
@@ -76,11 +71,7 @@ async def log_info(js: JetStreamContext) -> Log:
     except NotFoundError:
         raise LookupError(f"no {CMD_STREAM} stream on this server: nothing was published"
                           " yet") from None
-    transform = info.config.subject_transform
-    found = _PARTITIONS_RE.search(transform.dest if transform else "")
-    if found is None:
-        raise RuntimeError(f"stream {CMD_STREAM} exists without a partition transform")
-    return Log(int(found.group(1)), info.state.first_seq, info.state.last_seq)
+    return Log(cmd_partitions(info.config), info.state.first_seq, info.state.last_seq)
 
 
 def entity_filter(kind: str, id_: str) -> str:

@@ -45,6 +45,7 @@ removed forgets every connection of its address.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import ipaddress
 import re
 import socket
@@ -597,9 +598,10 @@ class Firewall:
         generation = self._generation()
         if self._view is view and generation == view.generation + 1:
             # Changed in a copy: a caller's thread may be reading the kept one.
-            kept = _View(generation, dict(view.ports), dict(view.allow), dict(view.zones),
-                         set(view.zone_chains), dict(view.broken), set(view.present),
-                         view.older)
+            kept = dataclasses.replace(
+                view, generation=generation, ports=dict(view.ports), allow=dict(view.allow),
+                zones=dict(view.zones), zone_chains=set(view.zone_chains),
+                broken=dict(view.broken), present=set(view.present))
             change(kept)
             self._view = kept
         else:

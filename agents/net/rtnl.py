@@ -272,9 +272,10 @@ class Rtnl(NetlinkSocket):
         return Neighbour(index, ip, lladdr.hex(":") if lladdr else None, state)
 
     def fdb(self, bridge: int, port: int) -> list[Fdb]:
-        """The FDB entries of one port of a bridge: the bridge's for it, and the port's own
-        (a VXLAN device's, with their ``dst``). Filtered by the kernel: the other ports'
-        entries (a local port's own address, its multicast ones) are not even sent."""
+        """The FDB entries of one port of a bridge (0: of every port): the bridge's for it,
+        and the port's own (a VXLAN device's, with their ``dst``). Filtered by the kernel:
+        the other ports' entries (a local port's own address, its multicast ones) are not
+        even sent."""
         query = (_NDMSG.pack(socket.AF_BRIDGE, port, 0, 0, 0)
                  + nla(NDA_MASTER, _U32.pack(bridge)))
         out = []

@@ -38,6 +38,7 @@ from agents.net.rtnl import (
     NUD_PERMANENT,
     ZERO_MAC,
     Link,
+    Neighbour,
     add_bridge_fdb,
     add_flood,
     bridge_settings_ok,
@@ -206,7 +207,7 @@ def converge_remotes(host: HostNet, segment: Segment, remotes: Remotes) -> int:
     remote: dict[str, list[str]] = {}  # mac -> the VTEPs the VXLAN device has for it
     static: set[str] = set()  # MACs the bridge sends to the VXLAN port
     for entry in fdb:
-        if entry.ifindex != vx:
+        if entry.ifindex != vx:  # a kernel that ignores the dump's filter
             continue
         if not entry.master:
             if entry.dst is None:
@@ -238,21 +239,9 @@ def converge_remotes(host: HostNet, segment: Segment, remotes: Remotes) -> int:
     ips = {p.ip: p.mac for p in wanted.values()}
     have = {n.ip: n for n in neighbours}
     news: list[Binding] = []  # bindings this host did not hold: to announce
-    for ip, mac in sorted(ips.items()):
-        n = have.get(ip)
-        if n is None or n.mac != mac or not n.state & NUD_PERMANENT:
-            writes.append(set_neighbour(br, ip, mac))
-        if n is None or n.mac != mac:
-            news.append(Binding(ip, mac))
-    # Ours are the permanent ones; the kernel's own (multicast, NOARP) are left alone.
-    writes += [delete_neighbour(br, ip) for ip, n in sorted(have.items())
-               if ip not in ips and n.state & NUD_PERMANENT]
-    made = _write(host, writes) if writes else 0
-    # Written first: a guest that re-asks for the address is answered with the new MAC.
-    # (A reused address's peers here still hold the old holder's MAC.)
-    if news:
-        made += announce(host, segment.bridge, news)
-    return made
+    for ip in sorted(ips.keys() | have.keys()):
+        _address(br, ip, ips.get(ip), have.get(ip), writes, news)
+    return _written(host, segment, writes, news)
 
 
 def converge_changes(host: HostNet, segment: Segment, before: Remotes,
@@ -283,21 +272,36 @@ def converge_changes(host: HostNet, segment: Segment, before: Remotes,
     ips_after = {p.ip: p.mac for p in after.ports.values()}
     news: list[Binding] = []
     for ip in sorted(ips_before.keys() | ips_after.keys()):
-        mac = ips_after.get(ip)
-        if mac == ips_before.get(ip):
+        if ips_after.get(ip) == ips_before.get(ip):
             continue
         try:
             held = host.rtnl.neighbour(br, ip)
         except NetlinkError as exc:
             raise classify(exc) from exc
-        if mac is None:
-            if held is not None and held.state & NUD_PERMANENT:
-                writes.append(delete_neighbour(br, ip))
-            continue
-        if held is None or held.mac != mac or not held.state & NUD_PERMANENT:
-            writes.append(set_neighbour(br, ip, mac))
-        if held is None or held.mac != mac:
-            news.append(Binding(ip, mac))
+        _address(br, ip, ips_after.get(ip), held, writes, news)
+    return _written(host, segment, writes, news)
+
+
+def _address(bridge: int, ip: str, mac: str | None, held: Neighbour | None,
+             writes: list[Message], news: list[Binding]) -> None:
+    """The neighbour entry of a remote address (``mac`` None: not wanted), given the one
+    the bridge holds: ours are the permanent ones, the kernel's own (multicast, NOARP) are
+    left alone. An address new here, or at another MAC, is to be announced."""
+    if mac is None:
+        if held is not None and held.state & NUD_PERMANENT:
+            writes.append(delete_neighbour(bridge, ip))
+        return
+    if held is None or held.mac != mac or not held.state & NUD_PERMANENT:
+        writes.append(set_neighbour(bridge, ip, mac))
+    if held is None or held.mac != mac:
+        news.append(Binding(ip, mac))
+
+
+def _written(host: HostNet, segment: Segment, writes: list[Message],
+             news: list[Binding]) -> int:
+    """Write, then announce: a guest that re-asks for an address is answered with the new
+    MAC (a reused address's peers here still hold the old holder's); the writes and frames
+    sent."""
     made = _write(host, writes) if writes else 0
     if news:
         made += announce(host, segment.bridge, news)
