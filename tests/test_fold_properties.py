@@ -909,6 +909,37 @@ class Hostile:
     refused: str | None
 
 
+def command_objects() -> list[mi.StructType]:
+    """Every kind of object a command can hold, commands included."""
+    seen: dict[type, mi.StructType] = {}
+
+    def visit(t: mi.Type) -> None:
+        match t:
+            case mi.StructType(cls=cls) if cls not in seen:
+                seen[cls] = t
+                for f in t.fields:
+                    visit(f.type)
+            case mi.UnionType():
+                for u in t.types:
+                    visit(u)
+            case mi.ListType() | mi.VarTupleType() | mi.SetType() | mi.FrozenSetType():
+                visit(t.item_type)
+            case mi.TupleType():
+                for u in t.item_types:
+                    visit(u)
+            case mi.DictType() | mi.AnyType():
+                raise AssertionError(f"{t}: a free-form object in a command")
+
+    for cls in COMMAND_TYPES.values():
+        visit(mi.type_info(cls))
+    return list(seen.values())
+
+
+# A name absent from a document can still be a field of its object (an optional one, or
+# the version `v`): an "unknown" field is none of these.
+FIELD_NAMES = frozenset(f.encode_name for t in command_objects() for f in t.fields)
+
+
 @st.composite
 def hostile_message(draw: st.DrawFn) -> Hostile:
     p = draw(valid_parts(any_source=False))
@@ -945,7 +976,7 @@ def hostile_message(draw: st.DrawFn) -> Hostile:
                 st.sampled_from([k + "x" for k in known] + [k[:-1] for k in known if len(k) > 1]
                                 + ["powr", "extra", "Type", "ID", "_", "v2"]),
                 st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)))
-            if name in known:
+            while name in known or name in FIELD_NAMES:
                 name += "_"
             obj.insert(draw(st.integers(0, len(obj))),
                        (name, draw(st.sampled_from(WRONG_TYPES))))
@@ -1036,29 +1067,10 @@ def test_only_a_version_that_exists_is_read(type_: str, token: Any) -> None:
 def test_every_object_of_a_command_refuses_unknown_fields() -> None:
     """Strictness everywhere: a Struct that let an unknown field through would also make
     a typo inside it pass for a default."""
-    seen: set[type] = set()
-
-    def visit(t: mi.Type) -> None:
-        match t:
-            case mi.StructType(cls=cls) if cls not in seen:
-                seen.add(cls)
-                assert t.forbid_unknown_fields, f"{cls.__name__} lets unknown fields pass"
-                for f in t.fields:
-                    visit(f.type)
-            case mi.UnionType():
-                for u in t.types:
-                    visit(u)
-            case mi.ListType() | mi.VarTupleType() | mi.SetType() | mi.FrozenSetType():
-                visit(t.item_type)
-            case mi.TupleType():
-                for u in t.item_types:
-                    visit(u)
-            case mi.DictType() | mi.AnyType():
-                raise AssertionError(f"{t}: a free-form object in a command")
-
-    for cls in COMMAND_TYPES.values():
-        visit(mi.type_info(cls))
-    assert seen >= set(COMMAND_TYPES.values())
+    structs = command_objects()
+    for t in structs:
+        assert t.forbid_unknown_fields, f"{t.cls.__name__} lets unknown fields pass"
+    assert {t.cls for t in structs} >= set(COMMAND_TYPES.values())
 
 
 # ---- a decider that raises: a bug, an internal error, nothing half done ----------------
