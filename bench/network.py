@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/network.py [--part a,b,c] [--instances 50] [--ports 1000]
                                       [--local-ports 333] [--sizes 10,100,1000]
-                                      [--e2e-max 1000] [--changes 10]
+                                      [--e2e-max 1000] [--changes 20]
 
 (a) CreateInstance of a namespace guest with a NIC -> its first TCP answer (port 8080, the
     guest service answers its id) to a probe guest on another host; p50 and p99.
@@ -185,19 +185,30 @@ class Cloud:
                 generation = outcome.cmd_id.rsplit("-", 2)[1]
                 self.seen.setdefault(f"{key}:{generation}", now)
 
+    def _agent_lines(self) -> list[str]:
+        """Every agent's metrics, as exposition lines."""
+        lines = []
+        for port in self.metrics.values():
+            with contextlib.suppress(OSError):
+                lines += urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                timeout=2).read().decode().splitlines()
+        return lines
+
     def agent_sums(self, metric: str) -> tuple[float, int]:
         """Sum and count of a histogram (orch_agent_apply_seconds, say) over every agent."""
         total, count = 0.0, 0
-        for port in self.metrics.values():
-            with contextlib.suppress(OSError):
-                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                              timeout=2).read().decode()
-                for line in text.splitlines():
-                    if line.startswith(f"{metric}_sum"):
-                        total += float(line.split()[-1])
-                    elif line.startswith(f"{metric}_count"):
-                        count += int(float(line.split()[-1]))
+        for line in self._agent_lines():
+            if line.startswith(f"{metric}_sum"):
+                total += float(line.split()[-1])
+            elif line.startswith(f"{metric}_count"):
+                count += int(float(line.split()[-1]))
         return total, count
+
+    def resynced(self) -> int:
+        """Entities the agents' resyncs have converged so far (a pass in progress too)."""
+        return sum(int(float(line.split()[-1])) for line in self._agent_lines()
+                   if line.startswith("orch_agent_jobs_total{") and 'source="resync"' in line
+                   and 'outcome="applied"' in line)
 
     def cpu_sample(self) -> dict[str, float]:
         """CPU seconds so far of each part: the guest services (one per host, detached
@@ -544,6 +555,7 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
     out = []
     apply0 = cloud.agent_sums("orch_agent_apply_seconds")
     resyncs0 = cloud.agent_sums("orch_agent_resync_seconds")[1]
+    overlapped = 0  # changes during which a resync converged an entity on some host
     cpu: dict[str, float] = {}
     for r in range(changes):
         before = await cloud.state("network", net)
@@ -552,6 +564,7 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
         for key in [k for k in cloud.seen if f".network.{net}" in k
                     or k.startswith(f"NetworkApplied:{net}:")]:
             cloud.seen.pop(key)
+        resynced0 = cloud.resynced()
         cpu0 = cloud.cpu_sample()
         t0 = time.perf_counter()
         if r % 2 == 0:
@@ -571,6 +584,7 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
         polled = await wait_until(f"{net} change applied", reported, cloud.children, 60,
                                   0.002)
         cpu1 = cloud.cpu_sample()
+        overlapped += cloud.resynced() > resynced0
         for part in CPU_PARTS:
             cpu[part] = cpu.get(part, 0.0) + cpu1[part] - cpu0[part]
         after = await cloud.state("network", net)
@@ -594,7 +608,8 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
         await cloud.settle(f"{net} settled")
     breakdown["cpu"] = [cpu[part] / changes for part in CPU_PARTS]
     seconds, count = cloud.agent_sums("orch_agent_resync_seconds")
-    breakdown["resyncs"] = [count - resyncs0, seconds / count if count else float("nan")]
+    breakdown["resyncs"] = [count - resyncs0, seconds / count if count else float("nan"),
+                            overlapped]
     apply1 = cloud.agent_sums("orch_agent_apply_seconds")
     if apply1[1] > apply0[1]:
         breakdown["apply"].append((apply1[0] - apply0[0]) / (apply1[1] - apply0[1]))
@@ -668,8 +683,10 @@ async def part_c(cloud: Cloud | None, sizes: Sequence[int], e2e_max: int,
             say(f"      N={n:<5} CPU per change, publish to the last report received: "
                 + ", ".join(f"{part} {1000 * cpu:.1f} ms"
                             for part, cpu in zip(CPU_PARTS, got["cpu"], strict=True))
-                + f"; agents' resyncs meanwhile {int(got['resyncs'][0])} (each of those"
-                f" so far took {got['resyncs'][1]:.2f} s of wall time, on average)")
+                + f"; agents' resyncs ended meanwhile {int(got['resyncs'][0])} (each of those"
+                f" so far took {got['resyncs'][1]:.2f} s of wall time, on average); changes"
+                f" during which a resync converged an entity {int(got['resyncs'][2])} of"
+                f" {changes}")
     top = max(sizes)
     if top in e2e:
         p99 = pcts(e2e[top])[1]
@@ -740,10 +757,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10,100,1000", help="(c): values of N")
     parser.add_argument("--e2e-max", type=int, default=1000,
                         help="(c): largest N run end to end (N namespace guests)")
-    parser.add_argument("--changes", type=int, default=10, help="(c): per N, end to end")
+    parser.add_argument("--changes", type=int, default=20, help="(c): per N, end to end")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     parts = set(args.part.split(","))
+    if "c" in parts and args.changes > 2 * min(args.sizes):
+        # Every other change deletes one of the N members it started with.
+        parser.error(f"--changes {args.changes}: at most twice the smallest N")
     tmp = Path(tempfile.mkdtemp(prefix="orch-network-"))
     run = Run(tmp, Stack(tmp / "stack"))
 

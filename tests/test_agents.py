@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agents.drivers import testnode
 from agents.drivers.errors import PermanentDriverError
 from agents.drivers.vm import VmDriver
-from agents.runtime import Agent, AgentConfig
+from agents.runtime import RESYNC_DUTY, Agent, AgentConfig
 from events.bus import Publisher, read_stream
 from events.heartbeats import read_heartbeats
 from events.subjects import CMD_STREAM, JOB_STREAM, inventory_subject
@@ -176,12 +176,64 @@ async def test_a_host_evacuated_drops_older_instance_jobs_before_it_runs_anythin
     driver.close()
 
 
-class HeldDriver:
-    """A driver whose apply of generation 1 runs until the runtime interrupts it (a live
-    migration stands behind this hook); it records every call. Our own driver protocol,
-    not a fake of an external component."""
+class HoldsNothing:
+    """The driver protocol's observing half, for the drivers below that test the runtime
+    (our own protocol, not a fake of an external component): they hold nothing."""
 
     blocking = True
+
+    def observe(self) -> dict[str, str]:
+        return {}
+
+    def remove(self, entity_id: str) -> bool:
+        return False
+
+    def generations(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class TimedDriver(HoldsNothing):
+    """A driver whose every apply takes ``apply_s`` of its thread, as a hypervisor's
+    call would; it records when each ran."""
+
+    def __init__(self, apply_s: float) -> None:
+        self.apply_s = apply_s
+        self.runs: list[tuple[float, float]] = []  # (began, ended), monotonic
+
+    def apply(self, entity_id: str, spec: Any, generation: int) -> str:
+        began = time.monotonic()
+        time.sleep(self.apply_s)
+        self.runs.append((began, time.monotonic()))
+        return "running"
+
+
+async def test_a_resync_rests_between_entities(env: Env, js: JetStreamContext) -> None:
+    """After each entity a resync rests three times as long as converging it took
+    (RESYNC_DUTY): a pass never holds a core, and the jobs of other agents on the host
+    (and of this one) are not kept waiting behind it."""
+    driver = TimedDriver(0.03)
+    agent = Agent(AgentConfig(env.nats_url, "paced", "test:///default"),
+                  lambda: {"instance": driver})
+    agent.drivers = {"instance": driver}  # what Agent.run would set up, without its loops
+    agent.publisher = Publisher(js)
+    spec = InstanceSpec(template=InstanceTemplate(**TINY), power="running", host="paced")
+    for n in range(4):
+        await js.publish(f"job.paced.instance.p{n}", msgspec.json.encode(Job(
+            kind="instance", id=f"p{n}", host="paced", generation=1, spec=spec)),
+            stream=JOB_STREAM)
+    await agent.resync(js)
+    assert len(driver.runs) == 4
+    rest = (1 - RESYNC_DUTY) / RESYNC_DUTY
+    for (began, ended), (following, _) in zip(driver.runs, driver.runs[1:], strict=False):
+        assert following - ended >= rest * (ended - began)
+
+
+class HeldDriver(HoldsNothing):
+    """A driver whose apply of generation 1 runs until the runtime interrupts it (a live
+    migration stands behind this hook); it records every call."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, bool]] = []  # (what, generation, while held)
@@ -201,15 +253,6 @@ class HeldDriver:
     def interrupt(self, entity_id: str, spec: Any, generation: int) -> None:
         self.calls.append(("interrupt", generation, self.holding.is_set()))
         self.released.set()
-
-    def observe(self) -> dict[str, str]:
-        return {}
-
-    def remove(self, entity_id: str) -> bool:
-        return False
-
-    def generations(self) -> dict[str, int]:
-        return {}
 
     def close(self) -> None:
         self.released.set()
