@@ -13,7 +13,8 @@ of the log (10,000 commands at 1,000,000): the long one read back. For each size
 - the fold rate of the step's Start/Stop commands (their count over the time until every
   partition's checkpoint covers them and the outbox is empty), and apart, that of its
   creations with their placements and ports;
-- the replica's peak RSS (VmHWM);
+- the replica's peak RSS (VmHWM), and that mark after the creations and after the
+  Start/Stop, so that the phase which raised it shows;
 - a full `orch replay` and `orch replay --verify`, each as the process an operator runs;
 - `orch snapshot`, then 1 % more commands, then `orch replay --from-snapshot`, and its
   speed-up over the full replay;
@@ -168,6 +169,8 @@ def orch(info: StackInfo, *args: str) -> tuple[float, str]:
 
 
 def peak_rss_mb(pid: int) -> float:
+    """The process's RSS high-water mark so far (VmHWM): read after each phase, it tells
+    which phase raised it."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -180,6 +183,7 @@ async def step(js: JetStreamContext, conn, info: StackInfo, replica: ReplicaProc
     fig: dict[str, float] = {}
     before = await last_seq(js, CMD_STREAM)
     seconds = await fold(js, conn, replica, grower.entities(instances))
+    fig["rss_created_mb"] = peak_rss_mb(replica.proc.pid)
     created = await last_seq(js, CMD_STREAM)
     fig["create_rate"] = (created - before) / seconds
     # The snapshot's 1 % comes after it: fill to 99 % first.
@@ -187,6 +191,7 @@ async def step(js: JetStreamContext, conn, info: StackInfo, replica: ReplicaProc
     # vm-hot's history: --hot-share of the log's commands, all of them by this size.
     hot = int(commands * args.hot_share) - await history_of(conn, HOT)
     fig["fold_rate"] = fill / await fold(js, conn, replica, grower.power(fill, hot))
+    fig["rss_power_mb"] = peak_rss_mb(replica.proc.pid)
     fig["snapshot_s"], _ = orch(info, "snapshot", "--json")
     tail = commands - await last_seq(js, CMD_STREAM)
     await fold(js, conn, replica, grower.power(max(tail, 1)))
@@ -230,7 +235,9 @@ def report(size: str, fig: dict[str, float], first: dict[str, float]) -> None:
           " first size (target >= 0.8 at the largest): Start/Stop on every instance")
     print(f"  fold of creations   {fig['create_rate']:>10,.0f} commands/s (the step's new"
           " instances, with their placements and ports)")
-    print(f"  replica peak RSS    {fig['rss_mb']:>10,.0f} MB (target <= 300 MB)")
+    print(f"  replica peak RSS    {fig['rss_mb']:>10,.0f} MB (target <= 300 MB); the peak so far"
+          f" after the creations {fig['rss_created_mb']:,.0f} MB, after the Start/Stop"
+          f" {fig['rss_power_mb']:,.0f} MB")
     print(f"  orch replay         {fig['replay_s']:>10.2f} s ({fig['replay_rate']:,.0f}"
           " commands/s in the fold)")
     print(f"  orch replay --verify{fig['verify_s']:>10.2f} s")
