@@ -608,8 +608,8 @@ async def change_e2e(cloud: Cloud, net: str, n: int, changes: int, cidr: str,
         await cloud.settle(f"{net} settled")
     breakdown["cpu"] = [cpu[part] / changes for part in CPU_PARTS]
     seconds, count = cloud.agent_sums("orch_agent_resync_seconds")
-    breakdown["resyncs"] = [count - resyncs0, seconds / count if count else float("nan"),
-                            overlapped]
+    breakdown["resyncs"] = [count - resyncs0, seconds / count if count else float("nan")]
+    breakdown["overlapped"] = [overlapped]
     apply1 = cloud.agent_sums("orch_agent_apply_seconds")
     if apply1[1] > apply0[1]:
         breakdown["apply"].append((apply1[0] - apply0[0]) / (apply1[1] - apply0[1]))
@@ -685,7 +685,7 @@ async def part_c(cloud: Cloud | None, sizes: Sequence[int], e2e_max: int,
                             for part, cpu in zip(CPU_PARTS, got["cpu"], strict=True))
                 + f"; agents' resyncs ended meanwhile {int(got['resyncs'][0])} (each of those"
                 f" so far took {got['resyncs'][1]:.2f} s of wall time, on average); changes"
-                f" during which a resync converged an entity {int(got['resyncs'][2])} of"
+                f" during which a resync converged an entity {int(got['overlapped'][0])} of"
                 f" {changes}")
     top = max(sizes)
     if top in e2e:
